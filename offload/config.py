@@ -1,0 +1,115 @@
+"""`OffloadConfig`: every knob of the runtime, validated once at construction.
+
+Precedence: keyword arguments > `OFFLOAD_*` environment variables > defaults.
+Checks that depend on the model or the batch (is the device budget large enough for the sinks
+and tails of every layer?) happen in `OffloadCache.reserve`, at the start of `generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from offload import envs
+from offload.sizes import parse_bytes
+
+MODES = ("exact", "sparse")
+CPU_KERNELS = ("auto", "cpp", "numba", "torch")
+
+
+def _default_cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _default_host_budget() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def _name(field_name: str) -> str:
+    var = envs.var_for_field(field_name)
+    return f"{field_name} ({var})" if var else field_name
+
+
+@dataclass
+class OffloadConfig:
+    """Runtime configuration. Sizes are bytes (strings like "64MiB" are accepted), counts are tokens."""
+
+    device_budget: int | str = "512MiB"
+    host_budget: int | str | None = None  # None: psutil's available memory
+    page_size: int = 16
+    mode: str = "exact"
+    token_budget: int = 2048
+    sink_tokens: int = 16
+    recent_tokens: int = 128
+    cpu_threads: int = field(default_factory=_default_cpu_threads)
+    cpu_kernel: str = "auto"
+    emulate_link_gbps: float = 0.0
+    prefill_chunk: int = 512
+    promote_pages: int = 4
+    score_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        self.device_budget = parse_bytes(self.device_budget, _name("device_budget"))
+        if self.host_budget is None:
+            self.host_budget = _default_host_budget()
+        self.host_budget = parse_bytes(self.host_budget, _name("host_budget"))
+        if self.device_budget <= 0:
+            raise ValueError(f"{_name('device_budget')}={self.device_budget!r} must be a positive byte size")
+        if self.host_budget <= 0:
+            raise ValueError(f"{_name('host_budget')}={self.host_budget!r} must be a positive byte size")
+        self._check_int("page_size", minimum=1)
+        self._check_int("token_budget", minimum=1)
+        self._check_int("sink_tokens", minimum=0)
+        self._check_int("recent_tokens", minimum=0)
+        self._check_int("cpu_threads", minimum=1)
+        self._check_int("prefill_chunk", minimum=1)
+        self._check_int("promote_pages", minimum=0)
+        if isinstance(self.mode, str):
+            self.mode = self.mode.lower()
+        if self.mode not in MODES:
+            raise ValueError(f"{_name('mode')}={self.mode!r} is not a mode; expected one of {', '.join(MODES)}")
+        if isinstance(self.cpu_kernel, str):
+            self.cpu_kernel = self.cpu_kernel.lower()
+        if self.cpu_kernel not in CPU_KERNELS:
+            raise ValueError(
+                f"{_name('cpu_kernel')}={self.cpu_kernel!r} is not a kernel; expected one of {', '.join(CPU_KERNELS)}"
+            )
+        self._check_float("emulate_link_gbps", minimum=0.0)
+        self._check_float("score_decay", minimum=0.0, maximum=1.0)
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{_name(name)}={value!r} must be an integer >= {minimum}")
+        if value < minimum:
+            raise ValueError(f"{_name(name)}={value!r} is out of range; expected an integer >= {minimum}")
+
+    def _check_float(self, name: str, minimum: float, maximum: float | None = None) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{_name(name)}={value!r} must be a number")
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise ValueError(f"{_name(name)}={value!r} is out of range; expected a number {allowed}")
+        setattr(self, name, float(value))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "OffloadConfig":
+        """Defaults, then `OFFLOAD_*` variables, then `overrides` (keyword arguments win)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown OffloadConfig field(s) {', '.join(unknown)}; fields are: {', '.join(sorted(names))}")
+        values = envs.read(environ)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "OffloadConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,114 @@
+"""The only reader of `os.environ`: every `OFFLOAD_*` variable, its config field and its parser.
+
+Values are read lazily, when a config is built, so a variable set after import still counts.
+A malformed value raises `ValueError` naming the variable, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from offload.sizes import ACCEPTED_SIZES, parse_bytes
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean; expected one of 1, 0, true, false, yes, no, on, off")
+
+
+def _bytes(name: str, raw: str) -> int:
+    return parse_bytes(raw, name)
+
+
+def _str(name: str, raw: str) -> str:
+    return raw.strip().lower()
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    field: str
+    parse: Callable[[str, str], Any]
+    doc: str
+    example: str
+
+
+# One entry per variable; README's table is checked against this list in tests.
+ENV_VARS: dict[str, EnvVar] = {
+    v.name: v
+    for v in [
+        EnvVar("OFFLOAD_DEVICE_BUDGET", "device_budget", _bytes,
+               "Bytes of accelerator memory for the KV cache of the whole model (pages + page summaries), split evenly over layers.", "64MiB"),
+        EnvVar("OFFLOAD_HOST_BUDGET", "host_budget", _bytes,
+               "Bytes of host memory for the home copy of every page. Default: the memory psutil reports available.", "16GiB"),
+        EnvVar("OFFLOAD_PAGE_SIZE", "page_size", _int, "Tokens per page.", "16"),
+        EnvVar("OFFLOAD_MODE", "mode", _str,
+               "`exact` attends every needed page (device part + host part); `sparse` attends sinks, recent window and the top pages only.", "sparse"),
+        EnvVar("OFFLOAD_TOKEN_BUDGET", "token_budget", _int,
+               "Sparse mode: tokens attended per layer and sequence (sinks + recent window + selected pages).", "2048"),
+        EnvVar("OFFLOAD_SINK_TOKENS", "sink_tokens", _int,
+               "First tokens of each sequence kept on the device (rounded up to whole pages).", "16"),
+        EnvVar("OFFLOAD_RECENT_TOKENS", "recent_tokens", _int,
+               "Most recent tokens of each sequence kept on the device (rounded up to whole pages).", "128"),
+        EnvVar("OFFLOAD_CPU_THREADS", "cpu_threads", _int,
+               "Threads for the host-part attention kernels. Default: the cores this process may run on.", "2"),
+        EnvVar("OFFLOAD_CPU_KERNEL", "cpu_kernel", _str,
+               "Host-part attention kernel: auto, cpp, numba or torch. An unavailable choice is an error.", "numba"),
+        EnvVar("OFFLOAD_EMULATE_LINK_GBPS", "emulate_link_gbps", _float,
+               "Without CUDA: make each host<->device copy take bytes / (this many GB/s). 0 copies at memory speed.", "25"),
+        EnvVar("OFFLOAD_PREFILL_CHUNK", "prefill_chunk", _int,
+               "Prompt tokens per prefill forward pass, so prefill stays within the device budget.", "512"),
+        EnvVar("OFFLOAD_PROMOTE_PAGES", "promote_pages", _int,
+               "Most pages promoted to the device per layer and sequence between decode steps (bounds h2d traffic).", "4"),
+        EnvVar("OFFLOAD_SCORE_DECAY", "score_decay", _float,
+               "Decay of the accumulated per-page attention mass each step (H2O-style criticality), in [0, 1].", "0.9"),
+    ]
+}
+
+_FIELD_TO_VAR = {v.field: v.name for v in ENV_VARS.values()}
+
+
+def var_for_field(field: str) -> str | None:
+    """The `OFFLOAD_*` variable that sets a config field, if any."""
+    return _FIELD_TO_VAR.get(field)
+
+
+def read(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parsed values of the `OFFLOAD_*` variables that are set, keyed by config field."""
+    environ = os.environ if environ is None else environ
+    known = set(ENV_VARS)
+    unknown = sorted(k for k in environ if k.startswith("OFFLOAD_") and k not in known)
+    if unknown:
+        raise ValueError(
+            f"unknown environment variable(s) {', '.join(unknown)}; offload reads only: {', '.join(sorted(known))}"
+        )
+    values: dict[str, Any] = {}
+    for name, var in ENV_VARS.items():
+        raw = environ.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        values[var.field] = var.parse(name, raw)
+    return values
+
+
+__all__ = ["ENV_VARS", "EnvVar", "read", "var_for_field", "ACCEPTED_SIZES"]

@@ -1,0 +1,134 @@
+"""Host-part attention kernels behind one entry point.
+
+`paged_attention` attends queries to KV stored in pages and returns `(out, lse)` so the result
+merges exactly with other parts (`merge_partials`). Implementations: "torch" (always there);
+faster CPU kernels register themselves in `_KERNELS` when importable. The choice is made once
+(`resolve_kernel`), from `OffloadConfig.cpu_kernel` / `OFFLOAD_CPU_KERNEL`; asking for one that
+is unavailable is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from offload.kernels.merge import merge_partials
+from offload.kernels.torch_ref import dense_attention, paged_attention_torch
+
+PagedKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+# name -> kernel; faster kernels are added by their modules when they import.
+_KERNELS: dict[str, PagedKernel] = {"torch": paged_attention_torch}
+_UNAVAILABLE: dict[str, str] = {}  # name -> why it could not be loaded
+_PREFERENCE = ("cpp", "numba", "torch")
+KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available_kernels() -> list[str]:
+    return [name for name in _PREFERENCE if name in _KERNELS]
+
+
+def resolve_kernel(name: str = "auto") -> str:
+    """'auto' -> the fastest available kernel; a named kernel must be available."""
+    if name == "auto":
+        return available_kernels()[0]
+    if name in _KERNELS:
+        return name
+    if name in _PREFERENCE:
+        why = _UNAVAILABLE.get(name, "it is not built or not installed")
+        raise ValueError(
+            f"cpu_kernel (OFFLOAD_CPU_KERNEL)={name!r} is unavailable: {why}; available: {', '.join(available_kernels())}"
+        )
+    raise ValueError(f"cpu_kernel (OFFLOAD_CPU_KERNEL)={name!r} is not a kernel; expected one of auto, {', '.join(_PREFERENCE)}")
+
+
+def check_paged_inputs(
+    query: torch.Tensor,
+    key_pages: torch.Tensor,
+    value_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    last_page_len: torch.Tensor,
+) -> None:
+    """Validate the paged-kernel contract; raise ValueError saying what is wrong."""
+    if query.dim() != 4:
+        raise ValueError(f"query must be [B, H, Q, D]; got shape {tuple(query.shape)}")
+    if key_pages.dim() != 4 or key_pages.shape != value_pages.shape:
+        raise ValueError(
+            "key_pages and value_pages must both be [num_pages, page_size, H_kv, D]; "
+            f"got {tuple(key_pages.shape)} and {tuple(value_pages.shape)}"
+        )
+    bsz, num_heads, _, head_dim = query.shape
+    _, _, num_kv_heads, kv_dim = key_pages.shape
+    if kv_dim != head_dim:
+        raise ValueError(f"head_dim of query ({head_dim}) and key_pages ({kv_dim}) differ")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if key_pages.dtype not in KV_DTYPES or value_pages.dtype != key_pages.dtype:
+        raise ValueError(f"KV pages must be float32, float16 or bfloat16 (both the same); got {key_pages.dtype}, {value_pages.dtype}")
+    if not query.is_floating_point():
+        raise ValueError(f"query must be floating point; got {query.dtype}")
+    if page_table.dim() != 2 or page_table.shape[0] != bsz:
+        raise ValueError(f"page_table must be [B={bsz}, max_pages]; got {tuple(page_table.shape)}")
+    if num_pages.shape != (bsz,) or last_page_len.shape != (bsz,):
+        raise ValueError(f"num_pages and last_page_len must be [B={bsz}]; got {tuple(num_pages.shape)}, {tuple(last_page_len.shape)}")
+    if bool((num_pages < 0).any()) or bool((num_pages > page_table.shape[1]).any()):
+        raise ValueError(f"num_pages must be in [0, {page_table.shape[1]}]; got {num_pages.tolist()}")
+    page_size = key_pages.shape[1]
+    used = num_pages > 0
+    if bool(((last_page_len < 1) | (last_page_len > page_size))[used].any()):
+        raise ValueError(f"last_page_len must be in [1, page_size={page_size}] for non-empty rows; got {last_page_len.tolist()}")
+    cols = torch.arange(page_table.shape[1], device=page_table.device)
+    listed = cols[None, :] < num_pages[:, None].to(page_table.device)
+    ids = page_table[listed]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= key_pages.shape[0]):
+        raise ValueError(f"page indices must be in [0, {key_pages.shape[0]}); got min {int(ids.min())}, max {int(ids.max())}")
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_pages: torch.Tensor,
+    value_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    last_page_len: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
+    page_lse_out: torch.Tensor | None = None,
+    kernel: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend queries to paged KV; return (out [B, H, Q, D] float32, lse [B, H, Q] float32).
+
+    query:         [B, H, Q, D], any float dtype (computed in float32)
+    key_pages:     [num_pages_total, page_size, H_kv, D] float32 | float16 | bfloat16; H % H_kv == 0
+    value_pages:   same shape and dtype as key_pages
+    page_table:    [B, max_pages] integer; row b lists, in key order, the pages sequence b attends
+    num_pages:     [B] integer, how many entries of each row are used (0: the row attends nothing)
+    last_page_len: [B] integer in [1, page_size], valid tokens in the row's last listed page
+    scale:         multiplier of q.k (usually head_dim ** -0.5)
+    causal:        if True, the query block is the last Q tokens of the listed keys: query i sees
+                   keys [0, L - Q + i], L the row's key count. If False every listed key is visible.
+    page_lse_out:  optional float32 [B, H, Q, max_pages]; filled with each listed page's
+                   log-sum-exp of scores (criticality); entries past num_pages are left alone.
+    Rows with no visible key give out = 0 and lse = -inf.
+    """
+    if validate:
+        check_paged_inputs(query, key_pages, value_pages, page_table, num_pages, last_page_len)
+    fn = _KERNELS[resolve_kernel(kernel)]
+    return fn(
+        query, key_pages, value_pages, page_table, num_pages, last_page_len, scale,
+        causal=causal, page_lse_out=page_lse_out,
+    )
+
+
+__all__ = [
+    "paged_attention",
+    "dense_attention",
+    "merge_partials",
+    "available_kernels",
+    "resolve_kernel",
+    "check_paged_inputs",
+]

@@ -1,0 +1,96 @@
+"""Plain-torch kernels: the paged host-part kernel (portable fallback) and the dense masked
+attention the device part uses. Both return (out float32, lse float32)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention with its log-sum-exp.
+
+    query:   [B, H, Q, D]
+    keys:    [B, H_kv, T, D], values: [B, H_kv, T, D]  (H a multiple of H_kv)
+    visible: [B, Q, T] bool, True where query q may attend key t
+    Returns out [B, H, Q, D] float32 (zeros for rows with no visible key), lse [B, H, Q] float32 (-inf there).
+    """
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    if kv_len == 0:
+        return (
+            torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device),
+            torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device),
+        )
+    group = num_heads // num_kv_heads
+    # Group query heads per KV head so K/V are read once per group, never repeated in memory.
+    q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, T]
+    scores = scores.view(bsz, num_kv_heads, group, q_len, kv_len)
+    scores = scores.masked_fill(~visible[:, None, None, :, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    out = torch.matmul(probs.view(bsz, num_kv_heads, group * q_len, kv_len), values.float())
+    out = out.view(bsz, num_heads, q_len, head_dim)
+    return out, lse.reshape(bsz, num_heads, q_len)
+
+
+def paged_attention_torch(
+    query: torch.Tensor,
+    key_pages: torch.Tensor,
+    value_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    last_page_len: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    page_lse_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged kernel in plain torch: gather each sequence's pages, then `dense_attention`.
+
+    See `offload.kernels.paged_attention` for the contract.
+    """
+    bsz, num_heads, q_len, head_dim = query.shape
+    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device)
+    for b in range(bsz):
+        n = int(num_pages[b])
+        if n == 0:
+            continue
+        ids = page_table[b, :n].long()
+        kv_len = (n - 1) * page_size + int(last_page_len[b])
+        k = key_pages.index_select(0, ids).reshape(n * page_size, num_kv_heads, head_dim)[:kv_len]
+        v = value_pages.index_select(0, ids).reshape(n * page_size, num_kv_heads, head_dim)[:kv_len]
+        k = k.permute(1, 0, 2).unsqueeze(0)
+        v = v.permute(1, 0, 2).unsqueeze(0)
+        key_pos = torch.arange(kv_len, device=query.device)
+        if causal:
+            query_pos = torch.arange(q_len, device=query.device) + (kv_len - q_len)
+            visible = key_pos[None, :] <= query_pos[:, None]
+        else:
+            visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        o, l = dense_attention(query[b : b + 1], k, v, visible.unsqueeze(0), scale)
+        out[b], lse[b] = o[0], l[0]
+        if page_lse_out is not None:
+            page_lse_out[b, :, :, :n] = _page_lse(query[b], k[0], visible, scale, page_size, n)
+    return out, lse
+
+
+def _page_lse(query, keys, visible, scale, page_size, num_pages):
+    """Per-page log-sum-exp of the scores: query [H, Q, D], keys [Hkv, T, D] -> [H, Q, num_pages]."""
+    num_heads, q_len, _ = query.shape
+    num_kv_heads, kv_len, _ = keys.shape
+    group = num_heads // num_kv_heads
+    q = query.float().reshape(num_kv_heads, group * q_len, -1)
+    scores = (torch.matmul(q, keys.float().transpose(-1, -2)) * scale).view(num_heads, q_len, kv_len)
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    pad = num_pages * page_size - kv_len
+    scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    return torch.logsumexp(scores.view(num_heads, q_len, num_pages, page_size), dim=-1)
