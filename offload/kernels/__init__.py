@@ -1,8 +1,9 @@
 """Host-part attention kernels behind one entry point.
 
 `paged_attention` attends queries to KV stored in pages and returns `(out, lse)` so the result
-merges exactly with other parts (`merge_partials`). Implementations: "torch" (always there);
-faster CPU kernels register themselves in `_KERNELS` when importable. The choice is made once
+merges exactly with other parts (`merge_partials`). Implementations: "torch" (always there),
+"numba" (`numba_kernel`) and "cpp" (`cpp_kernel`, the optional C++ extension from csrc/), each
+registered in `_KERNELS` when it imports, with the reason recorded in `_UNAVAILABLE` when not. The choice is made once
 (`resolve_kernel`), from `OffloadConfig.cpu_kernel` / `OFFLOAD_CPU_KERNEL`; asking for one that
 is unavailable is an error, never a silent fallback.
 """
@@ -18,9 +19,23 @@ from offload.kernels.torch_ref import dense_attention, paged_attention_torch
 
 PagedKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-# name -> kernel; faster kernels are added by their modules when they import.
+# name -> kernel; the compiled kernels are added below when they import.
 _KERNELS: dict[str, PagedKernel] = {"torch": paged_attention_torch}
 _UNAVAILABLE: dict[str, str] = {}  # name -> why it could not be loaded
+
+try:
+    from offload.kernels.numba_kernel import paged_attention_numba
+
+    _KERNELS["numba"] = paged_attention_numba
+except Exception as exc:  # numba missing or broken for this numpy: record it, keep torch
+    _UNAVAILABLE["numba"] = f"{type(exc).__name__}: {exc}"
+
+try:
+    from offload.kernels.cpp_kernel import paged_attention_cpp
+
+    _KERNELS["cpp"] = paged_attention_cpp
+except Exception as exc:  # not built (no compiler at install time) or cannot be loaded
+    _UNAVAILABLE["cpp"] = f"{type(exc).__name__}: {exc}"
 _PREFERENCE = ("cpp", "numba", "torch")
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,6 +114,7 @@ def paged_attention(
     page_lse_out: torch.Tensor | None = None,
     kernel: str = "auto",
     validate: bool = True,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend queries to paged KV; return (out [B, H, Q, D] float32, lse [B, H, Q] float32).
 
@@ -113,6 +129,11 @@ def paged_attention(
                    keys [0, L - Q + i], L the row's key count. If False every listed key is visible.
     page_lse_out:  optional float32 [B, H, Q, max_pages]; filled with each listed page's
                    log-sum-exp of scores (criticality); entries past num_pages are left alone.
+    kernel:        "auto" (cpp > numba > torch, whichever is available) or a kernel name
+    validate:      check the inputs first; False trusts them (the compiled kernels still refuse
+                   out-of-range page indices: C++ raises, Numba does not check)
+    threads:       CPU threads for the compiled kernels (OffloadConfig.cpu_threads); None = every
+                   core this process may run on. The torch kernel uses torch's own thread pool.
     Rows with no visible key give out = 0 and lse = -inf.
     """
     if validate:
@@ -120,7 +141,7 @@ def paged_attention(
     fn = _KERNELS[resolve_kernel(kernel)]
     return fn(
         query, key_pages, value_pages, page_table, num_pages, last_page_len, scale,
-        causal=causal, page_lse_out=page_lse_out,
+        causal=causal, page_lse_out=page_lse_out, threads=threads,
     )
 
 

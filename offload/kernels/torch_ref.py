@@ -51,10 +51,12 @@ def paged_attention_torch(
     scale: float,
     causal: bool = False,
     page_lse_out: torch.Tensor | None = None,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paged kernel in plain torch: gather each sequence's pages, then `dense_attention`.
 
-    See `offload.kernels.paged_attention` for the contract.
+    See `offload.kernels.paged_attention` for the contract. `threads` is accepted for a uniform
+    kernel signature and ignored: torch's intra-op pool is process-wide, not ours to resize.
     """
     bsz, num_heads, q_len, head_dim = query.shape
     page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]

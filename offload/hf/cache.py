@@ -1,0 +1,207 @@
+"""`OffloadCache`: a transformers `Cache` whose layers live in a `TieredStore`.
+
+Positions are logical: `get_seq_length()` counts every token seen, padding included, exactly as
+transformers' DynamicCache does, whether the token's page is on the device, on the host or both.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from offload.config import OffloadConfig
+from offload.hf.attention import set_active_cache
+from offload.stats import OffloadStats
+from offload.store.layout import KVLayout
+from offload.store.tiered import TieredStore
+
+
+def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -> KVLayout:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    num_heads = text.num_attention_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    return KVLayout(text.num_hidden_layers, num_kv_heads, head_dim, page_size, dtype)
+
+
+def check_sliding_window(model_config, max_tokens: int) -> None:
+    """Sliding-window layers are attended in full here: fine while the context fits the window."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    uses_window = window is not None and (
+        layer_types is None and getattr(text, "use_sliding_window", True)
+        or layer_types is not None and "sliding_attention" in layer_types
+    )
+    if uses_window and max_tokens > window:
+        raise ValueError(
+            f"this model uses sliding-window attention (sliding_window={window}) and the context would reach "
+            f"{max_tokens} tokens; offload attends full attention and supports sliding-window models only "
+            f"while the context fits the window"
+        )
+
+
+class OffloadLayer(CacheLayerMixin):
+    """One layer's view of the shared store, for transformers' bookkeeping."""
+
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cache: "OffloadCache", layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.seen = 0  # tokens this layer has processed, padding included
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - nothing to do
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.cache.stage(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.cache.store.reserved:
+            self.cache.store.layers[self.layer_idx].select(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("OffloadCache does not support crop (assisted or DoLa decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("OffloadCache cannot change its batch size after prefill")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("OffloadCache cannot change its batch size after prefill")
+
+    def reset(self) -> None:
+        raise NotImplementedError("OffloadCache cannot be reset; create a new one with OffloadedModel.new_cache")
+
+
+class OffloadCache(Cache):
+    """KV cache for one batch: reserve once (batch size, max tokens), then prefill and decode."""
+
+    def __init__(self, config: OffloadConfig, model_config, max_tokens: int) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.max_tokens = max_tokens
+        self.store: TieredStore | None = None
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        super().__init__(layers=[OffloadLayer(self, i) for i in range(text.num_hidden_layers)])
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.tokens_prefilled = 0
+        self.generated_tokens = 0  # set by OffloadedModel.generate from its output
+        self._forward_start = 0.0
+        check_sliding_window(model_config, max_tokens)
+
+    # transformers' Cache API ------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.store.batch_size if self.store is not None and self.store.reserved else -1
+
+    # reservation ---------------------------------------------------------------------------
+    def reserve(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Size the store for this batch; raises ValueError if a budget cannot hold it."""
+        if self.store is not None:
+            if self.store.batch_size != batch_size:
+                raise ValueError(f"this cache was reserved for batch size {self.store.batch_size}, got {batch_size}")
+            return
+        layout = layout_from_model_config(self.model_config, self.config.page_size, dtype)
+        store = TieredStore(self.config, layout)
+        store.reserve(batch_size, self.max_tokens, device)
+        self.store = store
+
+    # the two halves of a layer's step ----------------------------------------------------------
+    def stage(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self.store is None:
+            self.reserve(key_states.shape[0], key_states.dtype, key_states.device)
+        if layer_idx == 0:
+            self._forward_start = time.perf_counter()
+        self._staged[layer_idx] = (key_states, value_states)
+        set_active_cache(self)
+        return key_states, value_states
+
+    def has_staged(self, layer_idx: int) -> bool:
+        return layer_idx in self._staged
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        keys, values = self._staged.pop(layer_idx)
+        if keys is not key_states:
+            raise RuntimeError(f"layer {layer_idx}: the keys given to attention are not the ones staged by update()")
+        layer = self.layers[layer_idx]
+        q_len = keys.shape[2]
+        store_layer = self.store.layers[layer_idx]
+        valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, store_layer.length)
+        out = store_layer.attend(query, keys, values, valid, scale)
+        layer.seen += q_len
+        self.store.track_peak()
+        if layer_idx == len(self.layers) - 1:
+            elapsed = time.perf_counter() - self._forward_start
+            if q_len > 1:
+                self.prefill_s += elapsed
+                self.tokens_prefilled += int(valid.sum())
+            else:
+                self.decode_s += elapsed
+        return out
+
+    @staticmethod
+    def _new_token_mask(attention_mask, bsz: int, q_len: int, seen: int, stored: list[int]) -> torch.Tensor:
+        """[B, T] bool: which new tokens are real. Only left padding is supported."""
+        if attention_mask is None:
+            return torch.ones(bsz, q_len, dtype=torch.bool)
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"OffloadCache takes a 2D padding mask [batch, tokens]; got a {attention_mask.dim()}D mask "
+                f"of shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape != (bsz, seen + q_len):
+            raise ValueError(
+                f"attention_mask must cover all {seen + q_len} tokens seen so far for {bsz} sequences; "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask[:, -q_len:].to(device="cpu", dtype=torch.bool)
+        started = torch.tensor([n > 0 for n in stored], dtype=torch.bool)
+        after_real = torch.cat([started[:, None], valid[:, :-1]], dim=1).cummax(dim=1).values
+        if bool((after_real & ~valid).any()):
+            raise ValueError(
+                "attention_mask has a padding token after a real token; OffloadCache supports left padding only "
+                "(each row: zeros, then ones)"
+            )
+        return valid
+
+    # results ---------------------------------------------------------------------------------
+    def stats(self) -> OffloadStats:
+        if self.store is None:
+            return OffloadStats(device_budget_bytes=self.config.device_budget)
+        stats = self.store.stats()
+        stats.tokens_prefilled = self.tokens_prefilled
+        stats.tokens_generated = self.generated_tokens
+        stats.decode_s = self.decode_s
+        return stats
+
+    def release(self) -> None:
+        if self.store is not None:
+            self.store.release()

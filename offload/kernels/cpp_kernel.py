@@ -1,0 +1,82 @@
+"""The C++ paged host-part kernel (csrc/), loaded with ctypes.
+
+setup.py builds csrc/ into `offload/kernels/_cpu_attention*.so` when a C++ compiler with OpenMP
+is there; importing this module raises ImportError otherwise and `offload.kernels` records why.
+A plain C ABI through ctypes keeps the build free of Python and torch headers, and ctypes
+releases the GIL for the call, so the kernel runs while the main thread drives the accelerator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+import torch
+
+from offload.kernels.cpu_plan import DTYPE_CODES, check_cpu_buffers, default_threads, index_arrays, plan_split
+
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+_ERRORS = {1: "a page index is out of range", 2: "out of memory for the split partials", 3: "that ISA is not supported by this CPU"}
+
+
+def _load() -> ctypes.CDLL:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_cpu_attention{suffix}"
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    raise ImportError(
+        "the C++ extension offload/kernels/_cpu_attention is not built (reinstall with a C++ compiler "
+        "and OpenMP: pip install -e . or python setup.py build_ext --inplace)"
+    )
+
+
+_lib = _load()
+_lib.offload_cpu_best_isa.restype = ctypes.c_int
+_lib.offload_cpu_best_isa.argtypes = []
+_lib.offload_paged_attention.restype = ctypes.c_int
+_lib.offload_paged_attention.argtypes = (
+    [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int]
+    + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+)
+
+BEST_ISA = int(_lib.offload_cpu_best_isa())
+
+
+def paged_attention_cpp(
+    query: torch.Tensor,
+    key_pages: torch.Tensor,
+    value_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    last_page_len: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    page_lse_out: torch.Tensor | None = None,
+    threads: int | None = None,
+    isa: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ paged kernel; contract in `offload.kernels.paged_attention`. threads: None = every core
+    this process may use. isa: -1 the best this CPU has, or force 0 scalar / 1 AVX2 / 2 AVX-512."""
+    check_cpu_buffers(query, key_pages, value_pages, page_lse_out, page_table.shape[1])
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_pages_total, page_size, num_kv_heads, _ = key_pages.shape
+    table, counts, last = index_arrays(page_table, num_pages, last_page_len)
+    threads = threads or default_threads()
+    split = plan_split(
+        bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim, int(counts.max(initial=0)), threads
+    )
+    q = (query.detach().to(torch.float32) * scale).contiguous()
+    out = torch.empty(bsz, num_heads, q_len, head_dim, dtype=torch.float32)
+    lse = torch.empty(bsz, num_heads, q_len, dtype=torch.float32)
+    status = _lib.offload_paged_attention(
+        q.data_ptr(), key_pages.data_ptr(), value_pages.data_ptr(), DTYPE_CODES[key_pages.dtype],
+        table.ctypes.data, counts.ctypes.data, last.ctypes.data,
+        bsz, num_heads, q_len, head_dim, num_kv_heads, page_size, table.shape[1], num_pages_total, int(bool(causal)),
+        page_lse_out.data_ptr() if page_lse_out is not None else None, out.data_ptr(), lse.data_ptr(),
+        split.heads_per_item, split.num_head_groups, split.num_splits, int(threads), int(isa),
+    )
+    if status:
+        raise ValueError(f"C++ paged attention failed: {_ERRORS.get(status, f'status {status}')}")
+    return out, lse

@@ -1,0 +1,56 @@
+"""`OffloadStats`: what a run moved, held and spent, counted rather than estimated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from offload.sizes import format_bytes
+
+
+@dataclass
+class OffloadStats:
+    h2d_bytes: int = 0  # host -> device page copies (promotions)
+    d2h_bytes: int = 0  # device -> host page copies (home copies of completed pages)
+    device_peak_bytes: int = 0  # most device-tier bytes in use at any time (pages + summaries)
+    device_reserved_bytes: int = 0  # device-tier bytes allocated (pools + summaries)
+    device_budget_bytes: int = 0
+    host_bytes: int = 0  # host-tier bytes in use now
+    pages_resident: int = 0  # complete pages with a device copy now, all layers and sequences
+    pages_total: int = 0  # complete pages now, all layers and sequences
+    host_attn_s: float = 0.0
+    device_attn_s: float = 0.0
+    link_s: float = 0.0  # time in (emulated) copies
+    tokens_generated: int = 0
+    tokens_prefilled: int = 0
+    decode_s: float = 0.0
+    per_layer: list[dict] = field(default_factory=list)
+
+    @property
+    def h2d_bytes_per_token(self) -> float:
+        return self.h2d_bytes / self.tokens_generated if self.tokens_generated else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_generated / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["h2d_bytes_per_token"] = self.h2d_bytes_per_token
+        data["tokens_per_s"] = self.tokens_per_s
+        return data
+
+    def __str__(self) -> str:
+        budget = self.device_budget_bytes or 1
+        lines = [
+            "OffloadStats",
+            f"  device tier : peak {format_bytes(self.device_peak_bytes)} of {format_bytes(self.device_budget_bytes)} budget "
+            f"({100 * self.device_peak_bytes / budget:.1f}%), reserved {format_bytes(self.device_reserved_bytes)}",
+            f"  host tier   : {format_bytes(self.host_bytes)}",
+            f"  pages       : {self.pages_resident} of {self.pages_total} complete pages resident on the device",
+            f"  moved       : h2d {format_bytes(self.h2d_bytes)} ({format_bytes(self.h2d_bytes_per_token)}/token), "
+            f"d2h {format_bytes(self.d2h_bytes)}, link time {self.link_s:.3f} s",
+            f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s",
+            f"  tokens      : {self.tokens_prefilled} prefilled, {self.tokens_generated} generated"
+            + (f" ({self.tokens_per_s:.1f} tokens/s)" if self.decode_s > 0 else ""),
+        ]
+        return "\n".join(lines)

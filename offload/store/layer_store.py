@@ -1,0 +1,425 @@
+"""`LayerStore`: one layer's KV pages for every sequence of the batch.
+
+Per sequence b, logical page p holds stored tokens [p * page_size, (p + 1) * page_size).
+Only valid tokens are stored (left padding never is), so stored positions are per sequence.
+
+- Every complete page has a home copy in the host pool (`host_ids[b, p]`).
+- The partial last page lives only in the device pool (`tail_slot[b]`).
+- Some complete pages are also resident in the device pool (`slots[b, p]`): the sinks, the
+  recent window and the highest-scoring pages, within the sequence's slot quota.
+- `key_min/key_max[b, p]` summarise each complete page's keys (Quest) for sparse selection.
+
+Attention over a layer is `device part (resident pages + tail + new tokens)` merged by
+log-sum-exp with `host part (needed pages that are not resident)`; see `attend`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from offload.kernels import dense_attention, merge_partials, paged_attention
+from offload.policies.base import PageScorer
+from offload.policies.quest import page_upper_bounds
+from offload.store.layout import KVLayout
+from offload.store.pools import PagePool
+from offload.store.transfer import TransferEngine
+
+# Query blocks longer than this are prefill: always attended exactly, whatever the mode.
+MAX_SPARSE_QUERY = 16
+# Query rows whose attention feeds page scores (SnapKV's observation window).
+OBSERVATION_WINDOW = 32
+
+
+@dataclass(slots=True)
+class ResidencyRules:
+    """How many pages a sequence keeps on the device, and which must stay."""
+
+    slots_per_seq: int  # device slots one sequence may reference (complete pages + tail)
+    sink_pages: int
+    recent_tokens: int
+    promote_pages: int  # most host->device promotions per sequence and step
+    sparse: bool
+    token_budget: int
+
+
+@dataclass(slots=True)
+class LayerTimes:
+    device_attn_s: float = 0.0
+    host_attn_s: float = 0.0
+
+
+class LayerStore:
+    def __init__(
+        self,
+        layout: KVLayout,
+        batch_size: int,
+        max_pages: int,
+        device_pool: PagePool,
+        host_pool: PagePool,
+        transfer: TransferEngine,
+        rules: ResidencyRules,
+        scorer: PageScorer,
+        *,
+        cpu_kernel: str = "torch",
+        cpu_threads: int | None = None,
+    ) -> None:
+        self.layout = layout
+        self.batch_size = batch_size
+        self.max_pages = max_pages
+        self.device_pool = device_pool
+        self.host_pool = host_pool
+        self.transfer = transfer
+        self.rules = rules
+        self.scorer = scorer
+        self.cpu_kernel = cpu_kernel
+        self.cpu_threads = cpu_threads
+        device = device_pool.device
+        self.length = [0] * batch_size
+        self.host_ids = torch.full((batch_size, max_pages), -1, dtype=torch.long)
+        self.slots = torch.full((batch_size, max_pages), -1, dtype=torch.long)
+        self.tail_slot = [device_pool.allocate() for _ in range(batch_size)]
+        # One extra column collects the mass of invalid keys, so scatter needs no masking.
+        self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
+        summary_shape = (batch_size, max_pages, layout.num_kv_heads, layout.head_dim)
+        self.key_min = torch.zeros(summary_shape, dtype=layout.dtype, device=device)
+        self.key_max = torch.zeros(summary_shape, dtype=layout.dtype, device=device)
+        self.times = LayerTimes()
+
+    # ------------------------------------------------------------------ queries of state
+    def num_complete(self, b: int) -> int:
+        return self.length[b] // self.layout.page_size
+
+    def resident_pages(self, b: int) -> list[int]:
+        n = self.num_complete(b)
+        return (self.slots[b, :n] >= 0).nonzero().flatten().tolist()
+
+    def slots_in_use(self, b: int) -> int:
+        return len(self.resident_pages(b)) + (1 if self.tail_slot[b] >= 0 else 0)
+
+    def required_pages(self, b: int) -> set[int]:
+        """Complete pages that must stay resident: sinks and the recent window."""
+        n = self.num_complete(b)
+        required = set(range(min(self.rules.sink_pages, n)))
+        if self.rules.recent_tokens > 0:
+            first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
+            required.update(range(first, n))
+        return required
+
+    # ------------------------------------------------------------------ attention
+    def attend(
+        self,
+        query: torch.Tensor,
+        new_keys: torch.Tensor,
+        new_values: torch.Tensor,
+        new_valid: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attend the new queries to everything stored plus the new tokens, then store them.
+
+        query:      [B, H, T, D]   queries of the T new tokens
+        new_keys:   [B, H_kv, T, D], new_values: [B, H_kv, T, D]
+        new_valid:  [B, T] bool    False for padding tokens (never stored, rows give zeros)
+        Returns     [B, H, T, D] float32.
+        """
+        bsz, _, q_len, _ = query.shape
+        if bsz != self.batch_size:
+            raise ValueError(f"batch size {bsz} differs from the {self.batch_size} this cache was reserved for")
+        lengths = torch.tensor(self.length, dtype=torch.long)
+        counts = new_valid.long().cumsum(dim=1)
+        new_pos = torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
+        sparse = self.rules.sparse and q_len <= MAX_SPARSE_QUERY
+        selected = self._select_sparse(query) if sparse else None
+
+        # Device part: resident pages, the tail and the new tokens.
+        start = time.perf_counter()
+        keys, values, key_pos = self._gather_device(new_keys, new_values, new_pos, selected)
+        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
+        out_d, lse_d = dense_attention(query, keys, values, visible, scale)
+        self.times.device_attn_s += time.perf_counter() - start
+
+        # Host part: needed complete pages that are not resident (all of them are older than every query).
+        start = time.perf_counter()
+        host_table, host_pages, host_counts = self._host_plan(selected)
+        observe = min(q_len, OBSERVATION_WINDOW)
+        page_lse = None
+        if host_counts.any():
+            q_host = query.to(self.host_pool.device)
+            ps = self.layout.page_size
+            last = torch.full((bsz,), ps, dtype=torch.long)
+            if observe == q_len:
+                page_lse = torch.full((bsz, query.shape[1], q_len, host_table.shape[1]), float("-inf"))
+            out_h, lse_h = paged_attention(
+                q_host, self.host_pool.keys, self.host_pool.values, host_table, host_counts, last, scale,
+                kernel=self.cpu_kernel, page_lse_out=page_lse, validate=False,
+            )
+            if page_lse is None:
+                page_lse = torch.full((bsz, query.shape[1], observe, host_table.shape[1]), float("-inf"))
+                paged_attention(
+                    q_host[:, :, -observe:], self.host_pool.keys, self.host_pool.values, host_table, host_counts,
+                    last, scale, kernel=self.cpu_kernel, page_lse_out=page_lse, validate=False,
+                )
+            out_h, lse_h = out_h.to(query.device), lse_h.to(query.device)
+            out, lse = merge_partials(out_d, lse_d, out_h, lse_h)
+        else:
+            out, lse = out_d, lse_d
+        self.times.host_attn_s += time.perf_counter() - start
+
+        # Padding rows see no key: zeros (their lse is already -inf, so the merge gave zeros too).
+        out = out.masked_fill((new_pos < 0)[:, None, :, None], 0.0)
+        self._observe(query[:, :, -observe:], keys, key_pos, visible[:, -observe:], lse[:, :, -observe:],
+                      scale, page_lse, host_pages)
+        self._commit(new_keys, new_values, new_valid)
+        return out
+
+    def _select_sparse(self, query: torch.Tensor) -> list[set[int]]:
+        """Per sequence, the non-required complete pages to attend: the top pages by upper bound."""
+        ps = self.layout.page_size
+        selected = []
+        for b in range(self.batch_size):
+            n = self.num_complete(b)
+            required = self.required_pages(b)
+            fixed_tokens = len(required) * ps + self.length[b] % ps
+            k = max(0, (self.rules.token_budget - fixed_tokens) // ps)
+            candidates = [p for p in range(n) if p not in required]
+            if k >= len(candidates):
+                selected.append(set(candidates))
+                continue
+            if k == 0:
+                selected.append(set())
+                continue
+            idx = torch.tensor(candidates, dtype=torch.long, device=self.key_min.device)
+            bounds = page_upper_bounds(query[b : b + 1], self.key_min[b : b + 1, idx], self.key_max[b : b + 1, idx])[0]
+            top = torch.topk(bounds, k).indices.tolist()
+            selected.append({candidates[i] for i in top})
+        return selected
+
+    def _gather_device(self, new_keys, new_values, new_pos, selected):
+        """Contiguous device-part K/V: [B, H_kv, T_dev, D] each, and key positions [B, T_dev] (-1 = no key)."""
+        ps = self.layout.page_size
+        device = self.device_pool.device
+        per_seq = []
+        for b in range(self.batch_size):
+            pages = self.resident_pages(b)
+            if selected is not None:
+                required = self.required_pages(b)
+                pages = [p for p in pages if p in required or p in selected[b]]
+            per_seq.append(pages)
+        num = max((len(p) for p in per_seq), default=0)
+        page_idx = torch.full((self.batch_size, num), -1, dtype=torch.long)
+        for b, pages in enumerate(per_seq):
+            page_idx[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+        slot_idx = torch.where(page_idx >= 0, self.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
+        offsets = torch.arange(ps)
+        page_pos = torch.where(page_idx[:, :, None] >= 0, page_idx[:, :, None] * ps + offsets, -1).reshape(self.batch_size, -1)
+        lengths = torch.tensor(self.length, dtype=torch.long)
+        tail_base = (lengths // ps) * ps
+        tail_pos = torch.where(offsets[None, :] < (lengths % ps)[:, None], tail_base[:, None] + offsets, -1)
+        tails = torch.tensor(self.tail_slot, dtype=torch.long)
+        slot_idx = torch.cat([slot_idx, tails[:, None]], dim=1).to(device)
+        shape = (self.batch_size, -1, self.layout.num_kv_heads, self.layout.head_dim)
+        keys = torch.cat([self.device_pool.keys[slot_idx].reshape(shape), new_keys.transpose(1, 2)], dim=1)
+        values = torch.cat([self.device_pool.values[slot_idx].reshape(shape), new_values.transpose(1, 2)], dim=1)
+        key_pos = torch.cat([page_pos, tail_pos, new_pos], dim=1).to(device)
+        return keys.transpose(1, 2), values.transpose(1, 2), key_pos
+
+    def _host_plan(self, selected):
+        """Page table of the host part: [B, max_n] host ids, logical pages [B, max_n], counts [B]."""
+        per_seq = []
+        for b in range(self.batch_size):
+            n = self.num_complete(b)
+            pages = (self.slots[b, :n] < 0).nonzero().flatten().tolist()
+            if selected is not None:
+                required = self.required_pages(b)
+                pages = [p for p in pages if p in required or p in selected[b]]
+            per_seq.append(pages)
+        num = max((len(p) for p in per_seq), default=0)
+        logical = torch.full((self.batch_size, num), -1, dtype=torch.long)
+        for b, pages in enumerate(per_seq):
+            logical[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+        table = torch.where(logical >= 0, self.host_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
+        counts = torch.tensor([len(p) for p in per_seq], dtype=torch.long)
+        return table, logical, counts
+
+    def _observe(self, query, keys, key_pos, visible, lse, scale, page_lse, host_pages) -> None:
+        """Feed the attention mass each page received (observation-window rows) to the scorer."""
+        ps = self.layout.page_size
+        bsz = self.batch_size
+        mass = torch.zeros(bsz, self.max_pages + 1, dtype=torch.float32)
+        finite = torch.isfinite(lse)
+        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
+        if keys.shape[2] > 0:
+            num_kv_heads = keys.shape[1]
+            bsz_, num_heads, q_len, head_dim = query.shape
+            q = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
+            scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale
+            scores = scores.view(bsz, num_heads, q_len, -1).masked_fill(~visible[:, None], float("-inf"))
+            probs = torch.exp(scores - safe_lse[..., None]).masked_fill(~finite[..., None], 0.0)
+            key_mass = probs.sum(dim=(1, 2)).cpu()  # [B, T_dev]
+            pos = key_pos.cpu()
+            page = torch.where(pos >= 0, pos // ps, torch.full_like(pos, self.max_pages))
+            mass.scatter_add_(1, page.clamp(max=self.max_pages), key_mass)
+        if page_lse is not None and host_pages.numel():
+            host_lse = safe_lse.to(page_lse.device)[..., None]
+            host_mass = torch.exp(page_lse - host_lse).masked_fill(~finite.to(page_lse.device)[..., None], 0.0)
+            host_mass = host_mass.sum(dim=(1, 2))  # [B, max_n]
+            page = torch.where(host_pages >= 0, host_pages, torch.full_like(host_pages, self.max_pages))
+            mass.scatter_add_(1, page, host_mass)
+        mass[:, self.max_pages] = 0.0
+        self.scores = self.scorer.update(self.scores, mass)
+
+    # ------------------------------------------------------------------ storing
+    def _commit(self, new_keys: torch.Tensor, new_values: torch.Tensor, new_valid: torch.Tensor) -> None:
+        """Append the valid new tokens of every sequence, then rebalance its residency."""
+        ps = self.layout.page_size
+        pool = self.device_pool
+        for b in range(self.batch_size):
+            valid = new_valid[b].nonzero().flatten().to(new_keys.device)
+            if valid.numel() == 0:
+                continue
+            if self.length[b] + valid.numel() > self.max_pages * ps:
+                raise RuntimeError(
+                    f"sequence {b} would hold {self.length[b] + valid.numel()} tokens, more than the "
+                    f"{self.max_pages * ps} reserved for this cache (max_tokens); reserve more at cache creation"
+                )
+            keys = new_keys[b].index_select(1, valid).transpose(0, 1)  # [n, H_kv, D]
+            values = new_values[b].index_select(1, valid).transpose(0, 1)
+            fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            # 1. Fill the tail page; a full tail becomes a resident complete page.
+            offset = self.length[b] % ps
+            take = min(ps - offset, keys.shape[0])
+            tail = self.tail_slot[b]
+            pool.keys[tail, offset : offset + take] = keys[:take]
+            pool.values[tail, offset : offset + take] = values[:take]
+            self.length[b] += take
+            if offset + take == ps:
+                page = self.length[b] // ps - 1
+                self._complete_page(b, page, pool.keys[tail], pool.values[tail])
+                self.slots[b, page] = tail
+                self.tail_slot[b] = -1
+            # 2. Whole pages of new tokens: home copy on the host, kept on the device if chosen below.
+            rest_k, rest_v = keys[take:], values[take:]
+            num_full = rest_k.shape[0] // ps
+            if num_full:
+                first = self.length[b] // ps
+                page_k = rest_k[: num_full * ps].reshape(num_full, *self.layout.page_shape)
+                page_v = rest_v[: num_full * ps].reshape(num_full, *self.layout.page_shape)
+                self._complete_pages(b, first, page_k, page_v)
+                for i in range(num_full):
+                    fresh[first + i] = (page_k[i], page_v[i])
+                self.length[b] += num_full * ps
+            leftover = rest_k.shape[0] - num_full * ps
+            # 3. Residency, then a new tail slot for what is left.
+            self._rebalance(b, fresh)
+            if self.tail_slot[b] < 0:
+                self.tail_slot[b] = pool.allocate()
+            if leftover:
+                tail = self.tail_slot[b]
+                pool.keys[tail, :leftover] = rest_k[num_full * ps :]
+                pool.values[tail, :leftover] = rest_v[num_full * ps :]
+                self.length[b] += leftover
+
+    def _complete_page(self, b: int, page: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._complete_pages(b, page, keys[None], values[None])
+
+    def _complete_pages(self, b: int, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Home copies and summaries of pages first.. (keys/values: [n, page_size, H_kv, D], on the device)."""
+        n = keys.shape[0]
+        host_ids = [self.host_pool.allocate() for _ in range(n)]
+        self.transfer.to_host(keys, values, self.host_pool, host_ids)
+        self.host_ids[b, first : first + n] = torch.tensor(host_ids, dtype=torch.long)
+        self.key_min[b, first : first + n] = keys.amin(dim=1)
+        self.key_max[b, first : first + n] = keys.amax(dim=1)
+
+    def _rebalance(self, b: int, fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Make sequence b's resident set the sinks, the recent window and its best-scoring pages.
+
+        Pages whose data is at hand on the device (`fresh`) are kept without a copy; other
+        wanted pages are promoted from the host, at most `promote_pages` per step.
+        """
+        n = self.num_complete(b)
+        required = self.required_pages(b)
+        room = self.rules.slots_per_seq - 1 - len(required)  # one slot stays for the tail
+        assert room >= 0, "reserve() guarantees sinks + recent window + tail fit the quota"
+        others = [p for p in range(n) if p not in required]
+        wanted = set(required)
+        if others and room > 0:
+            if room >= len(others):
+                wanted.update(others)
+            else:
+                # Highest score first; among equal scores, the newest page.
+                score = self.scores[b, torch.tensor(others, dtype=torch.long)].tolist()
+                order = sorted(range(len(others)), key=lambda i: (-score[i], -others[i]))
+                wanted.update(others[i] for i in order[:room])
+        resident = self.resident_pages(b)
+        for p in resident:
+            if p not in wanted:
+                self.device_pool.decref(int(self.slots[b, p]))
+                self.slots[b, p] = -1
+        missing = [p for p in wanted if self.slots[b, p] < 0]
+        promote: list[int] = []
+        for p in missing:
+            if p in fresh:
+                slot = self.device_pool.allocate()
+                self.device_pool.keys[slot] = fresh[p][0]
+                self.device_pool.values[slot] = fresh[p][1]
+                self.slots[b, p] = slot
+            else:
+                promote.append(p)
+        promote.sort(key=lambda p: (p not in required, -float(self.scores[b, p]), -p))
+        budget = self.rules.promote_pages
+        chosen = [p for p in promote if p in required] + [p for p in promote if p not in required][:budget]
+        if chosen:
+            slots = [self.device_pool.allocate() for _ in chosen]
+            host = [int(self.host_ids[b, p]) for p in chosen]
+            self.transfer.host_to_device(self.host_pool, host, self.device_pool, slots)
+            for p, slot in zip(chosen, slots):
+                self.slots[b, p] = slot
+
+    # ------------------------------------------------------------------ batch reordering
+    def select(self, indices: torch.Tensor) -> None:
+        """Sequence i becomes old sequence indices[i] (beam search). Shared complete pages are
+        shared by reference; each new sequence gets its own copy of the tail page."""
+        idx = indices.long().cpu()
+        if idx.numel() != self.batch_size:
+            raise NotImplementedError(
+                f"OffloadCache cannot change the batch size from {self.batch_size} to {idx.numel()}"
+            )
+        old_host, old_slots = self.host_ids, self.slots
+        new_host, new_slots = old_host[idx], old_slots[idx]
+        for ref in new_host[new_host >= 0].tolist():
+            self.host_pool.incref(ref)
+        for ref in new_slots[new_slots >= 0].tolist():
+            self.device_pool.incref(ref)
+        for ref in old_host[old_host >= 0].tolist():
+            self.host_pool.decref(ref)
+        for ref in old_slots[old_slots >= 0].tolist():
+            self.device_pool.decref(ref)
+        tails = torch.tensor(self.tail_slot, dtype=torch.long, device=self.device_pool.device)[idx.to(self.device_pool.device)]
+        tail_k, tail_v = self.device_pool.keys[tails].clone(), self.device_pool.values[tails].clone()
+        for slot in self.tail_slot:
+            self.device_pool.decref(slot)
+        self.tail_slot = [self.device_pool.allocate() for _ in range(self.batch_size)]
+        new_tails = torch.tensor(self.tail_slot, dtype=torch.long, device=self.device_pool.device)
+        self.device_pool.keys[new_tails] = tail_k
+        self.device_pool.values[new_tails] = tail_v
+        self.host_ids, self.slots = new_host, new_slots
+        self.length = [self.length[i] for i in idx.tolist()]
+        self.scores = self.scores[idx]
+        dev_idx = idx.to(self.key_min.device)
+        self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
+
+    def release(self) -> None:
+        """Drop every reference this layer holds (the cache is done)."""
+        for ref in self.host_ids[self.host_ids >= 0].tolist():
+            self.host_pool.decref(ref)
+        for ref in self.slots[self.slots >= 0].tolist():
+            self.device_pool.decref(ref)
+        for slot in self.tail_slot:
+            if slot >= 0:
+                self.device_pool.decref(slot)
+        self.host_ids.fill_(-1)
+        self.slots.fill_(-1)
+        self.tail_slot = [-1] * self.batch_size
