@@ -1,0 +1,41 @@
+"""Slow, obvious reference for the paged kernels: gather each row's pages into contiguous K/V,
+then softmax in float64. Shapes as in `offload.kernels.paged_attention`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, last_page_len, scale, causal=False):
+    """Returns out [B, H, Q, D], lse [B, H, Q], page_lse [B, H, Q, max_pages] (NaN past
+    num_pages), all float64."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    group = num_heads // num_kv_heads
+    max_pages = page_table.shape[1]
+    out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float64)
+    lse = torch.full((bsz, num_heads, q_len), -math.inf, dtype=torch.float64)
+    page_lse = torch.full((bsz, num_heads, q_len, max_pages), math.nan, dtype=torch.float64)
+    for b in range(bsz):
+        n = int(num_pages[b])
+        if n == 0:
+            continue
+        kv_len = (n - 1) * page_size + int(last_page_len[b])
+        keys = torch.cat([key_pages[int(p)] for p in page_table[b, :n]]).double()[:kv_len]  # [T, H_kv, D]
+        values = torch.cat([value_pages[int(p)] for p in page_table[b, :n]]).double()[:kv_len]
+        for h in range(num_heads):
+            k, v = keys[:, h // group], values[:, h // group]
+            for i in range(q_len):
+                visible = kv_len - q_len + i + 1 if causal else kv_len
+                scores = (k @ query[b, h, i].double()) * scale
+                for p in range(n):
+                    lo, hi = p * page_size, min((p + 1) * page_size, kv_len, max(visible, 0))
+                    page_lse[b, h, i, p] = torch.logsumexp(scores[lo:hi], 0) if hi > lo else -math.inf
+                if visible <= 0:
+                    continue
+                s = scores[:visible]
+                lse[b, h, i] = torch.logsumexp(s, 0)
+                out[b, h, i] = torch.softmax(s, 0) @ v[:visible]
+    return out, lse, page_lse

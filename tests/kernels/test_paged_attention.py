@@ -1,0 +1,221 @@
+"""Every paged kernel (torch, Numba, C++ in each ISA this CPU runs) against the float64 gather
+reference in naive.py, on awkward sizes. Shapes are few on purpose: each new dtype/layout is a
+Numba compile (cached on disk after the first run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kernels.naive import naive_paged_attention
+from offload.kernels import available_kernels, merge_partials, paged_attention, resolve_kernel
+from offload.kernels.cpu_plan import plan_split
+
+# The kernels read 16-bit pages exactly and accumulate in float32; the reference is float64 over
+# the same rounded values, so only float32 rounding remains (softmax-weighted sums of N(0,1)).
+ATOL, RTOL = 2e-5, 2e-4
+
+VARIANTS = [k for k in available_kernels()]
+if "cpp" in VARIANTS:
+    from offload.kernels.cpp_kernel import BEST_ISA, ISA_NAMES, paged_attention_cpp
+
+    VARIANTS += [f"cpp-{ISA_NAMES[i]}" for i in range(BEST_ISA)]  # the lower ISAs, forced
+
+
+def run(variant, *args, **kwargs):
+    if variant.startswith("cpp-"):
+        isa = {v: k for k, v in ISA_NAMES.items()}[variant[4:]]
+        return paged_attention_cpp(*args, isa=isa, **kwargs)
+    return paged_attention(*args, kernel=variant, **kwargs)
+
+
+def make_case(page_size, num_heads, num_kv_heads, q_len, head_dim, lengths, dtype, seed=0):
+    """Pages of every row scattered (shuffled) in one pool, plus a spare unused page."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [-(-n // page_size) for n in lengths]
+    total = sum(counts) + 1
+    shape = (total, page_size, num_kv_heads, head_dim)
+    key_pages = torch.randn(shape, generator=gen).to(dtype)
+    value_pages = torch.randn(shape, generator=gen).to(dtype)
+    perm = torch.randperm(total, generator=gen)
+    max_pages = max(max(counts), 1) + 1  # one unused column: must be ignored
+    page_table = torch.full((len(lengths), max_pages), 10**6, dtype=torch.int32)
+    start = 0
+    for b, c in enumerate(counts):
+        page_table[b, :c] = perm[start : start + c]
+        start += c
+    num_pages = torch.tensor(counts)
+    last = torch.tensor([n - (c - 1) * page_size if c else 0 for n, c in zip(lengths, counts)])
+    query = torch.randn(len(lengths), num_heads, q_len, head_dim, generator=gen)
+    return query, key_pages, value_pages, page_table, num_pages, last
+
+
+CASES = {  # name: (page_size, H, H_kv, Q, D, lengths, dtype, causal)
+    "page1-mha-fp32": (1, 4, 4, 1, 16, [5, 1], torch.float32, False),
+    "page16-gqa4-bf16-causal": (16, 8, 2, 4, 32, [37, 16, 1, 20], torch.bfloat16, True),
+    "page64-mqa8-fp16-causal-q16": (64, 8, 1, 16, 64, [200, 64, 9], torch.float16, True),
+    "page16-gqa8-empty-row-fp32": (16, 16, 2, 1, 32, [0, 50], torch.float32, False),
+    "page16-odd-dim-bf16": (16, 4, 1, 3, 24, [33], torch.bfloat16, False),
+    "page16-long-split-fp16": (16, 4, 1, 2, 32, [1000, 17], torch.float16, True),
+}
+
+
+def check(variant, case, with_page_lse=True, threads=None):
+    page_size, heads, kv_heads, q_len, head_dim, lengths, dtype, causal = CASES[case]
+    args = make_case(page_size, heads, kv_heads, q_len, head_dim, lengths, dtype)
+    scale = head_dim**-0.5
+    ref_out, ref_lse, ref_page_lse = naive_paged_attention(*args, scale, causal=causal)
+    page_lse = torch.full((len(lengths), heads, q_len, args[3].shape[1]), 7.0) if with_page_lse else None
+    out, lse = run(variant, *args, scale, causal=causal, page_lse_out=page_lse, threads=threads)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)  # -inf where empty
+    if with_page_lse:
+        listed = ~ref_page_lse.isnan()
+        torch.testing.assert_close(page_lse.double()[listed], ref_page_lse[listed], atol=ATOL, rtol=RTOL)
+        assert bool((page_lse[~listed] == 7.0).all()), "entries past num_pages must be left alone"
+    return out, lse
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference(variant, case):
+    check(variant, case)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_dtype(variant, dtype):
+    args = make_case(16, 8, 2, 4, 32, [37, 16, 1, 20], dtype, seed=1)
+    ref_out, ref_lse, _ = naive_paged_attention(*args, 0.2, causal=True)
+    out, lse = run(variant, *args, 0.2, causal=True)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "torch"])
+def test_thread_counts_and_splits_agree(variant):
+    """One long sequence is split over page ranges (split-K); results do not depend on it."""
+    assert plan_split(1, 1, 8, 32, 63, threads=2).num_splits > 1
+    a = check(variant, "page16-long-split-fp16", threads=1)
+    b = check(variant, "page16-long-split-fp16", threads=2)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_page_lse_is_optional():
+    for variant in VARIANTS:
+        check(variant, "page16-gqa4-bf16-causal", with_page_lse=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parts_merge_to_the_whole(variant):
+    """Attending pages [0, k) and [k, n) separately and merging equals attending all n; an empty
+    part (lse = -inf) merges as the identity."""
+    query, kp, vp, table, counts, last = make_case(16, 8, 2, 1, 32, [70], torch.bfloat16)
+    full = run(variant, query, kp, vp, table, counts, last, 0.3)
+    split_at = 2
+    head = run(variant, query, kp, vp, table[:, :split_at], torch.tensor([split_at]), torch.tensor([16]), 0.3)
+    tail = run(variant, query, kp, vp, table[:, split_at:], counts - split_at, last, 0.3)
+    merged = merge_partials(*head, *tail)
+    torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
+    empty = run(variant, query, kp, vp, table, torch.tensor([0]), torch.tensor([0]), 0.3)
+    assert bool((empty[0] == 0).all()) and bool(torch.isneginf(empty[1]).all())
+    merged = merge_partials(*full, *empty)
+    torch.testing.assert_close(merged, full)
+    both_empty = merge_partials(*empty, *empty)
+    assert not bool(both_empty[0].isnan().any())
+
+
+def test_auto_prefers_compiled_kernels():
+    assert resolve_kernel("auto") == available_kernels()[0]
+    assert available_kernels()[-1] == "torch"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_input_errors(variant):
+    query, kp, vp, table, counts, last = make_case(16, 8, 2, 1, 32, [37, 5], torch.float32)
+
+    def call(**change):
+        a = dict(query=query, key_pages=kp, value_pages=vp, page_table=table, num_pages=counts, last_page_len=last)
+        a.update(change)
+        if variant.startswith("cpp-"):
+            from offload.kernels import check_paged_inputs
+
+            check_paged_inputs(**a)
+        return run(variant, *a.values(), 0.1)
+
+    with pytest.raises(ValueError, match="query must be"):
+        call(query=query[0])
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        call(query=query[:, :3])
+    with pytest.raises(ValueError, match="head_dim"):
+        call(query=query[..., :16])
+    with pytest.raises(ValueError, match="KV pages must be"):
+        call(key_pages=kp.double(), value_pages=vp.double())
+    with pytest.raises(ValueError, match="page indices"):
+        bad = table.clone()
+        bad[0, 0] = kp.shape[0]
+        call(page_table=bad)
+    with pytest.raises(ValueError, match="last_page_len"):
+        call(last_page_len=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="num_pages"):
+        call(num_pages=torch.tensor([9, 1]))
+    if variant != "torch":
+        with pytest.raises(ValueError, match="contiguous"):
+            call(key_pages=kp.transpose(1, 2).contiguous().transpose(1, 2))
+        with pytest.raises(ValueError, match="page_lse_out"):
+            run(variant, query, kp, vp, table, counts, last, 0.1, page_lse_out=torch.zeros(2, 8, 1, 1))
+
+
+def test_cpp_refuses_bad_page_index_without_validation():
+    if "cpp" not in available_kernels():
+        pytest.skip("C++ extension not built")
+    query, kp, vp, table, counts, last = make_case(16, 8, 2, 1, 32, [37], torch.float32)
+    table[0, 1] = -3
+    with pytest.raises(ValueError, match="out of range"):
+        paged_attention(query, kp, vp, table, counts, last, 0.1, kernel="cpp", validate=False)
+
+
+def test_unavailable_kernel_is_an_error(monkeypatch):
+    import offload.kernels as kernels
+
+    monkeypatch.delitem(kernels._KERNELS, "cpp", raising=False)
+    monkeypatch.setitem(kernels._UNAVAILABLE, "cpp", "not built in this test")
+    with pytest.raises(ValueError, match="not built in this test"):
+        resolve_kernel("cpp")
+    with pytest.raises(ValueError, match="not a kernel"):
+        resolve_kernel("fortran")
+
+
+_NO_JIT_SCRIPT = """
+import torch
+from tests.kernels.naive import naive_paged_attention
+from tests.kernels.test_paged_attention import make_case
+from offload.kernels.numba_kernel import paged_attention_numba
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    args = make_case(4, 4, 2, 3, 8, [9, 0, 3], dtype)
+    page_lse = torch.zeros(3, 4, 3, args[3].shape[1])
+    out, lse = paged_attention_numba(*args, 0.5, causal=True, page_lse_out=page_lse, threads=2)
+    ref_out, ref_lse, ref_page_lse = naive_paged_attention(*args, 0.5, causal=True)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-4)
+    listed = ~ref_page_lse.isnan()
+    torch.testing.assert_close(page_lse.double()[listed], ref_page_lse[listed], atol=2e-5, rtol=2e-4)
+print("ok")
+"""
+
+
+def test_numba_kernel_python_without_jit():
+    """NUMBA_DISABLE_JIT=1 runs the kernel's Python as written (covers what JIT hides)."""
+    pytest.importorskip("numba")
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONPATH=str(here.parents[1]))
+    proc = subprocess.run([sys.executable, "-c", _NO_JIT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
