@@ -18,6 +18,7 @@ from offload import envs
 from offload.sizes import parse_bytes
 
 MODES = ("exact", "sparse")
+SPARSE_MISSES = ("host", "skip")
 CPU_KERNELS = ("auto", "cpp", "numba", "torch")
 
 
@@ -52,6 +53,8 @@ class OffloadConfig:
     cpu_kernel: str = "auto"
     emulate_link_gbps: float = 0.0
     prefill_chunk: int = 512
+    prefetch: bool = True
+    sparse_misses: str = "host"
     promote_pages: int = 4
     score_decay: float = 0.9
 
@@ -80,6 +83,14 @@ class OffloadConfig:
         if self.cpu_kernel not in CPU_KERNELS:
             raise ValueError(
                 f"{_name('cpu_kernel')}={self.cpu_kernel!r} is not a kernel; expected one of {', '.join(CPU_KERNELS)}"
+            )
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"{_name('prefetch')}={self.prefetch!r} must be True or False")
+        if isinstance(self.sparse_misses, str):
+            self.sparse_misses = self.sparse_misses.lower()
+        if self.sparse_misses not in SPARSE_MISSES:
+            raise ValueError(
+                f"{_name('sparse_misses')}={self.sparse_misses!r} is not accepted; expected one of {', '.join(SPARSE_MISSES)}"
             )
         self._check_float("emulate_link_gbps", minimum=0.0)
         self._check_float("score_decay", minimum=0.0, maximum=1.0)

@@ -22,6 +22,7 @@ import torch
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
 from offload.hf.cache import OffloadCache, layout_from_model_config
+from offload.hf.speculation import QueryPredictor, decoder_layers
 from offload.stats import OffloadStats
 from offload.store.tiered import minimum_device_budget
 
@@ -43,6 +44,7 @@ class OffloadedModel:
         self.config = config.replace(**overrides) if config is not None else OffloadConfig.from_env(**overrides)
         self.last_cache: OffloadCache | None = None
         self._saved_attn: str | None = None
+        self._predictor: QueryPredictor | None = None
         self._wrapped = False
         self.wrap()
 
@@ -52,12 +54,17 @@ class OffloadedModel:
             hf_attention.register()
             self._saved_attn = self.model.config._attn_implementation
             self.model.config._attn_implementation = hf_attention.ATTN_NAME
+            layers = decoder_layers(self.model)
+            self._predictor = QueryPredictor(layers) if layers is not None else None
             self._wrapped = True
         return self
 
     def unwrap(self) -> torch.nn.Module:
         """Restore the model exactly as it was and return it."""
         if self._wrapped:
+            if self._predictor is not None:
+                self._predictor.remove()
+                self._predictor = None
             self.model.config._attn_implementation = self._saved_attn
             hf_attention.unregister()
             self._wrapped = False
@@ -92,7 +99,7 @@ class OffloadedModel:
         With `batch_size`, the store is reserved now, so budget errors surface here."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r} must be >= 1")
-        cache = OffloadCache(self.config, self.model.config, max_tokens)
+        cache = OffloadCache(self.config, self.model.config, max_tokens, self._predictor)
         if batch_size is not None:
             cache.reserve(batch_size, self._kv_dtype(), self.model.device)
         return cache

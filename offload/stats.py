@@ -19,7 +19,17 @@ class OffloadStats:
     pages_total: int = 0  # complete pages now, all layers and sequences
     host_attn_s: float = 0.0
     device_attn_s: float = 0.0
-    link_s: float = 0.0  # time in (emulated) copies
+    link_s: float = 0.0  # time the (emulated) link was busy
+    stall_s: float = 0.0  # time the compute waited on copies
+    needed_pages: int = 0  # decode steps: pages (beyond sinks and recent window) the real query selected
+    needed_on_device: int = 0  # ... of which were resident or in flight when the layer ran
+    prefetch_issued_pages: int = 0
+    prefetch_hit_pages: int = 0  # speculated pages that the real query then selected
+    skipped_pages: int = 0  # sparse mode, sparse_misses="skip": needed pages not attended
+    failed_copies: int = 0  # pages whose copy failed (read from the host instead)
+    failed_kernels: int = 0  # host-kernel failures recovered by the torch kernel
+    mass_device: float = 0.0  # sum over decode query rows and heads of the device part's share of attention mass
+    mass_rows: int = 0
     tokens_generated: int = 0
     tokens_prefilled: int = 0
     decode_s: float = 0.0
@@ -30,6 +40,21 @@ class OffloadStats:
         return self.h2d_bytes / self.tokens_generated if self.tokens_generated else 0.0
 
     @property
+    def prefetch_recall(self) -> float:
+        """Needed pages already resident or in flight when the layer ran / needed pages."""
+        return self.needed_on_device / self.needed_pages if self.needed_pages else 1.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Speculated pages the real query selected / speculated pages."""
+        return self.prefetch_hit_pages / self.prefetch_issued_pages if self.prefetch_issued_pages else 0.0
+
+    @property
+    def mass_coverage(self) -> float:
+        """Share of the attention mass that fell on the device part (decode steps), from the lse."""
+        return self.mass_device / self.mass_rows if self.mass_rows else 1.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_generated / self.decode_s if self.decode_s > 0 else 0.0
 
@@ -37,6 +62,9 @@ class OffloadStats:
         data = asdict(self)
         data["h2d_bytes_per_token"] = self.h2d_bytes_per_token
         data["tokens_per_s"] = self.tokens_per_s
+        data["prefetch_recall"] = self.prefetch_recall
+        data["prefetch_precision"] = self.prefetch_precision
+        data["mass_coverage"] = self.mass_coverage
         return data
 
     def __str__(self) -> str:
@@ -49,7 +77,13 @@ class OffloadStats:
             f"  pages       : {self.pages_resident} of {self.pages_total} complete pages resident on the device",
             f"  moved       : h2d {format_bytes(self.h2d_bytes)} ({format_bytes(self.h2d_bytes_per_token)}/token), "
             f"d2h {format_bytes(self.d2h_bytes)}, link time {self.link_s:.3f} s",
-            f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s",
+            f"  prefetch    : recall {self.prefetch_recall:.3f} ({self.needed_on_device}/{self.needed_pages} needed pages on the "
+            f"device), precision {self.prefetch_precision:.3f} ({self.prefetch_hit_pages}/{self.prefetch_issued_pages}), "
+            f"mass coverage {self.mass_coverage:.3f}, stall {self.stall_s:.3f} s"
+            + (f", {self.skipped_pages} pages skipped" if self.skipped_pages else ""),
+            f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s"
+            + (f" ({self.failed_copies} failed copies, {self.failed_kernels} failed kernels recovered)"
+               if self.failed_copies or self.failed_kernels else ""),
             f"  tokens      : {self.tokens_prefilled} prefilled, {self.tokens_generated} generated"
             + (f" ({self.tokens_per_s:.1f} tokens/s)" if self.decode_s > 0 else ""),
         ]

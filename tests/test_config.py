@@ -22,6 +22,8 @@ BAD_VALUES = {
     "OFFLOAD_EMULATE_LINK_GBPS": ["-1", "fast", "nan"],
     "OFFLOAD_PREFILL_CHUNK": ["0", "-1", "big"],
     "OFFLOAD_PROMOTE_PAGES": ["-1", "x"],
+    "OFFLOAD_PREFETCH": ["maybe", "2"],
+    "OFFLOAD_SPARSE_MISSES": ["drop", "device"],
     "OFFLOAD_SCORE_DECAY": ["-0.1", "1.5", "slow"],
 }
 

@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from offload.config import OffloadConfig
 from offload.hf.attention import set_active_cache
 from offload.stats import OffloadStats
+from offload.store.layer_store import MAX_DECODE_QUERY
 from offload.store.layout import KVLayout
 from offload.store.tiered import TieredStore
 
@@ -91,14 +92,16 @@ class OffloadLayer(CacheLayerMixin):
 class OffloadCache(Cache):
     """KV cache for one batch: reserve once (batch size, max tokens), then prefill and decode."""
 
-    def __init__(self, config: OffloadConfig, model_config, max_tokens: int) -> None:
+    def __init__(self, config: OffloadConfig, model_config, max_tokens: int, predictor=None) -> None:
         self.config = config
+        self.predictor = predictor  # QueryPredictor, or None: speculate from the previous step's queries
         self.model_config = model_config
         self.max_tokens = max_tokens
         self.store: TieredStore | None = None
         text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         super().__init__(layers=[OffloadLayer(self, i) for i in range(text.num_hidden_layers)])
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_query: dict[int, torch.Tensor] = {}
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.tokens_prefilled = 0
@@ -155,7 +158,13 @@ class OffloadCache(Cache):
         q_len = keys.shape[2]
         store_layer = self.store.layers[layer_idx]
         valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, store_layer.length)
+        speculate = self.config.prefetch and q_len <= MAX_DECODE_QUERY
+        if speculate:
+            self._speculate_next(layer_idx, query)
         out = store_layer.attend(query, keys, values, valid, scale)
+        if speculate and layer_idx == len(self.layers) - 1:
+            # The next step's first layer: its query now is the best guess for its query then.
+            self.store.layers[0].speculate(self._last_query[0])
         layer.seen += q_len
         self.store.track_peak()
         if layer_idx == len(self.layers) - 1:
@@ -166,6 +175,18 @@ class OffloadCache(Cache):
             else:
                 self.decode_s += elapsed
         return out
+
+    def _speculate_next(self, layer_idx: int, query: torch.Tensor) -> None:
+        """Issue layer l+1's likely pages now, so the copies overlap layer l's compute."""
+        self._last_query[layer_idx] = query
+        nxt = layer_idx + 1
+        if nxt >= len(self.layers):
+            return
+        predicted = self.predictor.predict(layer_idx, nxt) if self.predictor is not None else None
+        if predicted is None:
+            predicted = self._last_query.get(nxt)  # no predictor: that layer's query one step ago
+        if predicted is not None and predicted.shape[0] == query.shape[0]:
+            self.store.layers[nxt].speculate(predicted)
 
     @staticmethod
     def _new_token_mask(attention_mask, bsz: int, q_len: int, seen: int, stored: list[int]) -> torch.Tensor:

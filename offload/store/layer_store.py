@@ -6,8 +6,10 @@ Only valid tokens are stored (left padding never is), so stored positions are pe
 - Every complete page has a home copy in the host pool (`host_ids[b, p]`).
 - The partial last page lives only in the device pool (`tail_slot[b]`).
 - Some complete pages are also resident in the device pool (`slots[b, p]`): the sinks, the
-  recent window and the highest-scoring pages, within the sequence's slot quota.
-- `key_min/key_max[b, p]` summarise each complete page's keys (Quest) for sparse selection.
+  recent window and cached pages chosen by criticality or speculation, within the sequence's
+  slot quota. Pages being copied in are `inflight` (their slots are allocated, so counted and
+  never reused) and become resident only when their copy completed.
+- `key_min/key_max[b, p]` summarise each complete page's keys (Quest) for page selection.
 
 Attention over a layer is `device part (resident pages + tail + new tokens)` merged by
 log-sum-exp with `host part (needed pages that are not resident)`; see `attend`.
@@ -15,8 +17,10 @@ log-sum-exp with `host part (needed pages that are not resident)`; see `attend`.
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,10 +29,12 @@ from offload.policies.base import PageScorer
 from offload.policies.quest import page_upper_bounds
 from offload.store.layout import KVLayout
 from offload.store.pools import PagePool
-from offload.store.transfer import TransferEngine
+from offload.store.transfer import CopyBatch, TransferEngine
 
-# Query blocks longer than this are prefill: always attended exactly, whatever the mode.
-MAX_SPARSE_QUERY = 16
+logger = logging.getLogger("offload")
+
+# Query blocks longer than this are prefill: attended exactly whatever the mode, no speculation.
+MAX_DECODE_QUERY = 16
 # Query rows whose attention feeds page scores (SnapKV's observation window).
 OBSERVATION_WINDOW = 32
 
@@ -37,18 +43,48 @@ OBSERVATION_WINDOW = 32
 class ResidencyRules:
     """How many pages a sequence keeps on the device, and which must stay."""
 
-    slots_per_seq: int  # device slots one sequence may reference (complete pages + tail)
+    slots_per_seq: int  # device slots one sequence may hold (complete pages + in flight + tail)
     sink_pages: int
     recent_tokens: int
-    promote_pages: int  # most host->device promotions per sequence and step
+    promote_pages: int  # most criticality promotions per sequence and step
     sparse: bool
     token_budget: int
+    skip_misses: bool = False  # sparse mode: needed pages not on the device are skipped, not read on the host
 
 
 @dataclass(slots=True)
-class LayerTimes:
+class LayerCounters:
     device_attn_s: float = 0.0
     host_attn_s: float = 0.0
+    stall_s: float = 0.0  # compute waiting for copies
+    needed_pages: int = 0  # decode steps: non-required pages the real query selects
+    needed_on_device: int = 0  # ... of which resident or in flight when the layer ran
+    prefetch_issued_pages: int = 0
+    prefetch_hit_pages: int = 0  # issued pages that the real query then needed
+    skipped_pages: int = 0  # sparse mode with skip_misses: needed pages not attended
+    failed_copies: int = 0
+    failed_kernels: int = 0
+    mass_device: float = 0.0  # summed over decode rows: share of attention mass on the device part
+    mass_rows: int = 0
+
+
+_logged_once: set[str] = set()
+
+
+def _log_once(key: str, message: str, exc: BaseException) -> None:
+    if key not in _logged_once:
+        _logged_once.add(key)
+        logger.warning("%s (%s: %s); falling back to a correct synchronous path", message, type(exc).__name__, exc)
+
+
+@dataclass(slots=True)
+class _HostResult:
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    page_lse: torch.Tensor | None = None
+    seconds: float = 0.0
+    error: BaseException | None = None
+    extra: dict = field(default_factory=dict)
 
 
 class LayerStore:
@@ -65,6 +101,7 @@ class LayerStore:
         *,
         cpu_kernel: str = "torch",
         cpu_threads: int | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.layout = layout
         self.batch_size = batch_size
@@ -76,19 +113,23 @@ class LayerStore:
         self.scorer = scorer
         self.cpu_kernel = cpu_kernel
         self.cpu_threads = cpu_threads
+        self.executor = executor
         device = device_pool.device
         self.length = [0] * batch_size
         self.host_ids = torch.full((batch_size, max_pages), -1, dtype=torch.long)
         self.slots = torch.full((batch_size, max_pages), -1, dtype=torch.long)
         self.tail_slot = [device_pool.allocate() for _ in range(batch_size)]
+        self.inflight: list[dict[int, int]] = [{} for _ in range(batch_size)]  # page -> slot
+        self._batches: list[tuple[int, list[int], CopyBatch]] = []  # (seq, pages, batch)
+        self.issued: list[set[int]] = [set() for _ in range(batch_size)]  # speculated, not yet judged
         # One extra column collects the mass of invalid keys, so scatter needs no masking.
         self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
         summary_shape = (batch_size, max_pages, layout.num_kv_heads, layout.head_dim)
         self.key_min = torch.zeros(summary_shape, dtype=layout.dtype, device=device)
         self.key_max = torch.zeros(summary_shape, dtype=layout.dtype, device=device)
-        self.times = LayerTimes()
+        self.counters = LayerCounters()
 
-    # ------------------------------------------------------------------ queries of state
+    # ------------------------------------------------------------------ state
     def num_complete(self, b: int) -> int:
         return self.length[b] // self.layout.page_size
 
@@ -97,7 +138,7 @@ class LayerStore:
         return (self.slots[b, :n] >= 0).nonzero().flatten().tolist()
 
     def slots_in_use(self, b: int) -> int:
-        return len(self.resident_pages(b)) + (1 if self.tail_slot[b] >= 0 else 0)
+        return len(self.resident_pages(b)) + len(self.inflight[b]) + (1 if self.tail_slot[b] >= 0 else 0)
 
     def required_pages(self, b: int) -> set[int]:
         """Complete pages that must stay resident: sinks and the recent window."""
@@ -107,6 +148,83 @@ class LayerStore:
             first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
             required.update(range(first, n))
         return required
+
+    def top_pages(self, query: torch.Tensor) -> list[set[int]]:
+        """Per sequence, the non-required complete pages a query selects: the highest upper
+        bounds of q.k (Quest), as many as fit `token_budget` beside sinks, recent window and tail."""
+        ps = self.layout.page_size
+        selected = []
+        for b in range(self.batch_size):
+            required = self.required_pages(b)
+            fixed_tokens = len(required) * ps + self.length[b] % ps
+            k = max(0, (self.rules.token_budget - fixed_tokens) // ps)
+            candidates = [p for p in range(self.num_complete(b)) if p not in required]
+            if k >= len(candidates) or k == 0:
+                selected.append(set(candidates) if k else set())
+                continue
+            idx = torch.tensor(candidates, dtype=torch.long, device=self.key_min.device)
+            bounds = page_upper_bounds(query[b : b + 1], self.key_min[b : b + 1, idx], self.key_max[b : b + 1, idx])[0]
+            selected.append({candidates[i] for i in torch.topk(bounds, k).indices.tolist()})
+        return selected
+
+    # ------------------------------------------------------------------ copies in (two-phase)
+    def _issue(self, b: int, pages: list[int]) -> None:
+        """Prepare (allocate = pin destination slots) and submit copies of host pages into the device."""
+        if not pages:
+            return
+        slots = [self.device_pool.allocate() for _ in pages]
+        host = [int(self.host_ids[b, p]) for p in pages]
+        batch = self.transfer.submit_h2d(self.host_pool, host, self.device_pool, slots)
+        for p, slot in zip(pages, slots):
+            self.inflight[b][p] = slot
+        self._batches.append((b, list(pages), batch))
+
+    def finish_inflight(self) -> None:
+        """Complete every copy into this layer: flip arrived pages resident, drop failed ones."""
+        for b, pages, batch in self._batches:
+            self.counters.stall_s += self.transfer.wait(batch)
+            for p in pages:
+                slot = self.inflight[b].pop(p)
+                if batch.error is None:
+                    self.slots[b, p] = slot
+                else:
+                    self.device_pool.decref(slot)  # the page stays on the host: still correct
+            if batch.error is not None:
+                self.counters.failed_copies += len(pages)
+                _log_once("copy", "a host-to-device page copy failed; those pages are read from the host", batch.error)
+        self._batches.clear()
+
+    def _make_room(self, b: int, keep: set[int], num: int) -> int:
+        """Evict up to `num` resident pages outside `keep` and the required set, lowest score first
+        (oldest first among equals); return how many slots are free for sequence b afterwards."""
+        free = self.rules.slots_per_seq - self.slots_in_use(b)
+        if free >= num:
+            return free
+        required = self.required_pages(b)
+        victims = [p for p in self.resident_pages(b) if p not in required and p not in keep]
+        score = self.scores[b].tolist()
+        victims.sort(key=lambda p: (score[p], p))
+        for p in victims[: num - free]:
+            self.device_pool.decref(int(self.slots[b, p]))
+            self.slots[b, p] = -1
+        return self.rules.slots_per_seq - self.slots_in_use(b)
+
+    def speculate(self, predicted_query: torch.Tensor) -> None:
+        """Prefetch the pages a predicted query [B, H, Q, D] selects, before this layer runs."""
+        selected = self.top_pages(predicted_query)
+        for b in range(self.batch_size):
+            wanted = selected[b]
+            missing = sorted(wanted - set(self.resident_pages(b)) - set(self.inflight[b]))
+            if not missing:
+                continue
+            room = self._make_room(b, wanted, len(missing))
+            # Most promising first: the predicted bound order is lost in the set, so use scores then recency.
+            score = self.scores[b].tolist()
+            missing.sort(key=lambda p: (-score[p], -p))
+            chosen = missing[: max(0, room)]
+            self._issue(b, chosen)
+            self.issued[b].update(chosen)
+            self.counters.prefetch_issued_pages += len(chosen)
 
     # ------------------------------------------------------------------ attention
     def attend(
@@ -124,77 +242,106 @@ class LayerStore:
         new_valid:  [B, T] bool    False for padding tokens (never stored, rows give zeros)
         Returns     [B, H, T, D] float32.
         """
-        bsz, _, q_len, _ = query.shape
+        bsz, num_heads, q_len, _ = query.shape
         if bsz != self.batch_size:
             raise ValueError(f"batch size {bsz} differs from the {self.batch_size} this cache was reserved for")
+        decode = q_len <= MAX_DECODE_QUERY
+        # Pages in flight count as on the device for recall; then they must arrive before use.
+        needed = self.top_pages(query) if decode else None
+        if needed is not None:
+            self._count_needed(needed)
+        self.finish_inflight()
         lengths = torch.tensor(self.length, dtype=torch.long)
         counts = new_valid.long().cumsum(dim=1)
         new_pos = torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
-        sparse = self.rules.sparse and q_len <= MAX_SPARSE_QUERY
-        selected = self._select_sparse(query) if sparse else None
+        selected = needed if (decode and self.rules.sparse) else None
 
-        # Device part: resident pages, the tail and the new tokens.
+        # Host part (worker thread), concurrently with the device part on this thread.
+        host_table, host_pages, host_counts = self._host_plan(selected)
+        observe = min(q_len, OBSERVATION_WINDOW)
+        future = None
+        if host_counts.any():
+            args = (query, host_table, host_counts, scale, observe)
+            future = self.executor.submit(self._host_part, *args) if self.executor else None
+            host = self._host_part(*args) if future is None else None
+
         start = time.perf_counter()
         keys, values, key_pos = self._gather_device(new_keys, new_values, new_pos, selected)
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
         out_d, lse_d = dense_attention(query, keys, values, visible, scale)
-        self.times.device_attn_s += time.perf_counter() - start
+        self.counters.device_attn_s += time.perf_counter() - start
 
-        # Host part: needed complete pages that are not resident (all of them are older than every query).
-        start = time.perf_counter()
-        host_table, host_pages, host_counts = self._host_plan(selected)
-        observe = min(q_len, OBSERVATION_WINDOW)
         page_lse = None
         if host_counts.any():
-            q_host = query.to(self.host_pool.device)
-            ps = self.layout.page_size
-            last = torch.full((bsz,), ps, dtype=torch.long)
-            if observe == q_len:
-                page_lse = torch.full((bsz, query.shape[1], q_len, host_table.shape[1]), float("-inf"))
-            out_h, lse_h = paged_attention(
-                q_host, self.host_pool.keys, self.host_pool.values, host_table, host_counts, last, scale,
-                kernel=self.cpu_kernel, page_lse_out=page_lse, validate=False,
-            )
-            if page_lse is None:
-                page_lse = torch.full((bsz, query.shape[1], observe, host_table.shape[1]), float("-inf"))
-                paged_attention(
-                    q_host[:, :, -observe:], self.host_pool.keys, self.host_pool.values, host_table, host_counts,
-                    last, scale, kernel=self.cpu_kernel, page_lse_out=page_lse, validate=False,
-                )
-            out_h, lse_h = out_h.to(query.device), lse_h.to(query.device)
+            if future is not None:
+                host = future.result()
+            if host.error is not None:
+                self.counters.failed_kernels += 1
+                _log_once("kernel", f"the {self.cpu_kernel} host attention kernel failed", host.error)
+                host = self._host_part(query, host_table, host_counts, scale, observe, kernel="torch")
+                if host.error is not None:
+                    raise host.error
+            self.counters.host_attn_s += host.seconds
+            out_h, lse_h = host.out.to(query.device), host.lse.to(query.device)
             out, lse = merge_partials(out_d, lse_d, out_h, lse_h)
+            page_lse = host.page_lse
         else:
             out, lse = out_d, lse_d
-        self.times.host_attn_s += time.perf_counter() - start
-
-        # Padding rows see no key: zeros (their lse is already -inf, so the merge gave zeros too).
+        if decode:
+            self._count_coverage(lse_d, lse, new_pos >= 0)
+        # Padding rows see no key: zeros (their lse is -inf in both parts, so the merge gave zeros too).
         out = out.masked_fill((new_pos < 0)[:, None, :, None], 0.0)
         self._observe(query[:, :, -observe:], keys, key_pos, visible[:, -observe:], lse[:, :, -observe:],
                       scale, page_lse, host_pages)
         self._commit(new_keys, new_values, new_valid)
         return out
 
-    def _select_sparse(self, query: torch.Tensor) -> list[set[int]]:
-        """Per sequence, the non-required complete pages to attend: the top pages by upper bound."""
-        ps = self.layout.page_size
-        selected = []
+    def _count_needed(self, needed: list[set[int]]) -> None:
         for b in range(self.batch_size):
-            n = self.num_complete(b)
-            required = self.required_pages(b)
-            fixed_tokens = len(required) * ps + self.length[b] % ps
-            k = max(0, (self.rules.token_budget - fixed_tokens) // ps)
-            candidates = [p for p in range(n) if p not in required]
-            if k >= len(candidates):
-                selected.append(set(candidates))
-                continue
-            if k == 0:
-                selected.append(set())
-                continue
-            idx = torch.tensor(candidates, dtype=torch.long, device=self.key_min.device)
-            bounds = page_upper_bounds(query[b : b + 1], self.key_min[b : b + 1, idx], self.key_max[b : b + 1, idx])[0]
-            top = torch.topk(bounds, k).indices.tolist()
-            selected.append({candidates[i] for i in top})
-        return selected
+            on_device = needed[b] & (set(self.resident_pages(b)) | set(self.inflight[b]))
+            self.counters.needed_pages += len(needed[b])
+            self.counters.needed_on_device += len(on_device)
+            self.counters.prefetch_hit_pages += len(self.issued[b] & needed[b])
+            self.issued[b].clear()
+            if self.rules.sparse and self.rules.skip_misses:
+                self.counters.skipped_pages += len(needed[b]) - len(on_device)
+
+    def _count_coverage(self, lse_d: torch.Tensor, lse: torch.Tensor, real_rows: torch.Tensor) -> None:
+        share = torch.exp(lse_d - lse).nan_to_num(0.0)  # [B, H, Q]
+        rows = real_rows[:, None, :].expand_as(share).to(share.device)
+        self.counters.mass_device += float(share[rows].sum())
+        self.counters.mass_rows += int(rows.sum())
+
+    def _host_part(self, query, table, counts, scale, observe, kernel=None) -> _HostResult:
+        """Attend the host pages; also per-page lse for the observed rows. Never raises: errors are returned."""
+        result = _HostResult()
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():  # per thread; this may run on the host worker
+                self._host_kernels(result, query, table, counts, scale, observe, kernel)
+        except Exception as exc:  # reported to the caller, which falls back
+            result.error = exc
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _host_kernels(self, result: _HostResult, query, table, counts, scale, observe, kernel) -> None:
+        """out/lse over the host pages for every row; per-page lse for the last `observe` rows."""
+        kernel = kernel or self.cpu_kernel
+        q_host = query.to(self.host_pool.device)
+        bsz, num_heads, q_len, _ = q_host.shape
+        last = torch.full((bsz,), self.layout.page_size, dtype=torch.long)
+        pools = (self.host_pool.keys, self.host_pool.values)
+        page_lse = torch.full((bsz, num_heads, observe, table.shape[1]), float("-inf"))
+        if observe == q_len:
+            result.out, result.lse = paged_attention(
+                q_host, *pools, table, counts, last, scale, kernel=kernel, page_lse_out=page_lse, validate=False,
+                threads=self.cpu_threads)
+        else:
+            result.out, result.lse = paged_attention(
+                q_host, *pools, table, counts, last, scale, kernel=kernel, validate=False, threads=self.cpu_threads)
+            paged_attention(q_host[:, :, -observe:], *pools, table, counts, last, scale, kernel=kernel,
+                            page_lse_out=page_lse, validate=False, threads=self.cpu_threads)
+        result.page_lse = page_lse
 
     def _gather_device(self, new_keys, new_values, new_pos, selected):
         """Contiguous device-part K/V: [B, H_kv, T_dev, D] each, and key positions [B, T_dev] (-1 = no key)."""
@@ -207,10 +354,7 @@ class LayerStore:
                 required = self.required_pages(b)
                 pages = [p for p in pages if p in required or p in selected[b]]
             per_seq.append(pages)
-        num = max((len(p) for p in per_seq), default=0)
-        page_idx = torch.full((self.batch_size, num), -1, dtype=torch.long)
-        for b, pages in enumerate(per_seq):
-            page_idx[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+        page_idx = self._pad(per_seq)
         slot_idx = torch.where(page_idx >= 0, self.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
         offsets = torch.arange(ps)
         page_pos = torch.where(page_idx[:, :, None] >= 0, page_idx[:, :, None] * ps + offsets, -1).reshape(self.batch_size, -1)
@@ -225,6 +369,14 @@ class LayerStore:
         key_pos = torch.cat([page_pos, tail_pos, new_pos], dim=1).to(device)
         return keys.transpose(1, 2), values.transpose(1, 2), key_pos
 
+    def _pad(self, per_seq: list[list[int]]) -> torch.Tensor:
+        """[B, max_n] page numbers, -1 padded."""
+        num = max((len(p) for p in per_seq), default=0)
+        table = torch.full((self.batch_size, num), -1, dtype=torch.long)
+        for b, pages in enumerate(per_seq):
+            table[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+        return table
+
     def _host_plan(self, selected):
         """Page table of the host part: [B, max_n] host ids, logical pages [B, max_n], counts [B]."""
         per_seq = []
@@ -232,13 +384,13 @@ class LayerStore:
             n = self.num_complete(b)
             pages = (self.slots[b, :n] < 0).nonzero().flatten().tolist()
             if selected is not None:
-                required = self.required_pages(b)
-                pages = [p for p in pages if p in required or p in selected[b]]
+                if self.rules.skip_misses:
+                    pages = []
+                else:
+                    required = self.required_pages(b)
+                    pages = [p for p in pages if p in required or p in selected[b]]
             per_seq.append(pages)
-        num = max((len(p) for p in per_seq), default=0)
-        logical = torch.full((self.batch_size, num), -1, dtype=torch.long)
-        for b, pages in enumerate(per_seq):
-            logical[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+        logical = self._pad(per_seq)
         table = torch.where(logical >= 0, self.host_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
         counts = torch.tensor([len(p) for p in per_seq], dtype=torch.long)
         return table, logical, counts
@@ -252,7 +404,7 @@ class LayerStore:
         safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
         if keys.shape[2] > 0:
             num_kv_heads = keys.shape[1]
-            bsz_, num_heads, q_len, head_dim = query.shape
+            _, num_heads, q_len, head_dim = query.shape
             q = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
             scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale
             scores = scores.view(bsz, num_heads, q_len, -1).masked_fill(~visible[:, None], float("-inf"))
@@ -296,7 +448,7 @@ class LayerStore:
             self.length[b] += take
             if offset + take == ps:
                 page = self.length[b] // ps - 1
-                self._complete_page(b, page, pool.keys[tail], pool.values[tail])
+                self._complete_pages(b, page, pool.keys[tail][None], pool.values[tail][None])
                 self.slots[b, page] = tail
                 self.tail_slot[b] = -1
             # 2. Whole pages of new tokens: home copy on the host, kept on the device if chosen below.
@@ -321,9 +473,6 @@ class LayerStore:
                 pool.values[tail, :leftover] = rest_v[num_full * ps :]
                 self.length[b] += leftover
 
-    def _complete_page(self, b: int, page: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self._complete_pages(b, page, keys[None], values[None])
-
     def _complete_pages(self, b: int, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Home copies and summaries of pages first.. (keys/values: [n, page_size, H_kv, D], on the device)."""
         n = keys.shape[0]
@@ -337,13 +486,14 @@ class LayerStore:
         """Make sequence b's resident set the sinks, the recent window and its best-scoring pages.
 
         Pages whose data is at hand on the device (`fresh`) are kept without a copy; other
-        wanted pages are promoted from the host, at most `promote_pages` per step.
+        wanted pages are promoted from the host (asynchronously), at most `promote_pages` per step.
         """
         n = self.num_complete(b)
         required = self.required_pages(b)
-        room = self.rules.slots_per_seq - 1 - len(required)  # one slot stays for the tail
-        assert room >= 0, "reserve() guarantees sinks + recent window + tail fit the quota"
-        others = [p for p in range(n) if p not in required]
+        # One slot stays for the tail; pages in flight keep theirs.
+        assert self.rules.slots_per_seq - 1 >= len(required), "reserve() guarantees sinks + recent window + tail fit"
+        room = self.rules.slots_per_seq - 1 - len(required) - len(self.inflight[b])
+        others = [p for p in range(n) if p not in required and p not in self.inflight[b]]
         wanted = set(required)
         if others and room > 0:
             if room >= len(others):
@@ -353,14 +503,15 @@ class LayerStore:
                 score = self.scores[b, torch.tensor(others, dtype=torch.long)].tolist()
                 order = sorted(range(len(others)), key=lambda i: (-score[i], -others[i]))
                 wanted.update(others[i] for i in order[:room])
-        resident = self.resident_pages(b)
-        for p in resident:
+        for p in self.resident_pages(b):
             if p not in wanted:
                 self.device_pool.decref(int(self.slots[b, p]))
                 self.slots[b, p] = -1
-        missing = [p for p in wanted if self.slots[b, p] < 0]
         promote: list[int] = []
-        for p in missing:
+        resident = set(self.resident_pages(b))
+        for p in sorted(wanted):
+            if p in resident:
+                continue
             if p in fresh:
                 slot = self.device_pool.allocate()
                 self.device_pool.keys[slot] = fresh[p][0]
@@ -368,15 +519,10 @@ class LayerStore:
                 self.slots[b, p] = slot
             else:
                 promote.append(p)
-        promote.sort(key=lambda p: (p not in required, -float(self.scores[b, p]), -p))
-        budget = self.rules.promote_pages
-        chosen = [p for p in promote if p in required] + [p for p in promote if p not in required][:budget]
-        if chosen:
-            slots = [self.device_pool.allocate() for _ in chosen]
-            host = [int(self.host_ids[b, p]) for p in chosen]
-            self.transfer.host_to_device(self.host_pool, host, self.device_pool, slots)
-            for p, slot in zip(chosen, slots):
-                self.slots[b, p] = slot
+        score = self.scores[b].tolist()
+        promote.sort(key=lambda p: (p not in required, -score[p], -p))
+        chosen = [p for p in promote if p in required] + [p for p in promote if p not in required][: self.rules.promote_pages]
+        self._issue(b, chosen)
 
     # ------------------------------------------------------------------ batch reordering
     def select(self, indices: torch.Tensor) -> None:
@@ -387,6 +533,7 @@ class LayerStore:
             raise NotImplementedError(
                 f"OffloadCache cannot change the batch size from {self.batch_size} to {idx.numel()}"
             )
+        self.finish_inflight()
         old_host, old_slots = self.host_ids, self.slots
         new_host, new_slots = old_host[idx], old_slots[idx]
         for ref in new_host[new_host >= 0].tolist():
@@ -397,7 +544,8 @@ class LayerStore:
             self.host_pool.decref(ref)
         for ref in old_slots[old_slots >= 0].tolist():
             self.device_pool.decref(ref)
-        tails = torch.tensor(self.tail_slot, dtype=torch.long, device=self.device_pool.device)[idx.to(self.device_pool.device)]
+        dev_idx = idx.to(self.device_pool.device)
+        tails = torch.tensor(self.tail_slot, dtype=torch.long, device=self.device_pool.device)[dev_idx]
         tail_k, tail_v = self.device_pool.keys[tails].clone(), self.device_pool.values[tails].clone()
         for slot in self.tail_slot:
             self.device_pool.decref(slot)
@@ -407,12 +555,14 @@ class LayerStore:
         self.device_pool.values[new_tails] = tail_v
         self.host_ids, self.slots = new_host, new_slots
         self.length = [self.length[i] for i in idx.tolist()]
+        self.issued = [set(self.issued[i]) for i in idx.tolist()]
         self.scores = self.scores[idx]
         dev_idx = idx.to(self.key_min.device)
         self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
 
     def release(self) -> None:
         """Drop every reference this layer holds (the cache is done)."""
+        self.finish_inflight()
         for ref in self.host_ids[self.host_ids >= 0].tolist():
             self.host_pool.decref(ref)
         for ref in self.slots[self.slots >= 0].tolist():

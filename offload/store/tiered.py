@@ -7,6 +7,9 @@ sequence (plus page summaries), and that the host budget holds every page.
 
 from __future__ import annotations
 
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from offload.config import OffloadConfig
@@ -18,6 +21,13 @@ from offload.store.layer_store import LayerStore, ResidencyRules
 from offload.store.layout import KVLayout
 from offload.store.pools import PagePool
 from offload.store.transfer import TransferEngine
+
+
+# LayerCounters fields summed into OffloadStats.
+LAYER_SUMS = (
+    "device_attn_s", "host_attn_s", "stall_s", "needed_pages", "needed_on_device", "prefetch_issued_pages",
+    "prefetch_hit_pages", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
+)
 
 
 def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
@@ -41,6 +51,8 @@ class TieredStore:
         self.layout = layout
         self.cpu_kernel = resolve_kernel(config.cpu_kernel)
         self.transfer = TransferEngine(config.emulate_link_gbps)
+        # One worker runs host-part kernels while the main thread computes the device part.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-host")
         self.layers: list[LayerStore] = []
         self.batch_size = 0
         self.max_tokens = 0
@@ -93,6 +105,7 @@ class TieredStore:
             promote_pages=cfg.promote_pages,
             sparse=cfg.mode == "sparse",
             token_budget=cfg.token_budget,
+            skip_misses=cfg.sparse_misses == "skip",
         )
         for layer_idx in range(lay.num_layers):
             device_pool = PagePool(lay, batch_size * slots_per_seq, device, name=f"device pool (layer {layer_idx})")
@@ -101,7 +114,7 @@ class TieredStore:
             self.layers.append(
                 LayerStore(lay, batch_size, max_pages, device_pool, host_pool, self.transfer, rules,
                            AttentionMassScorer(cfg.score_decay), cpu_kernel=self.cpu_kernel,
-                           cpu_threads=cfg.cpu_threads)
+                           cpu_threads=cfg.cpu_threads, executor=self.executor)
             )
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.device_reserved_bytes = lay.num_layers * (summary_bytes + batch_size * slots_per_seq * lay.page_bytes)
@@ -131,14 +144,14 @@ class TieredStore:
             stats.pages_resident += resident
             stats.pages_total += total
             stats.host_bytes += layer.host_pool.used_bytes
-            stats.host_attn_s += layer.times.host_attn_s
-            stats.device_attn_s += layer.times.device_attn_s
-            stats.per_layer.append(
-                {"layer": idx, "pages_resident": resident, "pages_total": total,
-                 "host_attn_s": layer.times.host_attn_s, "device_attn_s": layer.times.device_attn_s}
-            )
+            counters = dataclasses.asdict(layer.counters)
+            for name in LAYER_SUMS:
+                setattr(stats, name, getattr(stats, name) + counters[name])
+            stats.per_layer.append({"layer": idx, "pages_resident": resident, "pages_total": total, **counters})
         return stats
 
     def release(self) -> None:
         for layer in self.layers:
             layer.release()
+        self.transfer.close()
+        self.executor.shutdown(wait=True)

@@ -104,8 +104,12 @@ def test_eviction_keeps_required_and_highest_scores_exactly():
     layer.scores.zero_()
     layer.scores[0, 3], layer.scores[0, 6], layer.scores[0, 5] = 5.0, 4.0, 4.0
     layer._rebalance(0, {})
-    # 2 slack slots: the top scores 3, then 6 (ties go to the newer page), promoted from the host.
-    assert layer.resident_pages(0) == [0, 3, 6, 9]
+    # 2 slack slots: the top scores 3, then 6 (ties go to the newer page), promoted from the host,
+    # asynchronously: in flight (slots held) until completed.
+    assert sorted(layer.inflight[0]) == [3, 6] and layer.resident_pages(0) == [0, 9]
+    assert layer.slots_in_use(0) == 5
+    layer.finish_inflight()
+    assert layer.resident_pages(0) == [0, 3, 6, 9] and layer.inflight[0] == {}
     assert store.transfer.counters.h2d_pages == 2
 
 

@@ -1,0 +1,138 @@
+"""Two-phase copies: nothing is read before it arrives, nothing in flight is evicted, budgets
+hold under random interleavings, failures fall back to exact results."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload.store.transfer import TransferEngine
+from tests.store.test_layer_store import HKV, D, H, Reference, _step, _store
+
+
+def _prefill(store, ref, batch=1, tokens=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    _step(store, ref, gen, batch, tokens)
+    return gen
+
+
+def _far_pages(layer, b=0, room=2):
+    """Complete pages that are neither required nor resident, after making `room` free slots."""
+    assert layer._make_room(b, keep=set(), num=room) >= room
+    required = layer.required_pages(b)
+    return [p for p in range(layer.num_complete(b)) if p not in required and layer.slots[b, p] < 0]
+
+
+def test_prefetched_page_is_not_read_before_its_copy_completes():
+    store = _store(1, 80, page_size=4, slack_slots=3, sink_tokens=4, recent_tokens=4)
+    layer, ref = store.layers[0], Reference(1)
+    gen = _prefill(store, ref)
+    release = threading.Event()
+    store.transfer.fault_hook = lambda batch: release.wait(5)  # the link delivers only when released
+    pages = _far_pages(layer)[:2]
+    layer._issue(0, pages)
+    slots = [layer.inflight[0][p] for p in pages]
+    layer.device_pool.keys[slots] = -7.0  # sentinel: the blocked copy has not written yet
+    time.sleep(0.05)
+    # Still in flight: not resident, destination untouched, slots held.
+    assert set(layer.resident_pages(0)).isdisjoint(pages)
+    assert bool((layer.device_pool.keys[slots] == -7.0).all())
+    assert all(layer.device_pool.refcount[s] == 1 for s in slots)
+    threading.Timer(0.2, release.set).start()
+    start = time.perf_counter()
+    layer.finish_inflight()  # completing waits for the link
+    assert time.perf_counter() - start >= 0.15
+    assert layer.counters.stall_s >= 0.15
+    assert set(pages) <= set(layer.resident_pages(0))
+    assert torch.equal(layer.device_pool.keys[slots], layer.host_pool.keys[layer.host_ids[0, pages]])
+    _step(store, ref, gen, 1, 1)  # and attention over them is exact
+
+
+def test_pages_in_flight_are_never_evicted():
+    store = _store(1, 80, page_size=4, slack_slots=3, sink_tokens=4, recent_tokens=4)
+    layer, ref = store.layers[0], Reference(1)
+    _prefill(store, ref)
+    release = threading.Event()
+    store.transfer.fault_hook = lambda batch: release.wait(5)
+    far = _far_pages(layer)
+    layer._issue(0, far[:2])
+    held = dict(layer.inflight[0])
+    # Ask for far more room than there is: only resident, non-required pages may go.
+    layer._make_room(0, keep=set(), num=100)
+    layer._rebalance(0, {})  # may promote more pages, but never touches those in flight
+    assert held.items() <= layer.inflight[0].items()
+    assert all(layer.device_pool.refcount[s] == 1 for s in held.values())
+    assert layer.slots_in_use(0) <= layer.rules.slots_per_seq
+    release.set()
+    layer.finish_inflight()
+    assert set(held) <= set(layer.resident_pages(0))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    page_size=st.sampled_from([1, 4, 8]),
+    slack=st.integers(0, 5),
+    ops=st.lists(st.sampled_from(["step", "decode", "speculate", "finish"]), min_size=3, max_size=14),
+    fail_rate=st.sampled_from([0.0, 0.3]),
+)
+def test_budget_and_exactness_hold_under_random_interleavings(seed, page_size, slack, ops, fail_rate):
+    batch = 2
+    store = _store(batch, 200, page_size, slack, sink_tokens=page_size, recent_tokens=2 * page_size,
+                   token_budget=4 * page_size)
+    layer, ref = store.layers[0], Reference(batch)
+    rng = random.Random(seed)
+
+    def flaky_link(_batch):
+        time.sleep(rng.random() * 0.002)
+        if rng.random() < fail_rate:
+            raise OSError("injected copy failure")
+
+    store.transfer.fault_hook = flaky_link
+    gen = _prefill(store, ref, batch, tokens=3 * page_size + 1, seed=seed)
+    for op in ops:
+        if op == "step":
+            _step(store, ref, gen, batch, rng.randint(2, 3 * page_size))
+        elif op == "decode":
+            _step(store, ref, gen, batch, 1)
+        elif op == "speculate":
+            layer.speculate(torch.randn(batch, H, 1, D, generator=gen))
+        else:
+            layer.finish_inflight()
+        for b in range(batch):
+            assert layer.slots_in_use(b) <= layer.rules.slots_per_seq
+        assert layer.device_pool.num_used <= layer.device_pool.capacity
+        assert store.device_used_bytes() <= store.config.device_budget
+    layer.finish_inflight()
+    if fail_rate == 0.0:
+        assert layer.counters.failed_copies == 0
+
+
+def test_transfer_engine_counts_and_surfaces_errors():
+    store = _store(1, 40, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4)
+    layer, ref = store.layers[0], Reference(1)
+    _prefill(store, ref, tokens=32)
+
+    def broken(_batch):
+        raise OSError("link down")
+
+    store.transfer.fault_hook = broken
+    page = _far_pages(layer, room=1)[0]
+    with pytest.raises(RuntimeError, match="copy failed"):
+        store.transfer.host_to_device(layer.host_pool, [int(layer.host_ids[0, page])], layer.device_pool,
+                                      [layer.device_pool.allocate()])
+    assert store.transfer.counters.failed_batches == 1
+
+
+def test_emulated_link_takes_bytes_over_bandwidth():
+    engine = TransferEngine(emulate_link_gbps=1.0)
+    start = time.perf_counter()
+    engine._link_wait(5_000_000)  # 5 MB at 1 GB/s
+    assert time.perf_counter() - start >= 0.005
+    assert engine.counters.link_s >= 0.005
