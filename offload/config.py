@@ -124,3 +124,16 @@ class OffloadConfig:
 
     def replace(self, **changes: Any) -> "OffloadConfig":
         return dataclasses.replace(self, **changes)
+
+
+def env_table_markdown() -> str:
+    """The README's table of `OFFLOAD_*` variables (a test keeps the README equal to this)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(OffloadConfig)}
+    defaults["host_budget"] = "available memory (psutil)"
+    defaults["cpu_threads"] = "cores this process may use"
+    rows = ["| variable | field | default | example | meaning |", "|---|---|---|---|---|"]
+    for var in envs.ENV_VARS.values():
+        default = defaults[var.field]
+        shown = default if isinstance(default, str) and " " in default else f"`{default}`"
+        rows.append(f"| `{var.name}` | `{var.field}` | {shown} | `{var.example}` | {var.doc} |")
+    return "\n".join(rows) + "\n"

@@ -94,6 +94,9 @@ def test_host_budget_defaults_to_available_memory():
 def test_readme_documents_every_variable():
     from pathlib import Path
 
+    from offload.config import env_table_markdown
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for var in ENV_VARS:
         assert f"`{var}`" in readme, f"{var} is missing from the README's table"
+    assert env_table_markdown() in readme, "README's OFFLOAD_* table is stale: paste offload.config.env_table_markdown()"
