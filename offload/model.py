@@ -24,7 +24,7 @@ from offload.hf import attention as hf_attention
 from offload.hf.cache import OffloadCache, layout_from_model_config
 from offload.hf.speculation import QueryPredictor, decoder_layers
 from offload.stats import OffloadStats
-from offload.store.tiered import minimum_device_budget
+from offload.store.tiered import device_slots_per_seq, minimum_device_budget
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(OffloadConfig)}
 
@@ -109,6 +109,13 @@ class OffloadedModel:
         summaries of every layer for this batch (what `generate` checks before it starts)."""
         layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
         return minimum_device_budget(self.config, layout, batch_size, max_tokens)
+
+    def device_token_capacity(self, batch_size: int, max_tokens: int) -> int:
+        """Tokens of complete pages the device budget holds per layer and sequence (beside the
+        tail page): the largest `token_budget` whose pages can all be resident at once."""
+        layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
+        slots = min(device_slots_per_seq(self.config, layout, batch_size, max_tokens), max_tokens // layout.page_size + 1)
+        return max(0, slots - 1) * layout.page_size
 
     def _kv_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

@@ -38,6 +38,13 @@ def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
     return min(sink_pages + recent_pages, max_tokens // ps) + 1
 
 
+def device_slots_per_seq(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> int:
+    """Device page slots one sequence gets in each layer under `config.device_budget`."""
+    summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
+    per_layer = config.device_budget // layout.num_layers
+    return max(0, per_layer - summary_bytes) // layout.page_bytes // batch_size
+
+
 def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> int:
     """Smallest device budget (bytes) that `TieredStore.reserve` accepts for this batch."""
     summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
@@ -73,9 +80,8 @@ class TieredStore:
         device = torch.device(device)
         max_pages = lay.num_pages(max_tokens)
         summary_bytes = batch_size * max_pages * lay.summary_bytes  # per layer
-        per_layer = cfg.device_budget // lay.num_layers
         need = min_slots_per_seq(cfg, max_tokens)
-        slots_per_seq = max(0, per_layer - summary_bytes) // lay.page_bytes // batch_size
+        slots_per_seq = device_slots_per_seq(cfg, lay, batch_size, max_tokens)
         if slots_per_seq < need:
             minimum = minimum_device_budget(cfg, lay, batch_size, max_tokens)
             raise ValueError(

@@ -1,0 +1,104 @@
+"""`offload bench` / `python -m offload.bench`: the quality sweep and the speed benchmarks.
+
+    offload bench quality [--model embedded|PATH] [--text FILE] [--context 2048] ...
+    offload bench decode  [ARGS...]   # runs bench/bench_decode.py from the source tree
+    offload bench kernels [ARGS...]   # runs bench/bench_cpu_attention.py from the source tree
+
+Results go to bench/results/ (JSON, Markdown and, for the sweep, a PNG plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+SOURCE_BENCH = Path(__file__).resolve().parents[1] / "bench"
+SPEED_SCRIPTS = {"decode": "bench_decode.py", "kernels": "bench_cpu_attention.py"}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def quality(argv: list[str]) -> None:
+    from offload.quality import DEFAULT_BUDGETS, load_model, sweep, write_results
+
+    parser = argparse.ArgumentParser(prog="offload bench quality", description="Quality vs device budget sweep.")
+    parser.add_argument("--model", default="embedded", help="'embedded', a llama2.c checkpoint (folder or .bin) or a transformers directory")
+    parser.add_argument("--text", help="text file for perplexity and greedy agreement (e.g. ../shared/data/grimms.txt)")
+    parser.add_argument("--context", type=int, default=2048, help="tokens of text per perplexity/agreement run")
+    parser.add_argument("--eval-tokens", type=int, default=256, help="tokens scored one decode step at a time")
+    parser.add_argument("--gen-tokens", type=int, default=64, help="greedy tokens compared with the full cache")
+    parser.add_argument("--budgets", type=_floats, default=list(DEFAULT_BUDGETS), help="device budgets in %% of the KV cache")
+    parser.add_argument("--modes", type=_words, default=["exact", "sparse"])
+    parser.add_argument("--prefetch", type=_words, default=["on", "off"])
+    parser.add_argument("--task-contexts", type=lambda t: [int(x) for x in _words(t)], default=[1024, 2048, 4096])
+    parser.add_argument("--task-samples", type=int, default=20)
+    parser.add_argument("--page-size", type=int, default=None)
+    parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--out", default="bench/results/quality")
+    args = parser.parse_args(argv)
+    for value in args.prefetch:
+        if value not in ("on", "off"):
+            parser.error(f"--prefetch takes on and/or off, got {value!r}")
+    for mode in args.modes:
+        if mode not in ("exact", "sparse"):
+            parser.error(f"--modes takes exact and/or sparse, got {mode!r}")
+    loaded = load_model(args.model)
+    text_ids = None
+    if args.text:
+        if loaded.tokenizer is None:
+            parser.error(f"--text needs a tokenizer, and none was found for {args.model!r}")
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        import torch
+
+        ids = loaded.tokenizer.encode(text)
+        if len(ids) < args.context:
+            parser.error(f"{args.text} has {len(ids)} tokens, fewer than --context {args.context}")
+        text_ids = torch.tensor([ids[: args.context]])
+    overrides = {k: v for k, v in (("page_size", args.page_size), ("token_budget", args.token_budget)) if v is not None}
+    points = sweep(
+        loaded, text_ids, context=args.context, eval_tokens=args.eval_tokens, gen_tokens=args.gen_tokens,
+        budgets=args.budgets, modes=args.modes, prefetch=[v == "on" for v in args.prefetch],
+        task_contexts=args.task_contexts, task_samples=args.task_samples, overrides=overrides,
+    )
+    meta = {"model": loaded.name, "command": "offload bench quality " + " ".join(argv), "text": args.text,
+            "context": args.context, "overrides": overrides}
+    out = Path(args.out)
+    write_results(points, out, meta)
+    print(out.with_suffix(".md").read_text())
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # `offload bench ...` through the console script
+        argv = argv[1:]
+    commands = ["quality", *SPEED_SCRIPTS]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "quality":
+        quality(rest)
+    elif command in SPEED_SCRIPTS:
+        script = SOURCE_BENCH / SPEED_SCRIPTS[command]
+        if not script.exists():
+            raise SystemExit(f"offload bench {command} runs {script}, which is part of the source tree, not the package")
+        sys.argv = [str(script), *rest]
+        runpy.run_path(str(script), run_name="__main__")
+    else:
+        raise SystemExit(f"unknown command {command!r}; expected one of {', '.join(commands)}")
+
+
+if __name__ == "__main__":
+    main()

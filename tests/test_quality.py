@@ -1,0 +1,44 @@
+"""The quality sweep on a tiny model: exact points match the full cache; results are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offload.bench import main as bench_main
+from offload.quality import LoadedModel, sweep, write_results
+from tests.conftest import tiny_model
+
+
+def test_sweep_exact_matches_full_cache_and_writes_results(tmp_path):
+    model = tiny_model("llama-gqa")
+    text = torch.randint(3, 128, (1, 256), generator=torch.Generator().manual_seed(0))
+    points = sweep(
+        LoadedModel(model, None, "tiny"), text, context=256, eval_tokens=32, gen_tokens=8,
+        budgets=[0.5, 30, 100], modes=["exact", "sparse"], prefetch=[True], progress=False,
+        overrides={"page_size": 8, "sink_tokens": 8, "recent_tokens": 16, "token_budget": 64},
+    )
+    assert len(points) == 6
+    too_small = [p for p in points if p.budget_pct == 0.5]
+    assert all(p.skipped and "below" in p.skipped for p in too_small)
+    for p in points:
+        if p.mode == "exact" and not p.skipped:
+            assert p.perplexity_ratio == pytest.approx(1.0, abs=1e-4)
+            assert p.greedy_agreement == 1.0
+            assert 0.0 <= p.prefetch_recall <= 1.0 and 0.0 < p.mass_coverage <= 1.0 + 1e-6
+    write_results(points, tmp_path / "quality", {"model": "tiny", "command": "test"})
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert len(data["points"]) == 6
+    assert "| budget % of KV |" in (tmp_path / "quality.md").read_text()
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["quality", "--modes", "fast"])
+    with pytest.raises(SystemExit, match="unknown command"):
+        bench_main(["speedy"])
+    bench_main(["--help"])
+    assert "offload bench quality" in capsys.readouterr().out
