@@ -19,6 +19,12 @@
 #ifndef OFFLOAD_PREFETCH
 #define OFFLOAD_PREFETCH 1  // software-prefetch the next page (builds without it exist to compare)
 #endif
+#ifndef OFFLOAD_PF_DIST
+#define OFFLOAD_PF_DIST 2  // pages ahead: one page is not enough to cover DRAM latency
+#endif
+#ifndef OFFLOAD_PF_HINT
+#define OFFLOAD_PF_HINT 2  // prefetcht1, into L2: T0 (into L1) measured no better than no prefetch
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -45,7 +51,8 @@ struct ItemArgs {
   volatile int* error;
 };
 
-typedef void (*ItemFn)(const ItemArgs&, int64_t, float*, float*, float*);
+typedef void (*ItemFn)(const ItemArgs&, int64_t, float*);
+typedef int64_t (*IndexFn)(int64_t, int64_t, int);
 
 namespace isa_scalar {
 #define OFFLOAD_ISA 0
@@ -92,6 +99,15 @@ ItemFn item_fn(int isa) {
   return isa_scalar::run_item;
 }
 
+// Element e of a row -> its position in that variant's storage order (see paged_attention_impl.h).
+IndexFn index_fn(int isa) {
+#ifdef OFFLOAD_X86
+  if (isa == 2) return isa_avx512::storage_index_of;
+  if (isa == 1) return isa_avx2::storage_index_of;
+#endif
+  return isa_scalar::storage_index_of;
+}
+
 }  // namespace
 
 #define OFFLOAD_EXPORT __attribute__((visibility("default")))
@@ -113,16 +129,22 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
   if (isa < 0) isa = best;
   if (isa > best) return 3;
   const int64_t rows = bsz * num_heads * num_splits * q_len;
-  std::vector<float> part_acc, part_m, part_l;
+  const IndexFn index = index_fn(isa);
+  std::vector<float> part_acc, part_m, part_l, q_stored;
+  std::vector<int64_t> order((size_t)head_dim);  // element d sits at order[d] in q and part_acc
+  for (int64_t d = 0; d < head_dim; ++d) order[(size_t)d] = index(d, head_dim, kind);
   try {
+    q_stored.resize((size_t)(bsz * num_heads * q_len * head_dim));
     part_acc.resize((size_t)(rows * head_dim));
     part_m.resize((size_t)rows);
     part_l.resize((size_t)rows);
   } catch (const std::bad_alloc&) {
     return 2;
   }
+  for (int64_t r = 0; r < bsz * num_heads * q_len; ++r)
+    for (int64_t d = 0; d < head_dim; ++d) q_stored[(size_t)(r * head_dim + order[(size_t)d])] = q[r * head_dim + d];
   volatile int error = 0;
-  ItemArgs args{q, key_pages, value_pages, kind, page_table, num_pages, last_page_len, num_heads, q_len,
+  ItemArgs args{q_stored.data(), key_pages, value_pages, kind, page_table, num_pages, last_page_len, num_heads, q_len,
                 head_dim, num_kv_heads, page_size, max_pages, num_pages_total, causal, page_lse,
                 part_acc.data(), part_m.data(), part_l.data(), heads_per_item, num_groups, num_splits, &error};
   const ItemFn fn = item_fn(isa);
@@ -132,11 +154,9 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
 
 #pragma omp parallel num_threads(threads)
   {
-    // Per-thread page buffers: one KV head of one page, widened to float32 (stays in L1/L2).
-    std::vector<float> kbuf((size_t)(page_size * head_dim)), vbuf((size_t)(page_size * head_dim));
-    std::vector<float> sbuf((size_t)(4 * page_size + head_dim));
+    std::vector<float> sbuf((size_t)(4 * page_size));  // scores / weights of 4 query rows
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) fn(args, item, kbuf.data(), vbuf.data(), sbuf.data());
+    for (int64_t item = 0; item < items; ++item) fn(args, item, sbuf.data());
 
     // Merge the splits by log-sum-exp (exact); rows that saw no key give 0 and -inf.
 #pragma omp for schedule(static)
@@ -158,7 +178,7 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
           const float w = std::exp(part_m[base + s * q_len] - m) / total;
           if (w == 0.f) continue;
           const float* acc = part_acc.data() + (base + s * q_len) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) o[d] += w * acc[d];
+          for (int64_t d = 0; d < head_dim; ++d) o[d] += w * acc[order[(size_t)d]];
         }
         lse[bh * q_len + qi] = m + std::log(total);
       }

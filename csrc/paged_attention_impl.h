@@ -19,6 +19,11 @@ static inline vec vload_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
 }
 static inline vec vload_fp16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void vpair_bf16(const uint16_t* p, vec& even, vec& odd) {  // 2W bf16 -> evens, odds
+  const __m512i x = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
+}
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
@@ -26,6 +31,20 @@ static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vec vfnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline vec vpow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  // p * 2**n
+// r[u] = sum of the lanes of a[u], u < 16: a transpose tree (unpack, unpack, 2 x shuffle) with
+// 15 adds in all instead of 16 horizontal sums.
+static inline vec vsum_lanes(const vec* a) {
+  vec b[8], c[4];
+  for (int k = 0; k < 8; ++k)
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {
+    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const vec d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+  const vec d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xdd));
+}
 #elif OFFLOAD_ISA == 1
 typedef __m256 vec;
 static const int W = 8;
@@ -46,6 +65,11 @@ static inline vec vload_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
 }
 static inline vec vload_fp16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline void vpair_bf16(const uint16_t* p, vec& even, vec& odd) {  // 2W bf16 -> evens, odds
+  const __m256i x = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+}
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
@@ -55,6 +79,17 @@ static inline vec vfnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c);
 static inline vec vpow2(vec p, vec n) {  // p * 2**n, n in [-126, 127]
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+// r[u] = sum of the lanes of a[u], u < 8 (see the AVX-512 version).
+static inline vec vsum_lanes(const vec* a) {
+  vec b[4], c[2];
+  for (int k = 0; k < 4; ++k)
+    b[k] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 2; ++k) {
+    const __m256d x = _mm256_castps_pd(b[2 * k]), y = _mm256_castps_pd(b[2 * k + 1]);
+    c[k] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
 }
 #else
 static const int W = 0;  // no vector body: every loop below runs its scalar tail
@@ -79,6 +114,23 @@ static inline vec vexp(vec x) {
   return vpow2(p, n);
 }
 #endif
+
+// max of s[0:n), n >= 1.
+static inline float row_max(const float* s, int64_t n) {
+  int64_t i = 0;
+  float mx = s[0];
+#if OFFLOAD_ISA > 0
+  if (n >= W) {
+    vec m = vload(s);
+    for (i = W; i + W <= n; i += W) m = vmax(m, vload(s + i));
+    float tmp[W > 0 ? W : 1];
+    vstore(tmp, m);
+    for (int u = 0; u < W; ++u) mx = std::max(mx, tmp[u]);
+  }
+#endif
+  for (; i < n; ++i) mx = std::max(mx, s[i]);
+  return mx;
+}
 
 // s[0:n) = exp(s[0:n) - m); returns their sum.
 static inline float exp_shift_sum(float* s, int64_t n, float m) {
@@ -119,86 +171,202 @@ static inline float fp16_to_float(uint16_t h) {
   return bits_to_float(u);
 }
 
-// dst[0:d) = src[0:d) widened to float32. kind: 0 fp32, 1 fp16, 2 bf16.
-static inline void widen_row(const void* src, int kind, int64_t d, float* dst) {
-  int64_t i = 0;
-  if (kind == 0) {
-    std::memcpy(dst, src, (size_t)d * 4);
-    return;
+// Key and value rows are read in place, in their stored dtype, and widened in registers. A row
+// is consumed in blocks of 2W elements as two vectors: float32 and fp16 in element order; bf16
+// as (even elements, odd elements), one shift or one mask per W elements of a single 2W load.
+// The query is stored in the same order (`storage_index`), so dot products are unchanged, and
+// the accumulators come out in it too (the merge pass restores element order). A remainder of
+// fewer than 2W elements is read in element order.
+template <int KIND>
+struct Row {
+  static inline float at(const void* r, int64_t i) {
+    if (KIND == 0) return ((const float*)r)[i];
+    const uint16_t h = ((const uint16_t*)r)[i];
+    return KIND == 2 ? bf16_to_float(h) : fp16_to_float(h);
   }
-  const uint16_t* s = (const uint16_t*)src;
 #if OFFLOAD_ISA > 0
-  if (kind == 2)
-    for (; i + W <= d; i += W) vstore(dst + i, vload_bf16(s + i));
-  else
-    for (; i + W <= d; i += W) vstore(dst + i, vload_fp16(s + i));
+  static inline void pair(const void* r, int64_t i, vec& lo, vec& hi) {  // elements [i, i + 2W)
+    if (KIND == 0) {
+      lo = vload((const float*)r + i), hi = vload((const float*)r + i + W);
+    } else if (KIND == 1) {
+      lo = vload_fp16((const uint16_t*)r + i), hi = vload_fp16((const uint16_t*)r + i + W);
+    } else {
+      vpair_bf16((const uint16_t*)r + i, lo, hi);
+    }
+  }
+  static inline vec one(const void* r, int64_t i) {  // elements [i, i + W), element order
+    if (KIND == 0) return vload((const float*)r + i);
+    return KIND == 1 ? vload_fp16((const uint16_t*)r + i) : vload_bf16((const uint16_t*)r + i);
+  }
 #endif
-  for (; i < d; ++i) dst[i] = kind == 2 ? bf16_to_float(s[i]) : fp16_to_float(s[i]);
+};
+
+// Where element e of a head_dim-d row sits in the order above (bf16 only; identity otherwise).
+static inline int64_t storage_index(int64_t e, int64_t d, int kind) {
+  const int64_t blk = 2 * (W > 0 ? W : 1);
+  if (kind != 2 || W == 0 || e >= d / blk * blk) return e;
+  const int64_t o = e % blk;
+  return e - o + (o & 1) * W + (o >> 1);
 }
 
-// s[j * sstride + t] = q[j] . k[t] for 4 query rows j and n keys (key row stride ks): each key
-// row is loaded once for the 4 rows, and the 4 dot products are independent chains.
-static inline void scores4(const float* const q[4], const float* k, int64_t ks, int64_t n, int64_t d, float* s,
-                           int64_t sstride) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float* kr = k + t * ks;
-    float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;
+#if OFFLOAD_ISA > 0
+static const int T = W == 16 ? 4 : 2;  // keys per score block: 4 rows x T keys = W accumulators
+#endif
+
+// s[j * sstride + t] = q[j] . k[t] for NR <= 4 query rows j and n keys (key row stride ks
+// bytes). Each key chunk is loaded and widened once for the NR rows; the 4 x T dot products of
+// a block of T keys are independent accumulators, reduced together by a transpose tree.
+template <int KIND, int NR>
+static inline void scores_rows(const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
+                               int64_t sstride) {
+  const int nr = NR;
+  int64_t t = 0;
+#if OFFLOAD_ISA > 0
+  for (; t + T <= n; t += T) {
+    vec acc[4 * T];
+#pragma GCC unroll 16
+    for (int u = 0; u < 4 * T; ++u) acc[u] = vzero();
     int64_t i = 0;
-#if OFFLOAD_ISA > 0
-    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    for (; i + 2 * W <= d; i += 2 * W) {
+      vec lo[T], hi[T];
+#pragma GCC unroll 4
+      for (int u = 0; u < T; ++u) Row<KIND>::pair(k + (t + u) * ks, i, lo[u], hi[u]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        const vec qa = vload(q[j] + i), qb = vload(q[j] + i + W);
+#pragma GCC unroll 4
+        for (int u = 0; u < T; ++u) acc[j * T + u] = vfma(qb, hi[u], vfma(qa, lo[u], acc[j * T + u]));
+      }
+    }
     for (; i + W <= d; i += W) {
-      const vec kv = vload(kr + i);
-      a0 = vfma(vload(q[0] + i), kv, a0);
-      a1 = vfma(vload(q[1] + i), kv, a1);
-      a2 = vfma(vload(q[2] + i), kv, a2);
-      a3 = vfma(vload(q[3] + i), kv, a3);
+      vec kv[T];
+#pragma GCC unroll 4
+      for (int u = 0; u < T; ++u) kv[u] = Row<KIND>::one(k + (t + u) * ks, i);
+      for (int j = 0; j < nr; ++j) {
+        const vec qa = vload(q[j] + i);
+#pragma GCC unroll 4
+        for (int u = 0; u < T; ++u) acc[j * T + u] = vfma(qa, kv[u], acc[j * T + u]);
+      }
     }
-    r0 = vsum(a0), r1 = vsum(a1), r2 = vsum(a2), r3 = vsum(a3);
+    float r[4 * T];
+    vstore(r, vsum_lanes(acc));
+    if (W < 4 * T) vstore(r + W, vsum_lanes(acc + W));
+    for (int j = 0; j < nr; ++j)
+      for (int u = 0; u < T; ++u) {
+        float x = r[j * T + u];
+        for (int64_t e = i; e < d; ++e) x += q[j][e] * Row<KIND>::at(k + (t + u) * ks, e);
+        s[j * sstride + t + u] = x;
+      }
+  }
 #endif
-    for (; i < d; ++i) {
-      r0 += q[0][i] * kr[i], r1 += q[1][i] * kr[i], r2 += q[2][i] * kr[i], r3 += q[3][i] * kr[i];
+  for (; t < n; ++t) {
+    const char* kr = k + t * ks;
+    for (int j = 0; j < nr; ++j) {
+      float x = 0.f;
+      int64_t i = 0;
+#if OFFLOAD_ISA > 0
+      vec a = vzero();
+      for (; i + 2 * W <= d; i += 2 * W) {
+        vec lo, hi;
+        Row<KIND>::pair(kr, i, lo, hi);
+        a = vfma(vload(q[j] + i + W), hi, vfma(vload(q[j] + i), lo, a));
+      }
+      for (; i + W <= d; i += W) a = vfma(vload(q[j] + i), Row<KIND>::one(kr, i), a);
+      x = vsum(a);
+#endif
+      for (; i < d; ++i) x += q[j][i] * Row<KIND>::at(kr, i);
+      s[j * sstride + t] = x;
     }
-    s[t] = r0, s[sstride + t] = r1, s[2 * sstride + t] = r2, s[3 * sstride + t] = r3;
   }
 }
 
-// acc[j] = acc[j] * alpha[j] + sum_t w[j * wstride + t] * v[t] for 4 rows j, n value rows
-// (row stride vs); each value row is loaded once for the 4 rows.
-static inline void accumulate4(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
-                               const float* v, int64_t vs, int64_t n, int64_t d) {
+template <int KIND>
+static inline void scores(int nr, const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
+                          int64_t sstride) {
+  switch (nr) {
+    case 1: scores_rows<KIND, 1>(q, k, ks, n, d, s, sstride); break;
+    case 2: scores_rows<KIND, 2>(q, k, ks, n, d, s, sstride); break;
+    case 3: scores_rows<KIND, 3>(q, k, ks, n, d, s, sstride); break;
+    default: scores_rows<KIND, 4>(q, k, ks, n, d, s, sstride); break;
+  }
+}
+
+#if OFFLOAD_ISA > 0
+// One pass of accumulate_rows over elements [i, i + NV * W): NR x NV accumulators in registers
+// for all n value rows; NV even reads pairs (storage order), NV == 1 one vector (element order).
+template <int KIND, int NR, int NV>
+static inline void accumulate_pass(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
+                                   const char* v, size_t vs, int64_t n, int64_t i) {
+  vec a[NR][NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) a[j][c] = vmul(vload(acc[j] + i + c * W), vset1(alpha[j]));
+  for (int64_t t = 0; t < n; ++t) {
+    const char* vr = v + t * vs;
+    vec vv[NV];
+    if (NV == 1) {
+      vv[0] = Row<KIND>::one(vr, i);
+    } else {
+#pragma GCC unroll 4
+      for (int c = 0; c + 1 < NV; c += 2) Row<KIND>::pair(vr, i + c * W, vv[c], vv[c + 1]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const vec p = vset1(w[j * wstride + t]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) a[j][c] = vfma(p, vv[c], a[j][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) vstore(acc[j] + i + c * W, a[j][c]);
+}
+#endif
+
+// acc[j] = acc[j] * alpha[j] + sum_t w[j * wstride + t] * v[t] for NR <= 4 rows j and n value
+// rows (row stride vs bytes): each value chunk is loaded and widened once for the NR rows.
+template <int KIND, int NR>
+static inline void accumulate_rows(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
+                                   const char* v, size_t vs, int64_t n, int64_t d) {
   int64_t i = 0;
 #if OFFLOAD_ISA > 0
-  for (; i + W <= d; i += W) {
-    vec a0 = vmul(vload(acc[0] + i), vset1(alpha[0])), a1 = vmul(vload(acc[1] + i), vset1(alpha[1]));
-    vec a2 = vmul(vload(acc[2] + i), vset1(alpha[2])), a3 = vmul(vload(acc[3] + i), vset1(alpha[3]));
-    for (int64_t t = 0; t < n; ++t) {
-      const vec vv = vload(v + t * vs + i);
-      a0 = vfma(vset1(w[t]), vv, a0);
-      a1 = vfma(vset1(w[wstride + t]), vv, a1);
-      a2 = vfma(vset1(w[2 * wstride + t]), vv, a2);
-      a3 = vfma(vset1(w[3 * wstride + t]), vv, a3);
-    }
-    vstore(acc[0] + i, a0), vstore(acc[1] + i, a1), vstore(acc[2] + i, a2), vstore(acc[3] + i, a3);
-  }
+  constexpr int NV = W == 16 ? 4 : 2;  // vectors per pass: NR x NV accumulators fit the registers
+  for (; i + NV * W <= d; i += NV * W) accumulate_pass<KIND, NR, NV>(acc, alpha, w, wstride, v, vs, n, i);
+  for (; i + 2 * W <= d; i += 2 * W) accumulate_pass<KIND, NR, 2>(acc, alpha, w, wstride, v, vs, n, i);
+  for (; i + W <= d; i += W) accumulate_pass<KIND, NR, 1>(acc, alpha, w, wstride, v, vs, n, i);
 #endif
   for (; i < d; ++i) {
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NR; ++j) {
       float a = acc[j][i] * alpha[j];
-      for (int64_t t = 0; t < n; ++t) a += w[j * wstride + t] * v[t * vs + i];
+      for (int64_t t = 0; t < n; ++t) a += w[j * wstride + t] * Row<KIND>::at(v + t * vs, i);
       acc[j][i] = a;
     }
   }
 }
 
-// One work item (see cpu_plan.py). Thread scratch: kbuf, vbuf [S, D]; sbuf [4 * S + D].
-static void run_item(const ItemArgs& a, int64_t item, float* kbuf, float* vbuf, float* sbuf) {
+template <int KIND>
+static inline void accumulate(int nr, float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
+                              const char* v, size_t vs, int64_t n, int64_t d) {
+  switch (nr) {
+    case 1: accumulate_rows<KIND, 1>(acc, alpha, w, wstride, v, vs, n, d); break;
+    case 2: accumulate_rows<KIND, 2>(acc, alpha, w, wstride, v, vs, n, d); break;
+    case 3: accumulate_rows<KIND, 3>(acc, alpha, w, wstride, v, vs, n, d); break;
+    default: accumulate_rows<KIND, 4>(acc, alpha, w, wstride, v, vs, n, d); break;
+  }
+}
+
+// One work item (see cpu_plan.py). q is in storage order (storage_index) and so is part_acc.
+// Thread scratch: sbuf [4 * S] scores / weights of 4 rows.
+template <int KIND>
+static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
   const int64_t D = a.head_dim, S = a.page_size, Hkv = a.num_kv_heads, Q = a.q_len;
   const int64_t G = a.num_heads / Hkv, NS = a.num_splits, R = G * Q;
   const int64_t b = item / (a.num_groups * NS);
   const int64_t hg = (item / NS) % a.num_groups, split = item % NS;
   const int64_t h0 = hg * a.heads_per_item, h1 = std::min(Hkv, h0 + a.heads_per_item);
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  float* dummy_acc = sbuf + 4 * S;  // stands in for missing rows of the last block of 4
   // partials: acc [B, H, NS, Q, D], m and l [B, H, NS, Q]
   for (int64_t h = h0 * G; h < h1 * G; ++h) {
     int64_t row = ((b * a.num_heads + h) * NS + split) * Q;
@@ -211,7 +379,7 @@ static void run_item(const ItemArgs& a, int64_t item, float* kbuf, float* vbuf, 
   const int64_t kv_len = (n - 1) * S + a.last_page_len[b];
   const int64_t per_split = (n + NS - 1) / NS;
   const int64_t p0 = split * per_split, p1 = std::min(n, p0 + per_split);
-  const size_t es = a.kind == 0 ? 4 : 2;
+  const size_t es = KIND == 0 ? 4 : 2;
   const size_t token_bytes = (size_t)(Hkv * D) * es;
   const char* kbase = (const char*)a.key_pages;
   const char* vbase = (const char*)a.value_pages;
@@ -224,7 +392,7 @@ static void run_item(const ItemArgs& a, int64_t item, float* kbuf, float* vbuf, 
     const int64_t ntok = p < n - 1 ? S : a.last_page_len[b];
     // The next page, prefetched one KV head at a time while this page's heads compute: spread
     // out, the prefetches overlap the arithmetic instead of stalling on full miss queues.
-    const int64_t next = p + 1 < p1 ? a.page_table[b * a.max_pages + p + 1] : -1;
+    const int64_t next = p + OFFLOAD_PF_DIST < p1 ? a.page_table[b * a.max_pages + p + OFFLOAD_PF_DIST] : -1;
     const bool prefetch = OFFLOAD_PREFETCH && next >= 0 && next < a.num_pages_total;
     for (int64_t kvh = h0; kvh < h1; ++kvh) {
       const size_t off0 = (size_t)(page * S) * token_bytes + (size_t)(kvh * D) * es;
@@ -232,70 +400,61 @@ static void run_item(const ItemArgs& a, int64_t item, float* kbuf, float* vbuf, 
         const size_t noff = (size_t)(next * S) * token_bytes + (size_t)(kvh * D) * es;
         for (int64_t t = 0; t < S; ++t)
           for (size_t c = 0; c < (size_t)D * es; c += 64) {
-            __builtin_prefetch(kbase + noff + t * token_bytes + c, 0, 3);
-            __builtin_prefetch(vbase + noff + t * token_bytes + c, 0, 3);
+            __builtin_prefetch(kbase + noff + t * token_bytes + c, 0, OFFLOAD_PF_HINT);
+            __builtin_prefetch(vbase + noff + t * token_bytes + c, 0, OFFLOAD_PF_HINT);
           }
       }
-      const float *kp = kbuf, *vp = vbuf;
-      int64_t stride = D;
-      if (a.kind == 0) {  // float32 pages are used in place
-        kp = (const float*)(kbase + off0), vp = (const float*)(vbase + off0), stride = Hkv * D;
-      } else {
-        for (int64_t t = 0; t < ntok; ++t) {
-          widen_row(kbase + off0 + t * token_bytes, a.kind, D, kbuf + t * D);
-          widen_row(vbase + off0 + t * token_bytes, a.kind, D, vbuf + t * D);
-        }
-      }
-      // The G query heads x Q rows of this KV head, 4 at a time.
+      const char* kp = kbase + off0;
+      const char* vp = vbase + off0;
+      // The G query heads x Q rows of this KV head, 4 at a time: scores, then the page's
+      // online-softmax step per row, then P.V for the 4 rows from each loaded value row.
       for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const int nr = (int)std::min<int64_t>(4, R - r0);
         const float* qr[4];
         float* acc[4];
-        float alpha[4];
+        float alpha[4] = {1.f, 1.f, 1.f, 1.f};
         int64_t tl[4], row[4];
-        float* plse[4];
         int64_t tmax = 0;
-        for (int j = 0; j < 4; ++j) {
-          const int64_t r = r0 + j;
-          if (r >= R) {
-            qr[j] = qr[0], acc[j] = dummy_acc, tl[j] = 0, row[j] = -1, plse[j] = nullptr;
-            continue;
-          }
-          const int64_t h = kvh * G + r / Q, qi = r % Q;
+        for (int j = 0; j < nr; ++j) {
+          const int64_t h = kvh * G + (r0 + j) / Q, qi = (r0 + j) % Q;
           tl[j] = ntok;
           if (a.causal) tl[j] = std::max<int64_t>(0, std::min(ntok, kv_len - Q + qi - p * S + 1));
+          tmax = std::max(tmax, tl[j]);
           qr[j] = a.q + ((b * a.num_heads + h) * Q + qi) * D;
           row[j] = ((b * a.num_heads + h) * NS + split) * Q + qi;
           acc[j] = a.part_acc + row[j] * D;
-          plse[j] = a.page_lse ? a.page_lse + ((b * a.num_heads + h) * Q + qi) * a.max_pages + p : nullptr;
-          tmax = std::max(tmax, tl[j]);
         }
-        if (tmax == 0) {
-          for (int j = 0; j < 4; ++j)
-            if (plse[j]) *plse[j] = NEG_INF;
-          continue;
-        }
-        scores4(qr, kp, stride, tmax, D, sbuf, S);
-        for (int j = 0; j < 4; ++j) {
+        if (tmax > 0) scores<KIND>(nr, qr, kp, token_bytes, tmax, D, sbuf, S);
+        for (int j = 0; j < nr; ++j) {
+          const int64_t h = kvh * G + (r0 + j) / Q, qi = (r0 + j) % Q;
+          float* plse = a.page_lse ? a.page_lse + ((b * a.num_heads + h) * Q + qi) * a.max_pages + p : nullptr;
           float* s = sbuf + j * S;
-          float mx = NEG_INF;
-          for (int64_t t = 0; t < tl[j]; ++t) mx = std::max(mx, s[t]);
-          const float m_old = row[j] >= 0 ? a.part_m[row[j]] : NEG_INF;
-          const float m_new = std::max(m_old, mx);
+          const float m_old = a.part_m[row[j]];
+          const float m_new = tl[j] > 0 ? std::max(m_old, row_max(s, tl[j])) : NEG_INF;
           if (m_new == NEG_INF) {  // nothing visible (or -inf scores): leave the row as it is
-            alpha[j] = 1.f;
             std::fill(s, s + tmax, 0.f);
-            if (plse[j]) *plse[j] = NEG_INF;
+            if (plse) *plse = NEG_INF;
             continue;
           }
           const float total = exp_shift_sum(s, tl[j], m_new);
           std::fill(s + tl[j], s + tmax, 0.f);  // causally hidden keys weigh nothing
-          alpha[j] = std::exp(m_old - m_new);  // 0 when m_old is -inf
-          a.part_m[row[j]] = m_new;
+          if (m_new != m_old) {  // the max rarely moves after the first pages: no exp then
+            alpha[j] = std::exp(m_old - m_new);  // 0 when m_old is -inf
+            a.part_m[row[j]] = m_new;
+          }
           a.part_l[row[j]] = a.part_l[row[j]] * alpha[j] + total;
-          if (plse[j]) *plse[j] = tl[j] > 0 ? m_new + std::log(total) : NEG_INF;
+          if (plse) *plse = m_new + std::log(total);
         }
-        accumulate4(acc, alpha, sbuf, S, vp, stride, tmax, D);
+        if (tmax > 0) accumulate<KIND>(nr, acc, alpha, sbuf, S, vp, token_bytes, tmax, D);
       }
     }
   }
 }
+
+static void run_item(const ItemArgs& a, int64_t item, float* sbuf) {
+  if (a.kind == 0) return run_item_kind<0>(a, item, sbuf);
+  if (a.kind == 1) return run_item_kind<1>(a, item, sbuf);
+  return run_item_kind<2>(a, item, sbuf);
+}
+
+static int64_t storage_index_of(int64_t e, int64_t d, int kind) { return storage_index(e, d, kind); }
