@@ -44,7 +44,10 @@ def quality(argv: list[str]) -> None:
     parser.add_argument("--task-contexts", type=lambda t: [int(x) for x in _words(t)], default=[1024, 2048, 4096])
     parser.add_argument("--task-samples", type=int, default=20)
     parser.add_argument("--page-size", type=int, default=None)
-    parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--token-budget", type=int, default=None,
+                        help="tokens the query selects (default: what the device budget holds)")
+    parser.add_argument("--sink-tokens", type=int, default=None)
+    parser.add_argument("--recent-tokens", type=int, default=None)
     parser.add_argument("--out", default="bench/results/quality")
     args = parser.parse_args(argv)
     for value in args.prefetch:
@@ -65,7 +68,9 @@ def quality(argv: list[str]) -> None:
         if len(ids) < args.context:
             parser.error(f"{args.text} has {len(ids)} tokens, fewer than --context {args.context}")
         text_ids = torch.tensor([ids[: args.context]])
-    overrides = {k: v for k, v in (("page_size", args.page_size), ("token_budget", args.token_budget)) if v is not None}
+    overrides = {k: v for k, v in (("page_size", args.page_size), ("token_budget", args.token_budget),
+                                   ("sink_tokens", args.sink_tokens), ("recent_tokens", args.recent_tokens))
+                 if v is not None}
     points = sweep(
         loaded, text_ids, context=args.context, eval_tokens=args.eval_tokens, gen_tokens=args.gen_tokens,
         budgets=args.budgets, modes=args.modes, prefetch=[v == "on" for v in args.prefetch],

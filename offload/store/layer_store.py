@@ -37,6 +37,9 @@ logger = logging.getLogger("offload")
 MAX_DECODE_QUERY = 16
 # Query rows whose attention feeds page scores (SnapKV's observation window).
 OBSERVATION_WINDOW = 32
+# Hysteresis: a resident page is displaced by criticality only by a page scoring this many times
+# more. Without it, promotions and speculative prefetches evict each other's pages every step.
+RESIDENT_BONUS = 2.0
 
 
 @dataclass(slots=True)
@@ -499,9 +502,11 @@ class LayerStore:
             if room >= len(others):
                 wanted.update(others)
             else:
-                # Highest score first; among equal scores, the newest page.
+                # Highest score first (resident pages weighted up), among equal scores the newest page.
                 score = self.scores[b, torch.tensor(others, dtype=torch.long)].tolist()
-                order = sorted(range(len(others)), key=lambda i: (-score[i], -others[i]))
+                resident = set(self.resident_pages(b)) | set(fresh)
+                weight = [RESIDENT_BONUS if p in resident else 1.0 for p in others]
+                order = sorted(range(len(others)), key=lambda i: (-score[i] * weight[i], -others[i]))
                 wanted.update(others[i] for i in order[:room])
         for p in self.resident_pages(b):
             if p not in wanted:
