@@ -96,3 +96,60 @@ def _page_lse(query, keys, visible, scale, page_size, num_pages):
     pad = num_pages * page_size - kv_len
     scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
     return torch.logsumexp(scores.view(num_heads, q_len, num_pages, page_size), dim=-1)
+
+
+# torch's fused CPU flash attention returns the log-sum-exp as well (private op; used when present).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+    """Every key visible. query [1, H, Q, D]; keys/values [1, H_kv, T, D] -> (out, lse) float32."""
+    group = query.shape[1] // keys.shape[1]
+    if _FLASH_CPU is not None and query.device.type == "cpu":
+        k = keys.float().repeat_interleave(group, dim=1)
+        v = values.float().repeat_interleave(group, dim=1)
+        out, lse = _FLASH_CPU(query.float(), k, v, 0.0, False, scale=scale)[:2]
+        return out, lse
+    visible = torch.ones(1, query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device)
+    return dense_attention(query, keys, values, visible, scale)
+
+
+def paged_attention_blocked(
+    query: torch.Tensor,
+    key_pages: torch.Tensor,
+    value_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    last_page_len: torch.Tensor,
+    scale: float,
+    block_tokens: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal paged attention for long query blocks (chunked prefill): each sequence's pages
+    are gathered in blocks of about `block_tokens` keys, attended with a fused, blocked kernel
+    (torch's CPU flash attention, else matmul + softmax) and merged by log-sum-exp.
+
+    The paged kernels are built for decode (few query rows per KV byte, memory-bound); with
+    hundreds of query rows the work is compute-bound and a blocked matmul kernel is faster.
+    Same contract as `offload.kernels.paged_attention` with causal=False and no page_lse_out.
+    """
+    from offload.kernels.merge import merge_partials
+
+    bsz, num_heads, q_len, head_dim = query.shape
+    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    block_pages = max(1, block_tokens // page_size)
+    out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device)
+    for b in range(bsz):
+        n = int(num_pages[b])
+        ids = page_table[b, :n].long()
+        for first in range(0, n, block_pages):
+            block = ids[first : first + block_pages]
+            count = block.numel() * page_size
+            if first + block_pages >= n:  # the row's last page may be partial
+                count -= page_size - int(last_page_len[b])
+            k = key_pages.index_select(0, block).reshape(-1, num_kv_heads, head_dim)[:count]
+            v = value_pages.index_select(0, block).reshape(-1, num_kv_heads, head_dim)[:count]
+            o, l = _attend_block(query[b : b + 1], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], scale)
+            merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
+            out[b], lse[b] = merged_out[0], merged_lse[0]
+    return out, lse

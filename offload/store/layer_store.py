@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from offload.kernels import dense_attention, merge_partials, paged_attention
+from offload.kernels.torch_ref import paged_attention_blocked
 from offload.policies.base import PageScorer
 from offload.policies.quest import page_upper_bounds
 from offload.store.layout import KVLayout
@@ -340,8 +341,8 @@ class LayerStore:
                 q_host, *pools, table, counts, last, scale, kernel=kernel, page_lse_out=page_lse, validate=False,
                 threads=self.cpu_threads)
         else:
-            result.out, result.lse = paged_attention(
-                q_host, *pools, table, counts, last, scale, kernel=kernel, validate=False, threads=self.cpu_threads)
+            # Prefill: many query rows per KV byte, compute-bound: blocked matmuls, not the decode kernel.
+            result.out, result.lse = paged_attention_blocked(q_host, *pools, table, counts, last, scale)
             paged_attention(q_host[:, :, -observe:], *pools, table, counts, last, scale, kernel=kernel,
                             page_lse_out=page_lse, validate=False, threads=self.cpu_threads)
         result.page_lse = page_lse
