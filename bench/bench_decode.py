@@ -174,6 +174,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-fraction", type=float, default=0.10)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d to run (a always runs: the baseline)")
     parser.add_argument("--out", default=str(RESULTS / "decode"))
     args = parser.parse_args(argv)
     contexts = args.contexts or ([8192] if args.quick else [8192, 32768])
@@ -197,6 +198,8 @@ def main(argv=None) -> None:
             "(d) sparse + prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
                                                          mode="sparse", prefetch=True, sparse_misses="skip", **common),
         }
+        wanted = set(args.configs.split(",")) | {"a"}
+        configs = {name: run for name, run in configs.items() if name[1] in wanted}
         baseline, baseline_tokens = None, None
         for name, run in configs.items():
             print(f"context {context}: {name} ...", flush=True)
@@ -215,7 +218,7 @@ def main(argv=None) -> None:
                   f"h2d/token {result['h2d_bytes_per_token'] / 2**20:.2f} MiB ({result['h2d_ratio_to_a']:.3f} of a), "
                   f"recall {result['prefetch_recall']}, coverage {result['mass_coverage']}", flush=True)
     meta = {
-        "command": "python bench/bench_decode.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/bench_decode.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_threads": torch.get_num_threads(),
         "link_gbps": args.link_gbps, "budget_fraction": args.budget_fraction, "layers": args.layers,
         "dtype": args.dtype, "page_size": args.page_size, "load_avg": list(__import__("os").getloadavg()),

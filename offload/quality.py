@@ -34,7 +34,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object | None
     name: str
-    tasks: Callable | None = None  # (generate_fn, context_tokens, num_samples, seed) -> {task: accuracy}
+    tasks: Callable | None = None  # (wrapped model, context_tokens, num_samples, seed) -> {task: accuracy}
 
 
 def load_model(spec: str) -> LoadedModel:
@@ -43,7 +43,13 @@ def load_model(spec: str) -> LoadedModel:
         from offload.models import embedded
 
         model, tokenizer = embedded.load_embedded_model()
-        return LoadedModel(model, tokenizer, "embedded", getattr(embedded, "evaluate_tasks", None))
+
+        def tasks(wrapped, context_tokens, num_samples, seed):
+            generate = embedded.greedy_generate_fn(wrapped)
+            return {task: embedded.task_accuracy(model, tokenizer, task, context_tokens, num_samples, seed, generate)
+                    for task in embedded.tasks.TASKS}
+
+        return LoadedModel(model, tokenizer, "embedded", tasks)
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"model {spec!r}: no such file or directory; expected 'embedded', a llama2.c checkpoint or a transformers directory")
@@ -188,7 +194,7 @@ def sweep(
                     if budget < need:
                         continue
                     om.config.device_budget = budget
-                    accuracy = loaded.tasks(om.generate, task_context, task_samples, 0)
+                    accuracy = loaded.tasks(om, task_context, task_samples, 0)
                     point.task_accuracy.update({f"{name}@{task_context}": acc for name, acc in accuracy.items()})
         finally:
             om.unwrap()
