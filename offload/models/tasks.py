@@ -3,12 +3,16 @@
 A sample is filler text from a small grammar with long-range tasks hidden in it, and
 questions at the end whose answers can only be found by attending back to the task's needle:
 
-- passkey: ``the pass key is 4 0 7 1 9 . remember it .`` anywhere in the context; the question
-  ``what is the pass key ? the pass key is`` is answered with the five digits.
-- mqar (multi-query associative recall): several ``the code of sigma is 3 8 .`` pairs anywhere;
-  ``the code of sigma is`` at the end is answered with that key's two digits.
+- passkey: ``the pass key is 4 0 7 1 9 . remember it .`` anywhere in the context (five
+  distinct digits); ``tell the pass key ? the pass key is`` is answered with the five digits.
+- mqar (multi-query associative recall): several ``remember sigma ruby .`` pairs anywhere;
+  ``recall sigma`` at the end is answered with that key's value word.
 - copy: ``copy this text : <words> end .`` anywhere; ``repeat the text :`` at the end is
   answered with the same words and ``end``.
+
+Each answer is a one-step lookup: the token before it occurs once earlier, in the needle,
+followed by the answer. (Two-step cues such as ``the code of sigma is 3 8`` were not learned by
+a model this small in the training time; see docs/training.md.)
 
 Everything is word level: the vocabulary is a fixed list defined here (digits are single
 tokens), and a sample is built directly as token ids, so the tokenizer is only needed to turn
@@ -24,7 +28,7 @@ import numpy as np
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in offload.models.tokenizer
 DIGITS = [str(d) for d in range(10)]
 PUNCTUATION = [".", ",", "?", ":"]
-TASK_WORDS = ["what", "is", "the", "pass", "key", "remember", "it", "code", "of", "copy",
+TASK_WORDS = ["tell", "is", "the", "pass", "key", "remember", "it", "recall", "copy",
               "this", "text", "repeat", "end", "a", "in", "and"]
 MQAR_KEYS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
              "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau",
@@ -40,16 +44,18 @@ VERBS_I = ["sleeps", "sings", "runs", "waits", "smiles", "falls", "walks", "drea
 ADVERBS = ["slowly", "quickly", "softly", "often", "today", "again", "alone", "there"]
 PLACES = ["forest", "village", "castle", "market", "field", "valley", "kitchen", "meadow"]
 NAMES = ["anna", "tom", "lena", "max", "mia", "ben", "rosa", "paul"]
+MQAR_VALUES = ["amber", "azure", "coral", "ivory", "jade", "lilac", "olive", "pearl", "ruby",
+               "sable", "topaz", "umber", "cobalt", "copper", "indigo", "silver"]
 
 VOCAB: list[str] = list(dict.fromkeys(
-    SPECIAL_TOKENS + DIGITS + PUNCTUATION + TASK_WORDS + MQAR_KEYS + NOUNS + ADJECTIVES
+    SPECIAL_TOKENS + DIGITS + PUNCTUATION + TASK_WORDS + MQAR_KEYS + MQAR_VALUES + NOUNS + ADJECTIVES
     + VERBS_T + VERBS_I + ADVERBS + PLACES + NAMES))
 TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
 BOS_ID = TOKEN_ID["<s>"]
 TASKS = ("passkey", "mqar", "copy")
 PASSKEY_DIGITS = 5
-MQAR_VALUE_DIGITS = 2
 COPY_WORDS = 8
+MAX_TRAIN_COPY_WORDS = 24
 # Words a copy span is drawn from: filler words, so the span looks like its surroundings.
 _COPY_POOL = NOUNS + ADJECTIVES + VERBS_T + VERBS_I + PLACES + NAMES
 
@@ -59,7 +65,7 @@ def ids(text: str) -> list[int]:
 
 
 _D = [TOKEN_ID[d] for d in DIGITS]
-_PASSKEY_QUESTION = ids("what is the pass key ? the pass key is")
+_PASSKEY_QUESTION = ids("tell the pass key ? the pass key is")
 _COPY_QUESTION = ids("repeat the text :")
 
 
@@ -111,7 +117,8 @@ class _Builder:
         self.questions: list[tuple[list[int], list[float], list[tuple[str, int, int]]]] = []
 
     def passkey(self) -> None:
-        key = _digits(self.rng, PASSKEY_DIGITS)
+        # Distinct digits: each digit of the key then has one earlier occurrence to copy from.
+        key = [_D[d] for d in self.rng.permutation(10)[:PASSKEY_DIGITS]]
         prefix = ids("the pass key is")
         suffix = ids(". remember it .")
         # The needle's own digits are random (weight 0); its fixed words are learnable.
@@ -124,17 +131,15 @@ class _Builder:
 
     def mqar(self, num_pairs: int, num_queries: int) -> None:
         keys = self.rng.choice(len(MQAR_KEYS), size=num_pairs, replace=False)
-        values = {int(k): _digits(self.rng, MQAR_VALUE_DIGITS) for k in keys}
+        values = {int(k): TOKEN_ID[MQAR_VALUES[self.rng.integers(len(MQAR_VALUES))]] for k in keys}
         for k in keys:
-            prefix = ids(f"the code of {MQAR_KEYS[k]} is")
-            self.needles.append((prefix + values[int(k)] + ids("."),
-                                 [1.0, 1.0, 1.0, 0.0, 1.0] + [0.0] * MQAR_VALUE_DIGITS + [1.0]))
+            # `remember sigma ruby .`: the value follows its key, a one-step lookup.
+            self.needles.append((ids(f"remember {MQAR_KEYS[k]}") + [values[int(k)]] + ids("."),
+                                 [1.0, 0.0, 0.0, 1.0]))
         for k in self.rng.choice(keys, size=min(num_queries, num_pairs), replace=False):
-            q = ids(f"the code of {MQAR_KEYS[int(k)]} is")
-            a = len(q)
-            self.questions.append((q + values[int(k)] + ids("."),
-                                   [0.0] * len(q) + [1.0] * (MQAR_VALUE_DIGITS + 1),
-                                   [("mqar", a, a + MQAR_VALUE_DIGITS)]))
+            q = ids(f"recall {MQAR_KEYS[int(k)]}")
+            self.questions.append((q + [values[int(k)]] + ids("."), [0.0, 0.0, 1.0, 1.0],
+                                   [("mqar", 2, 3)]))
 
     def copy(self, num_words: int) -> None:
         span = [TOKEN_ID[_COPY_POOL[i]] for i in self.rng.integers(len(_COPY_POOL), size=num_words)]
@@ -168,8 +173,13 @@ class _Builder:
             s = filler_sentence(rng)
             sentences.append(s)
             total += len(s)
-        if sentences and total > filler_len:  # cut the first sentence's start to fit exactly
-            sentences[0] = sentences[0][total - filler_len:]
+        excess = total - filler_len  # cut from the start of the filler to fit exactly
+        while excess > 0:
+            if len(sentences[0]) <= excess:
+                excess -= len(sentences.pop(0))
+            else:
+                sentences[0] = sentences[0][excess:]
+                excess = 0
         slots = np.sort(rng.integers(len(sentences) + 1, size=len(self.needles)))
         needle_order = rng.permutation(len(self.needles))
         body, body_w = [BOS_ID], [0.0]
@@ -193,16 +203,24 @@ class _Builder:
 
 
 def training_sample(length: int, rng: np.random.Generator, filler_weight: float = 0.1) -> Sample:
-    """A mix of tasks: usually a passkey, some MQAR pairs and sometimes a copy span."""
+    """A mix of tasks within `length` tokens (at least a quarter stays filler): usually a
+    passkey, some MQAR pairs, sometimes a copy span. Filler tokens get `filler_weight`."""
     b = _Builder(rng)
-    budget = max(0, length - 40)  # keep at least ~40 tokens of filler-or-tasks headroom
+    budget = length - 1 - length // 4
+    passkey_cost, pair_cost, query_cost = 30, 4, 4
     if rng.random() < 0.8:
         b.passkey()
-    if rng.random() < 0.7 and budget >= 60:
-        num_pairs = int(rng.integers(1, min(8, budget // 20) + 1))
-        b.mqar(num_pairs, int(rng.integers(1, num_pairs + 1)))
-    if rng.random() < 0.4 and budget >= 80:
-        b.copy(int(rng.integers(4, COPY_WORDS + 5)))
+        budget -= passkey_cost
+    if rng.random() < 0.7 and budget >= pair_cost + query_cost:
+        num_pairs = int(rng.integers(1, min(12, (budget - query_cost) // pair_cost) + 1))
+        num_queries = int(rng.integers(1, min(num_pairs, (budget - num_pairs * pair_cost) // query_cost) + 1))
+        b.mqar(num_pairs, num_queries)
+        budget -= num_pairs * pair_cost + num_queries * query_cost
+    # Copying gives a dense induction signal (every copied word is a lookup), which is what
+    # gets the retrieval circuit to form early; passkey and MQAR reuse that circuit.
+    if rng.random() < 0.7 and budget >= 2 * 4 + 12:
+        num_words = int(rng.integers(4, min(MAX_TRAIN_COPY_WORDS, (budget - 12) // 2) + 1))
+        b.copy(num_words)
     if not b.questions:
         b.passkey()
     return b.build(length, filler_weight)

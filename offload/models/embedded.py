@@ -1,0 +1,146 @@
+"""The embedded default model: a small Llama trained by `python -m offload.models.train`.
+
+`load_embedded_model()` gives a `LlamaForCausalLM` and its word-level tokenizer from the
+files committed in `offload/models/weights/` (see `MODEL_CARD.md` there for how it was made and
+what it scores). The evaluation helpers here measure exact-match task accuracy on seeded
+samples from `offload.models.tasks`, either with one teacher-forced forward pass (the full
+cache, fast) or through any `generate` (for example an `OffloadedModel`'s), so the same numbers
+can be compared with and without offloading.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offload.models import tasks
+from offload.models.tokenizer import Tokenizer
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TOKENIZER_FILE = "tokenizer.json"
+
+# (prompt_ids [1, T], max_new_tokens) -> ids [1, T + max_new_tokens], as `model.generate` returns.
+GenerateFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class WordTokenizer(Tokenizer):
+    """Word-level tokenizer over a fixed vocabulary: text is split on whitespace, one id per word.
+
+    Ids 0, 1, 2 are `<unk>`, `<s>`, `</s>` as in `offload.models.tokenizer` (which gives the
+    `encode`/`decode`/`__call__` surface, left padding with `<unk>`). Unknown words map to
+    `<unk>`; decoding joins words with single spaces.
+    """
+
+    def __init__(self, vocab: Sequence[str], path: str | Path = "<in memory>"):
+        vocab = list(vocab)
+        if vocab[:3] != tasks.SPECIAL_TOKENS:
+            raise ValueError(f"{path}: vocabulary must start with {tasks.SPECIAL_TOKENS}, got {vocab[:3]}")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError(f"{path}: vocabulary has duplicate words")
+        self.vocab = vocab
+        self._ids = {word: i for i, word in enumerate(vocab)}
+        super().__init__(Path(path), len(vocab))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> WordTokenizer:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable word tokenizer file ({e})") from e
+        if data.get("type") != "word" or not isinstance(data.get("vocab"), list):
+            raise ValueError(f"{path}: expected {{'type': 'word', 'vocab': [...]}}")
+        return cls(data["vocab"], path)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"type": "word", "vocab": self.vocab}, indent=0) + "\n")
+
+    def _encode_text(self, text: str) -> list[int]:
+        return [self._ids.get(word, self.unk_token_id) for word in text.split()]
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return " ".join(self.vocab[i] for i in ids)
+
+
+def load_embedded_model(path: str | Path = WEIGHTS_DIR, dtype: torch.dtype = torch.float32):
+    """`(LlamaForCausalLM in eval mode, WordTokenizer)` from a folder written by the trainer."""
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; train a model with `python -m offload.models.train`")
+    tokenizer = WordTokenizer.from_file(path / TOKENIZER_FILE)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if model.config.vocab_size != len(tokenizer):
+        raise ValueError(f"{path}: model vocab_size {model.config.vocab_size} != tokenizer's {len(tokenizer)}")
+    return model, tokenizer
+
+
+def _check_vocab(tokenizer: WordTokenizer) -> None:
+    # Samples are built as ids from tasks.VOCAB; a different vocabulary would mean other ids.
+    if getattr(tokenizer, "vocab", None) != tasks.VOCAB:
+        raise ValueError("the tokenizer's vocabulary is not offload.models.tasks.VOCAB")
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: int, num_samples: int,
+                  seed: int = 0, generate_fn: GenerateFn | None = None, batch_size: int = 4) -> float:
+    """Exact-match accuracy on `num_samples` seeded `tasks.eval_sample(task, context_tokens)`.
+
+    An answer counts as right when every token of it is right: all five passkey digits, the
+    MQAR value word (each of the 4 queries scores alone), all copied words and `end`.
+    Without `generate_fn`, one teacher-forced forward pass per batch scores every answer (its
+    greedy continuation is right exactly when each answer token is the argmax given the right
+    ones before it). With `generate_fn`, each answer is generated greedily from its prompt.
+    """
+    _check_vocab(tokenizer)
+    rng = np.random.default_rng([seed, context_tokens, tasks.TASKS.index(task)])
+    samples = [tasks.eval_sample(task, context_tokens, rng) for _ in range(num_samples)]
+    right = total = 0
+    if generate_fn is None:
+        device = next(model.parameters()).device
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i:i + batch_size]
+            input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(device)
+            predicted = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.argmax(-1)
+            for row, sample in enumerate(batch):
+                for _, a, b in sample.answers:
+                    right += bool((predicted[row, a - 1:b - 1] == input_ids[row, a:b]).all())
+                    total += 1
+    else:
+        for sample in samples:
+            for _, a, b in sample.answers:
+                prompt = torch.from_numpy(sample.input_ids[None, :a].copy())
+                out = generate_fn(prompt, b - a)
+                out = out.sequences if hasattr(out, "sequences") else out
+                right += out[0, a:b].tolist() == sample.input_ids[a:b].tolist()
+                total += 1
+    return right / total
+
+
+def evaluate_passkey(model, tokenizer: WordTokenizer, context_tokens: int, num_samples: int,
+                     seed: int = 0, generate_fn: GenerateFn | None = None) -> float:
+    """Passkey accuracy with the needle anywhere in `context_tokens` tokens (see `task_accuracy`)."""
+    return task_accuracy(model, tokenizer, "passkey", context_tokens, num_samples, seed, generate_fn)
+
+
+def evaluate_tasks(model, tokenizer: WordTokenizer, context_lengths: Sequence[int] = (1024, 2048, 4096),
+                   num_samples: int = 100, seed: int = 0,
+                   task_names: Sequence[str] = tasks.TASKS) -> dict[str, dict[int, float]]:
+    """`{task: {context_tokens: accuracy}}` with the full cache, for the model card."""
+    return {task: {n: task_accuracy(model, tokenizer, task, n, num_samples, seed) for n in context_lengths}
+            for task in task_names}
+
+
+def greedy_generate_fn(model) -> GenerateFn:
+    """A `GenerateFn` for a transformers model or an `OffloadedModel`: greedy, no EOS stop."""
+
+    def generate(prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                              min_new_tokens=max_new_tokens, do_sample=False)
+
+    return generate
