@@ -43,6 +43,7 @@ class OffloadedModel:
         self.model = model
         self.config = config.replace(**overrides) if config is not None else OffloadConfig.from_env(**overrides)
         self.last_cache: OffloadCache | None = None
+        self._user_cache: OffloadCache | None = None
         self._saved_attn: str | None = None
         self._predictor: QueryPredictor | None = None
         self._wrapped = False
@@ -62,6 +63,7 @@ class OffloadedModel:
     def unwrap(self) -> torch.nn.Module:
         """Restore the model exactly as it was and return it."""
         if self._wrapped:
+            self._release_last()
             if self._predictor is not None:
                 self._predictor.remove()
                 self._predictor = None
@@ -137,9 +139,12 @@ class OffloadedModel:
         self._require_wrapped()
         cache: OffloadCache | None = kwargs.pop("past_key_values", None)
         if cache is None:
+            self._release_last()
             cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
         elif not isinstance(cache, OffloadCache):
             raise TypeError(f"past_key_values must be an OffloadCache from new_cache(); got {type(cache).__name__}")
+        else:
+            self._user_cache = cache
         position_ids = kwargs.pop("position_ids", None)
         self.last_cache = cache
         past = cache.get_seq_length()
@@ -173,6 +178,7 @@ class OffloadedModel:
             kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1,
         )
         batch_size = input_ids.shape[0] * expand
+        self._release_last()
         cache = self.new_cache(batch_size, input_ids.shape[1] + max_new_tokens)
         self.last_cache = cache
         kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
@@ -182,4 +188,10 @@ class OffloadedModel:
         sequences = out.sequences if hasattr(out, "sequences") else out
         cache.generated_tokens = (sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]
         cache.generate_s = elapsed
+        cache.release()  # generate's cache is done: free its memory and threads, keep its stats
         return out
+
+    def _release_last(self) -> None:
+        """Free the cache of the previous call if this wrapper created it (a user's own cache is theirs)."""
+        if self.last_cache is not None and self.last_cache is not self._user_cache:
+            self.last_cache.release()

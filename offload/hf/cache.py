@@ -106,6 +106,7 @@ class OffloadCache(Cache):
         self.decode_s = 0.0
         self.tokens_prefilled = 0
         self.generated_tokens = 0  # set by OffloadedModel.generate from its output
+        self._final_stats: OffloadStats | None = None
         self._forward_start = 0.0
         check_sliding_window(model_config, max_tokens)
 
@@ -215,6 +216,8 @@ class OffloadCache(Cache):
 
     # results ---------------------------------------------------------------------------------
     def stats(self) -> OffloadStats:
+        if self._final_stats is not None:
+            return self._final_stats
         if self.store is None:
             return OffloadStats(device_budget_bytes=self.config.device_budget)
         stats = self.store.stats()
@@ -224,5 +227,8 @@ class OffloadCache(Cache):
         return stats
 
     def release(self) -> None:
-        if self.store is not None:
-            self.store.release()
+        """Free the pools and stop the worker threads; `stats()` keeps answering from a snapshot."""
+        if self.store is not None and self._final_stats is None:
+            self._final_stats = self.stats()
+            with torch.inference_mode():  # the pools were made under it; may be called outside it
+                self.store.release()

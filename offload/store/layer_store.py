@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -88,7 +88,6 @@ class _HostResult:
     page_lse: torch.Tensor | None = None
     seconds: float = 0.0
     error: BaseException | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class LayerStore:
