@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.store.transfer import TransferEngine
-from tests.store.test_layer_store import HKV, D, H, Reference, _step, _store
+from tests.store.test_layer_store import D, H, Reference, _step, _store
 
 
 def _prefill(store, ref, batch=1, tokens=64, seed=0):
