@@ -5,8 +5,8 @@
 
 A Llama-like layout (32 query heads, 8 KV heads, head_dim 128; a small hidden size and few
 layers keep the CPU compute small, random weights), decoded greedily after a long prompt, with
-every host<->device copy taking bytes / 25 GB/s (a PCIe 4.0 x16 link). `token_budget` is what the
-device budget can hold (`OffloadedModel.device_token_capacity`). Configurations, all in
+every host<->device copy taking bytes / 25 GB/s (a PCIe 4.0 x16 link). `token_budget` is left at
+its default: what the device budget can hold. Configurations, all in
 one run, all with the same decode loop:
 
   (a) whole-layer offload: transformers' DynamicCache with every layer's full KV copied in each
@@ -130,8 +130,6 @@ def run_baseline(model, prompt, new_tokens, link_gbps):
 @torch.inference_mode()
 def run_offload(model, prompt, new_tokens, budget, link_gbps, **config):
     om = OffloadedModel(model, device_budget=budget, emulate_link_gbps=link_gbps, **config)
-    # What the query selects (sparse: attends; both: "needed" for recall) is what the device can hold.
-    om.config.token_budget = om.device_token_capacity(1, prompt.shape[1] + new_tokens)
     try:
         cache = om.new_cache(1, prompt.shape[1] + new_tokens)
         logits = om(prompt, past_key_values=cache).logits

@@ -46,7 +46,7 @@ class OffloadConfig:
     host_budget: int | str | None = None  # None: psutil's available memory
     page_size: int = 16
     mode: str = "exact"
-    token_budget: int = 2048
+    token_budget: int | None = None  # None: the tokens of pages the device budget holds at once
     sink_tokens: int = 16
     recent_tokens: int = 128
     cpu_threads: int = field(default_factory=_default_cpu_threads)
@@ -68,7 +68,8 @@ class OffloadConfig:
         if self.host_budget <= 0:
             raise ValueError(f"{_name('host_budget')}={self.host_budget!r} must be a positive byte size")
         self._check_int("page_size", minimum=1)
-        self._check_int("token_budget", minimum=1)
+        if self.token_budget is not None:
+            self._check_int("token_budget", minimum=1)
         self._check_int("sink_tokens", minimum=0)
         self._check_int("recent_tokens", minimum=0)
         self._check_int("cpu_threads", minimum=1)
@@ -131,6 +132,7 @@ def env_table_markdown() -> str:
     defaults = {f.name: f.default for f in dataclasses.fields(OffloadConfig)}
     defaults["host_budget"] = "available memory (psutil)"
     defaults["cpu_threads"] = "cores this process may use"
+    defaults["token_budget"] = "what the device budget holds"
     rows = ["| variable | field | default | example | meaning |", "|---|---|---|---|---|"]
     for var in envs.ENV_VARS.values():
         default = defaults[var.field]

@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> None:
         om = OffloadedModel(model, OffloadConfig.from_env(mode=mode))
         minimum = om.minimum_device_budget(1, total)
         om.config.device_budget = max(minimum, int(args.budget_fraction * kv))
-        om.config.token_budget = om.device_token_capacity(1, total)
         print(f"\n=== mode={mode} ===")
         print(f"config: {om.config}")
         start = time.perf_counter()

@@ -65,7 +65,7 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("OFFLOAD_MODE", "mode", _str,
                "`exact` attends every needed page (device part + host part); `sparse` attends sinks, recent window and the top pages only.", "sparse"),
         EnvVar("OFFLOAD_TOKEN_BUDGET", "token_budget", _int,
-               "Sparse mode: tokens attended per layer and sequence (sinks + recent window + selected pages).", "2048"),
+               "Tokens the query selects per layer and sequence (sinks + recent window + top pages): what sparse mode attends and prefetch recall counts as needed.", "2048"),
         EnvVar("OFFLOAD_SINK_TOKENS", "sink_tokens", _int,
                "First tokens of each sequence kept on the device (rounded up to whole pages).", "16"),
         EnvVar("OFFLOAD_RECENT_TOKENS", "recent_tokens", _int,

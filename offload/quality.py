@@ -173,8 +173,6 @@ def sweep(
                 points.append(point)
                 continue
             om.config.device_budget = point.device_budget
-            if "token_budget" not in overrides:  # select what the device can hold
-                om.config.token_budget = max(om.config.page_size, om.device_token_capacity(1, context))
             if ppl_ids is not None:
                 nll, stats = offloaded_nll(om, ppl_ids, context - eval_tokens)
                 point.perplexity, point.perplexity_full = math.exp(nll), math.exp(full_nll)

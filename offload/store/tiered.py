@@ -110,7 +110,8 @@ class TieredStore:
             recent_tokens=cfg.recent_tokens,
             promote_pages=cfg.promote_pages,
             sparse=cfg.mode == "sparse",
-            token_budget=cfg.token_budget,
+            # Default: select what the device can hold at once (complete-page slots beside the tail).
+            token_budget=cfg.token_budget if cfg.token_budget is not None else (slots_per_seq - 1) * lay.page_size,
             skip_misses=cfg.sparse_misses == "skip",
         )
         for layer_idx in range(lay.num_layers):
