@@ -131,3 +131,10 @@ def test_select_shares_pages_and_copies_tails():
     _step(store, ref, gen, 2, 3)
     layer.release()
     assert layer.host_pool.num_used == 0 and layer.device_pool.num_used == 0
+
+
+def test_default_token_budget_is_what_the_device_holds():
+    store = _store(2, 64, page_size=4, slack_slots=3)  # token_budget left at its default (None)
+    rules = store.layers[0].rules
+    assert store.config.token_budget is None
+    assert rules.token_budget == (rules.slots_per_seq - 1) * 4
