@@ -121,6 +121,8 @@ def train(args) -> None:
     model = LlamaForCausalLM(config)
     num_params = sum(p.numel() for p in model.parameters())
     phases = SMOKE_PHASES if args.smoke else PHASES
+    if args.phase1_steps is not None and not args.smoke:
+        phases = (Phase(phases[0].seq_len, phases[0].batch_size, args.phase1_steps), *phases[1:])
     total_steps = sum(p.steps for p in phases)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -270,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-prob", type=float, default=0.5, help="share of sequences with a positional skip")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--probe-every", type=int, default=100, help="passkey accuracy probe every N steps (0: off)")
+    p.add_argument("--phase1-steps", type=int, default=None,
+                   help="steps of the first (shortest) phase, where the retrieval circuit forms")
     p.add_argument("--smoke", action="store_true", help="a 2-3 minute run to check that the loss falls")
     p.add_argument("--no-train", action="store_true", help="only evaluate the model in --out")
     p.add_argument("--no-eval", action="store_true", help="skip the full-cache evaluation after training")
