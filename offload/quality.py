@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from offload import OffloadedModel
+from offload.hf.cache import layout_from_model_config
 
 DEFAULT_BUDGETS = (1.0, 2.0, 5.0, 10.0, 25.0, 100.0)
 
@@ -70,11 +71,9 @@ def load_model(spec: str) -> LoadedModel:
 
 
 def kv_bytes(model, num_tokens: int, batch_size: int = 1) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    elem = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem * num_tokens * batch_size
+    """Bytes of the full KV cache (all layers, keys and values) for `num_tokens` tokens."""
+    layout = layout_from_model_config(model.config, 1, next(model.parameters()).dtype)
+    return layout.num_layers * layout.page_bytes * num_tokens * batch_size
 
 
 @dataclass

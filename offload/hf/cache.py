@@ -19,8 +19,13 @@ from offload.store.layout import KVLayout
 from offload.store.tiered import TieredStore
 
 
+def text_config(model_config):
+    """The decoder's config (multimodal configs nest it; text-only ones are it)."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
 def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -> KVLayout:
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     num_heads = text.num_attention_heads
     num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
@@ -29,7 +34,7 @@ def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -
 
 def check_sliding_window(model_config, max_tokens: int) -> None:
     """Sliding-window layers are attended in full here: fine while the context fits the window."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
     uses_window = window is not None and (
@@ -98,7 +103,7 @@ class OffloadCache(Cache):
         self.model_config = model_config
         self.max_tokens = max_tokens
         self.store: TieredStore | None = None
-        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        text = text_config(model_config)
         super().__init__(layers=[OffloadLayer(self, i) for i in range(text.num_hidden_layers)])
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_query: dict[int, torch.Tensor] = {}

@@ -352,11 +352,7 @@ class LayerStore:
         device = self.device_pool.device
         per_seq = []
         for b in range(self.batch_size):
-            pages = self.resident_pages(b)
-            if selected is not None:
-                required = self.required_pages(b)
-                pages = [p for p in pages if p in required or p in selected[b]]
-            per_seq.append(pages)
+            per_seq.append(self._attended(b, self.resident_pages(b), selected))
         page_idx = self._pad(per_seq)
         slot_idx = torch.where(page_idx >= 0, self.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
         offsets = torch.arange(ps)
@@ -372,6 +368,13 @@ class LayerStore:
         key_pos = torch.cat([page_pos, tail_pos, new_pos], dim=1).to(device)
         return keys.transpose(1, 2), values.transpose(1, 2), key_pos
 
+    def _attended(self, b: int, pages: list[int], selected: list[set[int]] | None) -> list[int]:
+        """The pages of `pages` that sequence b attends: all, or (sparse) the required and selected ones."""
+        if selected is None:
+            return pages
+        required = self.required_pages(b)
+        return [p for p in pages if p in required or p in selected[b]]
+
     def _pad(self, per_seq: list[list[int]]) -> torch.Tensor:
         """[B, max_n] page numbers, -1 padded."""
         num = max((len(p) for p in per_seq), default=0)
@@ -386,13 +389,9 @@ class LayerStore:
         for b in range(self.batch_size):
             n = self.num_complete(b)
             pages = (self.slots[b, :n] < 0).nonzero().flatten().tolist()
-            if selected is not None:
-                if self.rules.skip_misses:
-                    pages = []
-                else:
-                    required = self.required_pages(b)
-                    pages = [p for p in pages if p in required or p in selected[b]]
-            per_seq.append(pages)
+            if selected is not None and self.rules.skip_misses:
+                pages = []
+            per_seq.append(self._attended(b, pages, selected))
         logical = self._pad(per_seq)
         table = torch.where(logical >= 0, self.host_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
         counts = torch.tensor([len(p) for p in per_seq], dtype=torch.long)
