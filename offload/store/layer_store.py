@@ -125,6 +125,7 @@ class LayerStore:
         self.inflight: list[dict[int, int]] = [{} for _ in range(batch_size)]  # page -> slot
         self._batches: list[tuple[int, list[int], CopyBatch]] = []  # (seq, pages, batch)
         self.issued: list[set[int]] = [set() for _ in range(batch_size)]  # speculated, not yet judged
+        self.last_needed: list[set[int]] = [set() for _ in range(batch_size)]  # the last decode query's pages
         # One extra column collects the mass of invalid keys, so scatter needs no masking.
         self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
         summary_shape = (batch_size, max_pages, layout.num_kv_heads, layout.head_dim)
@@ -152,15 +153,17 @@ class LayerStore:
             required.update(range(first, n))
         return required
 
-    def top_pages(self, query: torch.Tensor) -> list[set[int]]:
+    def top_pages(self, query: torch.Tensor, token_budget: int | None = None) -> list[set[int]]:
         """Per sequence, the non-required complete pages a query selects: the highest upper
-        bounds of q.k (Quest), as many as fit `token_budget` beside sinks, recent window and tail."""
+        bounds of q.k (Quest), as many as fit `token_budget` (default: the rules') beside sinks,
+        recent window and tail."""
         ps = self.layout.page_size
+        token_budget = self.rules.token_budget if token_budget is None else token_budget
         selected = []
         for b in range(self.batch_size):
             required = self.required_pages(b)
             fixed_tokens = len(required) * ps + self.length[b] % ps
-            k = max(0, (self.rules.token_budget - fixed_tokens) // ps)
+            k = max(0, (token_budget - fixed_tokens) // ps)
             candidates = [p for p in range(self.num_complete(b)) if p not in required]
             if k >= len(candidates) or k == 0:
                 selected.append(set(candidates) if k else set())
@@ -214,7 +217,9 @@ class LayerStore:
 
     def speculate(self, predicted_query: torch.Tensor) -> None:
         """Prefetch the pages a predicted query [B, H, Q, D] selects, before this layer runs."""
-        selected = self.top_pages(predicted_query)
+        # As many pages as the device holds, not just the token budget: the real query's pages
+        # rank near the top of the predicted ones, so a wider net catches more of them.
+        selected = self.top_pages(predicted_query, (self.rules.slots_per_seq - 1) * self.layout.page_size)
         for b in range(self.batch_size):
             wanted = selected[b]
             missing = sorted(wanted - set(self.resident_pages(b)) - set(self.inflight[b]))
@@ -253,6 +258,7 @@ class LayerStore:
         needed = self.top_pages(query) if decode else None
         if needed is not None:
             self._count_needed(needed)
+            self.last_needed = needed
         self.finish_inflight()
         lengths = torch.tensor(self.length, dtype=torch.long)
         counts = new_valid.long().cumsum(dim=1)
@@ -501,11 +507,13 @@ class LayerStore:
             if room >= len(others):
                 wanted.update(others)
             else:
-                # Highest score first (resident pages weighted up), among equal scores the newest page.
+                # The pages the last query selected first (the next query selects mostly the same),
+                # then highest score (resident pages weighted up), among equal scores the newest page.
                 score = self.scores[b, torch.tensor(others, dtype=torch.long)].tolist()
                 resident = set(self.resident_pages(b)) | set(fresh)
                 weight = [RESIDENT_BONUS if p in resident else 1.0 for p in others]
-                order = sorted(range(len(others)), key=lambda i: (-score[i] * weight[i], -others[i]))
+                last = self.last_needed[b]
+                order = sorted(range(len(others)), key=lambda i: (others[i] not in last, -score[i] * weight[i], -others[i]))
                 wanted.update(others[i] for i in order[:room])
         for p in self.resident_pages(b):
             if p not in wanted:

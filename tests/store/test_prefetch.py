@@ -136,3 +136,41 @@ def test_emulated_link_takes_bytes_over_bandwidth():
     engine._link_wait(5_000_000)  # 5 MB at 1 GB/s
     assert time.perf_counter() - start >= 0.005
     assert engine.counters.link_s >= 0.005
+
+
+def test_speculation_fills_every_free_slot_in_predicted_order():
+    # token_budget selects 1 page, but the device has room for 5 beside sinks, recent and tail:
+    # speculation casts the wider net, so near misses of the prediction are still resident.
+    store = _store(1, 80, page_size=4, slack_slots=5, sink_tokens=4, recent_tokens=4, token_budget=12)
+    layer, ref = store.layers[0], Reference(1)
+    _prefill(store, ref, tokens=64)
+    assert len(layer.top_pages(torch.randn(1, H, 1, D))[0]) == 1
+    query = torch.randn(1, H, 1, D)
+    capacity = (layer.rules.slots_per_seq - 1) * 4
+    predicted = layer.top_pages(query, capacity)[0]
+    assert len(predicted) > 1
+    layer._make_room(0, keep=set(), num=100)
+    layer.speculate(query)
+    layer.finish_inflight()
+    assert predicted <= set(layer.resident_pages(0))
+    assert layer.slots_in_use(0) <= layer.rules.slots_per_seq
+
+
+def test_rebalance_keeps_the_pages_the_last_query_selected():
+    store = _store(1, 80, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4, score_decay=1.0)
+    layer, ref = store.layers[0], Reference(1)
+    _prefill(store, ref, tokens=64)
+    required = layer.required_pages(0)
+    others = [p for p in range(layer.num_complete(0)) if p not in required]
+    # Criticality says the first two candidates; the last query selected the last two.
+    layer.scores[0].zero_()
+    layer.scores[0, others[:2]] = 10.0
+    layer.last_needed = [set(others[-2:])]
+    for p in layer.resident_pages(0):  # start from no cached pages, so nothing has a resident bonus
+        if p not in required:
+            layer.device_pool.decref(int(layer.slots[0, p]))
+            layer.slots[0, p] = -1
+    layer._rebalance(0, {})
+    layer.finish_inflight()
+    assert set(others[-2:]) <= set(layer.resident_pages(0))
+    assert set(layer.resident_pages(0)).isdisjoint(others[:2])
