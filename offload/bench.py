@@ -43,6 +43,8 @@ def quality(argv: list[str]) -> None:
     parser.add_argument("--prefetch", type=_words, default=["on", "off"])
     parser.add_argument("--task-contexts", type=lambda t: [int(x) for x in _words(t)], default=[1024, 2048, 4096])
     parser.add_argument("--task-samples", type=int, default=20)
+    parser.add_argument("--tasks", type=_words, default=None,
+                        help="retrieval tasks to score (embedded model; default: passkey,mqar,copy)")
     parser.add_argument("--page-size", type=int, default=None)
     parser.add_argument("--token-budget", type=int, default=None,
                         help="tokens the query selects (default: what the device budget holds)")
@@ -56,6 +58,12 @@ def quality(argv: list[str]) -> None:
     for mode in args.modes:
         if mode not in ("exact", "sparse"):
             parser.error(f"--modes takes exact and/or sparse, got {mode!r}")
+    if args.tasks is not None:
+        from offload.models.tasks import TASKS
+
+        for task in args.tasks:
+            if task not in TASKS:
+                parser.error(f"--tasks takes {', '.join(TASKS)}; got {task!r}")
     loaded = load_model(args.model)
     text_ids = None
     if args.text:
@@ -68,15 +76,18 @@ def quality(argv: list[str]) -> None:
         if len(ids) < args.context:
             parser.error(f"{args.text} has {len(ids)} tokens, fewer than --context {args.context}")
         text_ids = torch.tensor([ids[: args.context]])
+    elif loaded.default_text is not None:
+        text_ids = loaded.default_text(args.context)
     overrides = {k: v for k, v in (("page_size", args.page_size), ("token_budget", args.token_budget),
                                    ("sink_tokens", args.sink_tokens), ("recent_tokens", args.recent_tokens))
                  if v is not None}
     points = sweep(
         loaded, text_ids, context=args.context, eval_tokens=args.eval_tokens, gen_tokens=args.gen_tokens,
         budgets=args.budgets, modes=args.modes, prefetch=[v == "on" for v in args.prefetch],
-        task_contexts=args.task_contexts, task_samples=args.task_samples, overrides=overrides,
+        task_contexts=args.task_contexts, task_samples=args.task_samples, task_names=args.tasks, overrides=overrides,
     )
-    meta = {"model": loaded.name, "command": "offload bench quality " + " ".join(argv), "text": args.text,
+    meta = {"model": loaded.name, "command": "offload bench quality " + " ".join(argv),
+            "text": args.text or ("embedded.sample_text" if text_ids is not None else None),
             "context": args.context, "overrides": overrides}
     out = Path(args.out)
     write_results(points, out, meta)

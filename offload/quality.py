@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from offload import OffloadedModel
 from offload.hf.cache import layout_from_model_config
 
 DEFAULT_BUDGETS = (1.0, 2.0, 5.0, 10.0, 25.0, 100.0)
+TASK_TAIL_TOKENS = 16  # a task sample is its context plus at most this many question/answer tokens
 
 
 @dataclass
@@ -35,7 +37,8 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object | None
     name: str
-    tasks: Callable | None = None  # (wrapped model, context_tokens, num_samples, seed) -> {task: accuracy}
+    tasks: Callable | None = None  # (wrapped model, context_tokens, num_samples, seed, names) -> {task: accuracy}
+    default_text: Callable | None = None  # (num_tokens) -> ids [1, num_tokens], when no --text is given
 
 
 def load_model(spec: str) -> LoadedModel:
@@ -45,12 +48,13 @@ def load_model(spec: str) -> LoadedModel:
 
         model, tokenizer = embedded.load_embedded_model()
 
-        def tasks(wrapped, context_tokens, num_samples, seed):
-            generate = embedded.greedy_generate_fn(wrapped)
-            return {task: embedded.task_accuracy(model, tokenizer, task, context_tokens, num_samples, seed, generate)
-                    for task in embedded.tasks.TASKS}
+        def tasks(wrapped, context_tokens, num_samples, seed, names=embedded.tasks.TASKS):
+            score = partial(offloaded_argmax, wrapped)
+            return {task: embedded.task_accuracy(model, tokenizer, task, context_tokens, num_samples, seed,
+                                                 score_fn=score)
+                    for task in names}
 
-        return LoadedModel(model, tokenizer, "embedded", tasks)
+        return LoadedModel(model, tokenizer, "embedded", tasks, embedded.sample_text)
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"model {spec!r}: no such file or directory; expected 'embedded', a llama2.c checkpoint or a transformers directory")
@@ -102,6 +106,21 @@ def full_cache_nll(model, ids: torch.Tensor, start: int) -> float:
 
 
 @torch.inference_mode()
+def offloaded_argmax(om: OffloadedModel, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """[T - start] argmax predictions for positions start..T-1 of ids [1, T]: prefill ids[:, :start],
+    then feed the true tokens one decode step at a time (an `embedded.ScoreFn`)."""
+    cache = om.new_cache(1, ids.shape[1])
+    try:
+        logits = om(ids[:, :start], past_key_values=cache).logits[:, -1]
+        predicted = [logits.argmax(-1)]
+        for t in range(start, ids.shape[1] - 1):
+            predicted.append(om(ids[:, t : t + 1], past_key_values=cache).logits[:, -1].argmax(-1))
+    finally:
+        cache.release()
+    return torch.cat(predicted)
+
+
+@torch.inference_mode()
 def offloaded_nll(om: OffloadedModel, ids: torch.Tensor, start: int):
     """Mean NLL of ids[start:]: prefill ids[:start], then one decode step per token. Returns (nll, stats)."""
     cache = om.new_cache(1, ids.shape[1])
@@ -142,6 +161,7 @@ def sweep(
     prefetch=(True, False),
     task_contexts=(1024, 2048, 4096),
     task_samples: int = 20,
+    task_names=None,
     overrides: dict | None = None,
     progress: bool = True,
 ) -> list[Point]:
@@ -158,6 +178,10 @@ def sweep(
     if prompt is not None and gen_tokens:
         with torch.inference_mode():
             reference = model.generate(prompt, max_new_tokens=gen_tokens, do_sample=False, min_new_tokens=gen_tokens)
+    task_names = tuple(task_names) if task_names is not None else None
+    if loaded.tasks is not None and task_names is None:
+        from offload.models.tasks import TASKS as task_names
+    task_results: dict = {}
     points = []
     for budget_pct, mode, use_prefetch in tqdm(grid, desc="quality sweep", disable=not progress):
         point = Point(budget_pct, mode, use_prefetch)
@@ -184,15 +208,21 @@ def sweep(
                 new, ref_new = out[0, prompt.shape[1] :], reference[0, prompt.shape[1] :]
                 n = min(len(new), len(ref_new))
                 point.greedy_agreement = float((new[:n] == ref_new[:n]).float().mean()) if n else 0.0
-            if loaded.tasks is not None:
-                for task_context in task_contexts:
-                    need = om.minimum_device_budget(1, task_context + 16)
-                    budget = int(budget_pct / 100 * kv_bytes(model, task_context + 16))
-                    if budget < need:
-                        continue
-                    om.config.device_budget = budget
-                    accuracy = loaded.tasks(om, task_context, task_samples, 0)
-                    point.task_accuracy.update({f"{name}@{task_context}": acc for name, acc in accuracy.items()})
+            if loaded.tasks is not None and task_names:
+                # Prefetch decides where pages are read, never what is attended (unless sparse
+                # misses are skipped), so the answers are the same with it on and off.
+                key = (budget_pct, mode, use_prefetch if om.config.sparse_misses == "skip" else None)
+                if key not in task_results:
+                    task_results[key] = {}
+                    for task_context in task_contexts:
+                        need = om.minimum_device_budget(1, task_context + TASK_TAIL_TOKENS)
+                        budget = int(budget_pct / 100 * kv_bytes(model, task_context + TASK_TAIL_TOKENS))
+                        if budget < need:
+                            continue
+                        om.config.device_budget = budget
+                        accuracy = loaded.tasks(om, task_context, task_samples, 0, task_names)
+                        task_results[key].update({f"{name}@{task_context}": acc for name, acc in accuracy.items()})
+                point.task_accuracy.update(task_results[key])
         finally:
             om.unwrap()
             point.seconds = time.perf_counter() - start

@@ -42,3 +42,21 @@ def test_cli_rejects_bad_arguments(capsys):
         bench_main(["speedy"])
     bench_main(["--help"])
     assert "offload bench quality" in capsys.readouterr().out
+
+
+def test_sweep_scores_tasks_once_per_budget_and_mode():
+    model = tiny_model("llama-gqa")
+    calls = []
+
+    def tasks(wrapped, context_tokens, num_samples, seed, names):
+        calls.append((wrapped.config.mode, wrapped.config.prefetch, context_tokens, names))
+        return {name: 1.0 for name in names}
+
+    points = sweep(
+        LoadedModel(model, None, "tiny", tasks), None, budgets=[100], modes=["exact", "sparse"],
+        prefetch=[True, False], task_contexts=[64], task_samples=1, task_names=["passkey"], progress=False,
+        overrides={"page_size": 8, "sink_tokens": 8, "recent_tokens": 16},
+    )
+    # Prefetch moves pages, it never changes what is attended: one scoring per (budget, mode).
+    assert [(m, c, n) for m, _, c, n in calls] == [("exact", 64, ("passkey",)), ("sparse", 64, ("passkey",))]
+    assert all(p.task_accuracy == {"passkey@64": 1.0} for p in points)

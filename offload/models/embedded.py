@@ -25,6 +25,9 @@ TOKENIZER_FILE = "tokenizer.json"
 
 # (prompt_ids [1, T], max_new_tokens) -> ids [1, T + max_new_tokens], as `model.generate` returns.
 GenerateFn = Callable[[torch.Tensor, int], torch.Tensor]
+# (input_ids [1, T], start) -> [T - start] argmax predictions for positions start..T-1, each from
+# the true tokens before it: prefill input_ids[:, :start], then one decode step per token.
+ScoreFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class WordTokenizer(Tokenizer):
@@ -88,7 +91,8 @@ def _check_vocab(tokenizer: WordTokenizer) -> None:
 
 @torch.no_grad()
 def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: int, num_samples: int,
-                  seed: int = 0, generate_fn: GenerateFn | None = None, batch_size: int = 4) -> float:
+                  seed: int = 0, generate_fn: GenerateFn | None = None, batch_size: int = 4,
+                  score_fn: ScoreFn | None = None) -> float:
     """Exact-match accuracy on `num_samples` seeded `tasks.eval_sample(task, context_tokens)`.
 
     An answer counts as right when every token of it is right: all five passkey digits, the
@@ -96,12 +100,18 @@ def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: in
     Without `generate_fn`, one teacher-forced forward pass per batch scores every answer (its
     greedy continuation is right exactly when each answer token is the argmax given the right
     ones before it). With `generate_fn`, each answer is generated greedily from its prompt.
+    With `score_fn`, each sample is prefilled once up to its first answer and the rest (questions
+    and answers) is fed as decode steps, scored like the forward pass: one prefill per sample
+    instead of one per answer, and the answers are read in decode steps, where sparse attention
+    and prefetch act.
     """
+    if generate_fn is not None and score_fn is not None:
+        raise ValueError("pass generate_fn or score_fn, not both")
     _check_vocab(tokenizer)
     rng = np.random.default_rng([seed, context_tokens, tasks.TASKS.index(task)])
     samples = [tasks.eval_sample(task, context_tokens, rng) for _ in range(num_samples)]
     right = total = 0
-    if generate_fn is None:
+    if generate_fn is None and score_fn is None:
         device = next(model.parameters()).device
         for i in range(0, len(samples), batch_size):
             batch = samples[i:i + batch_size]
@@ -111,6 +121,15 @@ def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: in
                 for _, a, b in sample.answers:
                     right += bool((predicted[row, a - 1:b - 1] == input_ids[row, a:b]).all())
                     total += 1
+    elif score_fn is not None:
+        for sample in samples:
+            start = min(a for _, a, _ in sample.answers)
+            end = max(b for _, _, b in sample.answers)
+            ids = torch.from_numpy(sample.input_ids[None, :end].copy())
+            predicted = score_fn(ids, start)
+            for _, a, b in sample.answers:
+                right += bool((predicted[a - start:b - start] == ids[0, a:b]).all())
+                total += 1
     else:
         for sample in samples:
             for _, a, b in sample.answers:
@@ -134,6 +153,13 @@ def evaluate_tasks(model, tokenizer: WordTokenizer, context_lengths: Sequence[in
     """`{task: {context_tokens: accuracy}}` with the full cache, for the model card."""
     return {task: {n: task_accuracy(model, tokenizer, task, n, num_samples, seed) for n in context_lengths}
             for task in task_names}
+
+
+def sample_text(num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """ids [1, num_tokens]: one seeded training-style sequence (filler with passkey, MQAR and copy
+    needles and their questions), the embedded model's own kind of text for perplexity runs."""
+    rng = np.random.default_rng([seed, num_tokens])
+    return torch.from_numpy(tasks.training_sample(num_tokens, rng, filler_weight=0.0).input_ids[None])
 
 
 def greedy_generate_fn(model) -> GenerateFn:

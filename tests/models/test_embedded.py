@@ -8,6 +8,7 @@ numbers) states, so a broken or swapped model cannot ship.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -135,3 +136,31 @@ def test_generate_path_agrees_with_teacher_forced_scoring(embedded):
     forced = evaluate_passkey(model, tok, 256, num_samples=4, seed=5)
     generated = evaluate_passkey(model, tok, 256, num_samples=4, seed=5, generate_fn=greedy_generate_fn(model))
     assert generated == forced
+
+
+def test_decode_step_scoring_matches_the_full_cache_forward(embedded):
+    from offload import OffloadedModel
+    from offload.quality import offloaded_argmax
+
+    model, tok = embedded
+    sample = tasks.eval_sample("mqar", 300, np.random.default_rng(3))
+    ids = torch.from_numpy(sample.input_ids[None].copy())
+    start = min(a for _, a, _ in sample.answers)
+    with torch.no_grad():
+        forced = model(input_ids=ids).logits[0, start - 1:-1].argmax(-1)
+    # A device budget far below the KV cache: most pages are read on the host.
+    with OffloadedModel(model, page_size=16, sink_tokens=16, recent_tokens=16, device_budget=100_000) as om:
+        scored = offloaded_argmax(om, ids, start)
+        assert torch.equal(scored, forced)
+        accuracy = task_accuracy(model, tok, "mqar", 300, 3, seed=5, score_fn=partial(offloaded_argmax, om))
+    assert accuracy == task_accuracy(model, tok, "mqar", 300, 3, seed=5)
+    with pytest.raises(ValueError, match="not both"):
+        task_accuracy(model, tok, "passkey", 300, 1, generate_fn=greedy_generate_fn(model), score_fn=lambda i, s: i)
+
+
+def test_sample_text_is_seeded_task_text():
+    from offload.models.embedded import sample_text
+
+    a, b = sample_text(500), sample_text(500)
+    assert a.shape == (1, 500) and torch.equal(a, b) and int(a[0, 0]) == tasks.BOS_ID
+    assert not torch.equal(a, sample_text(500, seed=1))
