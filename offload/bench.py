@@ -30,7 +30,7 @@ def _words(text: str) -> list[str]:
 
 
 def quality(argv: list[str]) -> None:
-    from offload.quality import DEFAULT_BUDGETS, load_model, sweep, write_results
+    from offload.quality import DEFAULT_BUDGETS, full_cache_tasks, load_model, sweep, write_results
 
     parser = argparse.ArgumentParser(prog="offload bench quality", description="Quality vs device budget sweep.")
     parser.add_argument("--model", default="embedded", help="'embedded', a llama2.c checkpoint (folder or .bin) or a transformers directory")
@@ -86,9 +86,11 @@ def quality(argv: list[str]) -> None:
         budgets=args.budgets, modes=args.modes, prefetch=[v == "on" for v in args.prefetch],
         task_contexts=args.task_contexts, task_samples=args.task_samples, task_names=args.tasks, overrides=overrides,
     )
+    full_tasks = full_cache_tasks(loaded, args.task_contexts, args.task_samples, args.tasks)
     meta = {"model": loaded.name, "command": "offload bench quality " + " ".join(argv),
             "text": args.text or ("embedded.sample_text" if text_ids is not None else None),
-            "context": args.context, "overrides": overrides}
+            "context": args.context, "overrides": overrides, "task_samples": args.task_samples,
+            "task_accuracy_full_cache": full_tasks}
     out = Path(args.out)
     write_results(points, out, meta)
     print(out.with_suffix(".md").read_text())

@@ -37,7 +37,8 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object | None
     name: str
-    tasks: Callable | None = None  # (wrapped model, context_tokens, num_samples, seed, names) -> {task: accuracy}
+    # (wrapped model or None for the full cache, context_tokens, num_samples, seed, names) -> {task: accuracy}
+    tasks: Callable | None = None
     default_text: Callable | None = None  # (num_tokens) -> ids [1, num_tokens], when no --text is given
 
 
@@ -49,7 +50,8 @@ def load_model(spec: str) -> LoadedModel:
         model, tokenizer = embedded.load_embedded_model()
 
         def tasks(wrapped, context_tokens, num_samples, seed, names=embedded.tasks.TASKS):
-            score = partial(offloaded_argmax, wrapped)
+            # wrapped=None: the plain model with its full cache (one teacher-forced forward).
+            score = partial(offloaded_argmax, wrapped) if wrapped is not None else None
             return {task: embedded.task_accuracy(model, tokenizer, task, context_tokens, num_samples, seed,
                                                  score_fn=score)
                     for task in names}
@@ -230,6 +232,19 @@ def sweep(
     return points
 
 
+def full_cache_tasks(loaded: LoadedModel, task_contexts, task_samples: int, task_names=None) -> dict[str, float]:
+    """`{"task@context": accuracy}` of the plain model on the same seeded samples the sweep scores."""
+    if loaded.tasks is None:
+        return {}
+    if task_names is None:
+        from offload.models.tasks import TASKS as task_names
+    result = {}
+    for task_context in task_contexts:
+        accuracy = loaded.tasks(None, task_context, task_samples, 0, tuple(task_names))
+        result.update({f"{name}@{task_context}": acc for name, acc in accuracy.items()})
+    return result
+
+
 def write_results(points: list[Point], out: Path, meta: dict) -> None:
     """JSON, a Markdown table and a plot (quality and bytes moved vs budget)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +258,10 @@ def write_results(points: list[Point], out: Path, meta: dict) -> None:
     def fmt(value, spec=".3f"):
         return "—" if value is None else format(value, spec)
 
+    full = meta.get("task_accuracy_full_cache")
+    if full:
+        cells = ["full cache", "—", "—", "1.0000", "1.000", *[fmt(full.get(t)) for t in tasks], "—", "1.000", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
     for p in points:
         if p.skipped:
             lines.append(f"| {p.budget_pct:g} | {p.mode} | {'on' if p.prefetch else 'off'} | skipped: {p.skipped} |"

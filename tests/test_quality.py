@@ -60,3 +60,23 @@ def test_sweep_scores_tasks_once_per_budget_and_mode():
     # Prefetch moves pages, it never changes what is attended: one scoring per (budget, mode).
     assert [(m, c, n) for m, _, c, n in calls] == [("exact", 64, ("passkey",)), ("sparse", 64, ("passkey",))]
     assert all(p.task_accuracy == {"passkey@64": 1.0} for p in points)
+
+
+def test_cli_sweeps_the_embedded_model_with_its_tasks(tmp_path, capsys):
+    out = tmp_path / "embedded"
+    bench_main(["quality", "--context", "256", "--eval-tokens", "8", "--gen-tokens", "4", "--budgets", "50",
+                "--modes", "exact", "--prefetch", "on", "--task-contexts", "128", "--task-samples", "2",
+                "--tasks", "passkey", "--page-size", "16", "--sink-tokens", "16", "--recent-tokens", "16",
+                "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["text"] == "embedded.sample_text"
+    (point,) = data["points"]
+    assert point["perplexity_ratio"] == pytest.approx(1.0, abs=1e-4) and point["greedy_agreement"] == 1.0
+    assert point["task_accuracy"] == data["meta"]["task_accuracy_full_cache"]  # exact mode: same answers
+    assert set(point["task_accuracy"]) == {"passkey@128"}
+    table = out.with_suffix(".md").read_text()
+    assert "| full cache |" in table and "passkey@128" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        bench_main(["quality", "--tasks", "sudoku"])
+    capsys.readouterr()
