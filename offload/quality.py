@@ -92,7 +92,8 @@ class Point:
     perplexity: float | None = None
     perplexity_full: float | None = None
     perplexity_ratio: float | None = None
-    greedy_agreement: float | None = None
+    greedy_agreement: float | None = None  # free-running: one early divergence lowers every later position
+    top1_agreement: float | None = None  # teacher-forced: argmax equals the full cache's, same true prefix
     task_accuracy: dict = field(default_factory=dict)
     prefetch_recall: float | None = None
     mass_coverage: float | None = None
@@ -101,10 +102,10 @@ class Point:
 
 
 @torch.inference_mode()
-def full_cache_nll(model, ids: torch.Tensor, start: int) -> float:
-    """Mean NLL of tokens ids[start:] with the plain model (one forward)."""
+def full_cache_nll(model, ids: torch.Tensor, start: int) -> tuple[float, torch.Tensor]:
+    """(mean NLL of tokens ids[start:], argmax predictions [T - start]) with the plain model (one forward)."""
     logits = model(ids).logits[0, start - 1 : -1].float()
-    return float(torch.nn.functional.cross_entropy(logits, ids[0, start:]))
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, start:])), logits.argmax(-1)
 
 
 @torch.inference_mode()
@@ -124,13 +125,16 @@ def offloaded_argmax(om: OffloadedModel, ids: torch.Tensor, start: int) -> torch
 
 @torch.inference_mode()
 def offloaded_nll(om: OffloadedModel, ids: torch.Tensor, start: int):
-    """Mean NLL of ids[start:]: prefill ids[:start], then one decode step per token. Returns (nll, stats)."""
+    """Mean NLL of ids[start:]: prefill ids[:start], then one decode step per token.
+    Returns (nll, stats, argmax predictions [T - start])."""
     cache = om.new_cache(1, ids.shape[1])
     logits = om(ids[:, :start], past_key_values=cache).logits[:, -1]
     before = cache.stats()
     total = 0.0
+    predicted = []
     for t in range(start, ids.shape[1]):
         total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t]))
+        predicted.append(logits.argmax(-1))
         if t + 1 < ids.shape[1]:
             logits = om(ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
     after = cache.stats()
@@ -148,7 +152,7 @@ def offloaded_nll(om: OffloadedModel, ids: torch.Tensor, start: int):
         "mass_coverage": delta["mass"] / delta["rows"] if delta["rows"] else 1.0,
         "h2d_bytes_per_token": delta["h2d"] / max(1, steps - 1),
     }
-    return total / steps, stats
+    return total / steps, stats, torch.cat(predicted)
 
 
 def sweep(
@@ -174,7 +178,7 @@ def sweep(
     overrides = dict(overrides or {})
     grid = [(b, m, p) for b in budgets for m in modes for p in prefetch]
     ppl_ids = text_ids[:, :context] if text_ids is not None else None
-    full_nll = full_cache_nll(model, ppl_ids, context - eval_tokens) if ppl_ids is not None else None
+    full_nll, full_argmax = full_cache_nll(model, ppl_ids, context - eval_tokens) if ppl_ids is not None else (None, None)
     prompt = ppl_ids[:, : context - gen_tokens] if ppl_ids is not None else None
     reference = None
     if prompt is not None and gen_tokens:
@@ -199,8 +203,9 @@ def sweep(
                 continue
             om.config.device_budget = point.device_budget
             if ppl_ids is not None:
-                nll, stats = offloaded_nll(om, ppl_ids, context - eval_tokens)
+                nll, stats, argmax = offloaded_nll(om, ppl_ids, context - eval_tokens)
                 point.perplexity, point.perplexity_full = math.exp(nll), math.exp(full_nll)
+                point.top1_agreement = float((argmax == full_argmax).float().mean())
                 point.perplexity_ratio = point.perplexity / point.perplexity_full
                 point.prefetch_recall = stats["prefetch_recall"]
                 point.mass_coverage = stats["mass_coverage"]
@@ -250,7 +255,7 @@ def write_results(points: list[Point], out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": [asdict(p) for p in points]}, indent=2))
     tasks = sorted({k for p in points for k in p.task_accuracy})
-    header = ["budget % of KV", "mode", "prefetch", "ppl / full", "greedy agreement", *tasks,
+    header = ["budget % of KV", "mode", "prefetch", "ppl / full", "top-1 agreement", "greedy agreement", *tasks,
               "recall", "mass coverage", "h2d KiB/token"]
     lines = [f"Quality sweep: {meta.get('model')} (`{meta.get('command')}`)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -260,7 +265,7 @@ def write_results(points: list[Point], out: Path, meta: dict) -> None:
 
     full = meta.get("task_accuracy_full_cache")
     if full:
-        cells = ["full cache", "—", "—", "1.0000", "1.000", *[fmt(full.get(t)) for t in tasks], "—", "1.000", "—"]
+        cells = ["full cache", "—", "—", "1.0000", "1.000", "1.000", *[fmt(full.get(t)) for t in tasks], "—", "1.000", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     for p in points:
         if p.skipped:
@@ -268,7 +273,7 @@ def write_results(points: list[Point], out: Path, meta: dict) -> None:
                          + " |" * (len(header) - 4))
             continue
         cells = [f"{p.budget_pct:g}", p.mode, "on" if p.prefetch else "off", fmt(p.perplexity_ratio, ".4f"),
-                 fmt(p.greedy_agreement), *[fmt(p.task_accuracy.get(t)) for t in tasks], fmt(p.prefetch_recall),
+                 fmt(p.top1_agreement), fmt(p.greedy_agreement), *[fmt(p.task_accuracy.get(t)) for t in tasks], fmt(p.prefetch_recall),
                  fmt(p.mass_coverage), fmt(None if p.h2d_bytes_per_token is None else p.h2d_bytes_per_token / 1024, ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -276,33 +281,46 @@ def write_results(points: list[Point], out: Path, meta: dict) -> None:
 
 
 def _plot(points: list[Point], path: Path, meta: dict) -> None:
+    """Three panels against the budget: quality per mode (prefetch never changes it), prefetch
+    recall and host->device bytes per token per mode and prefetch setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_q, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in sorted({p.mode for p in points}):
+    fig, (ax_q, ax_r, ax_b) = plt.subplots(1, 3, figsize=(15, 4.2))
+    done = [p for p in points if not p.skipped]
+    tasks = sorted({k for p in done for k in p.task_accuracy})
+    longest = max((int(t.split("@")[1]) for t in tasks), default=None)
+    for mode in sorted({p.mode for p in done}):
+        sel = [p for p in done if p.mode == mode and p.prefetch == done[0].prefetch]
+        xs = [p.budget_pct for p in sel]
+        if any(p.top1_agreement is not None for p in sel):
+            ax_q.plot(xs, [p.top1_agreement for p in sel], marker="o", label=f"{mode}: top-1 agreement")
+        for task in tasks:
+            if int(task.split("@")[1]) == longest:
+                ax_q.plot(xs, [p.task_accuracy.get(task) for p in sel], marker="s", linestyle="--", label=f"{mode}: {task}")
         for prefetch in (True, False):
-            sel = [p for p in points if p.mode == mode and p.prefetch == prefetch and not p.skipped]
-            if not sel:
-                continue
-            label = f"{mode}, prefetch {'on' if prefetch else 'off'}"
-            xs = [p.budget_pct for p in sel]
-            if any(p.greedy_agreement is not None for p in sel):
-                ax_q.plot(xs, [p.greedy_agreement for p in sel], marker="o", label=f"{label}: greedy agreement")
-            for task in sorted({k for p in sel for k in p.task_accuracy}):
-                ax_q.plot(xs, [p.task_accuracy.get(task) for p in sel], marker="s", linestyle="--", label=f"{label}: {task}")
-            ax_b.plot(xs, [(p.h2d_bytes_per_token or 0) / 1024 for p in sel], marker="o", label=label)
-    for ax in (ax_q, ax_b):
+            sel = [p for p in done if p.mode == mode and p.prefetch == prefetch]
+            if sel:
+                label = f"{mode}, prefetch {'on' if prefetch else 'off'}"
+                xs = [p.budget_pct for p in sel]
+                ax_r.plot(xs, [p.prefetch_recall for p in sel], marker="o", label=label)
+                ax_b.plot(xs, [(p.h2d_bytes_per_token or 0) / 1024 for p in sel], marker="o", label=label)
+    full = meta.get("task_accuracy_full_cache") or {}
+    for task, acc in full.items():
+        if longest is not None and int(task.split("@")[1]) == longest:
+            ax_q.axhline(acc, color="gray", linewidth=0.8, linestyle=":")
+    for ax in (ax_q, ax_r, ax_b):
         ax.set_xscale("log")
         ax.set_xlabel("device budget (% of the KV cache)")
         ax.grid(alpha=0.3)
-    ax_q.set_ylabel("agreement / accuracy vs. full cache")
+        ax.legend(fontsize=7)
+    ax_q.set_ylabel("vs. full cache (dotted: full-cache task accuracy)")
     ax_q.set_ylim(-0.02, 1.02)
+    ax_r.set_ylabel("prefetch recall")
+    ax_r.set_ylim(-0.02, 1.02)
     ax_b.set_ylabel("host->device KiB per token")
-    ax_q.legend(fontsize=7)
-    ax_b.legend(fontsize=7)
     fig.suptitle(f"offload quality sweep: {meta.get('model')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
