@@ -58,6 +58,9 @@ COPY_WORDS = 8
 MAX_TRAIN_COPY_WORDS = 24
 # Words a copy span is drawn from: filler words, so the span looks like its surroundings.
 _COPY_POOL = NOUNS + ADJECTIVES + VERBS_T + VERBS_I + PLACES + NAMES
+MAX_INDUCTION_SPAN = 64
+# Every ordinary token: what `induction_sample` spans are drawn from.
+_INDUCTION_POOL = np.arange(len(SPECIAL_TOKENS), len(VOCAB))
 
 
 def ids(text: str) -> list[int]:
@@ -224,6 +227,25 @@ def training_sample(length: int, rng: np.random.Generator, filler_weight: float 
     if not b.questions:
         b.passkey()
     return b.build(length, filler_weight)
+
+
+def induction_sample(length: int, rng: np.random.Generator, filler_weight: float = 0.1) -> Sample:
+    """A span of distinct random tokens (digits and task words included), random tokens, then
+    the span again: every repeated token after the first is predictable only by looking up its
+    predecessor's earlier occurrence. This is the dense, content-free signal that makes the
+    induction circuit (previous-token head + lookup head) form in a few hundred steps; the
+    passkey, MQAR and copy answers are all lookups of that kind. The gap gets `filler_weight`.
+    """
+    if length < 17:
+        raise ValueError(f"an induction sample needs at least 17 tokens, got {length}")
+    n = int(rng.integers(8, min(MAX_INDUCTION_SPAN, (length - 1) // 2) + 1))
+    span = rng.choice(_INDUCTION_POOL, size=n, replace=False)
+    gap = length - 1 - 2 * n
+    input_ids = np.concatenate([[BOS_ID], span, rng.choice(_INDUCTION_POOL, size=gap), span]).astype(np.int64)
+    weights = np.zeros(length, dtype=np.float32)
+    weights[1 + n:1 + n + gap] = filler_weight
+    weights[length - n + 1:] = 1.0
+    return Sample(input_ids, weights, [])
 
 
 def eval_sample(task: str, length: int, rng: np.random.Generator) -> Sample:
