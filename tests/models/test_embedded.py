@@ -164,3 +164,16 @@ def test_sample_text_is_seeded_task_text():
     a, b = sample_text(500), sample_text(500)
     assert a.shape == (1, 500) and torch.equal(a, b) and int(a[0, 0]) == tasks.BOS_ID
     assert not torch.equal(a, sample_text(500, seed=1))
+
+
+@pytest.mark.parametrize("length", [17, 64, 300, 4096])
+def test_induction_sample_repeats_a_span_of_distinct_tokens(length):
+    s = tasks.induction_sample(length, np.random.default_rng(length), filler_weight=0.1)
+    assert len(s.input_ids) == len(s.weights) == length and s.input_ids[0] == tasks.BOS_ID
+    n = int((s.weights == 1.0).sum()) + 1  # every repeated token but the first is a target
+    span, repeat = s.input_ids[1:1 + n], s.input_ids[length - n:]
+    assert 8 <= n <= tasks.MAX_INDUCTION_SPAN and np.array_equal(span, repeat)
+    assert len(set(span.tolist())) == n and (span >= len(tasks.SPECIAL_TOKENS)).all()
+    assert (s.weights[1 + n:length - n] == np.float32(0.1)).all() and s.weights[length - n] == 0.0
+    with pytest.raises(ValueError, match="at least 17"):
+        tasks.induction_sample(16, np.random.default_rng(0))
