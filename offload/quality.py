@@ -37,7 +37,8 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object | None
     name: str
-    # (wrapped model or None for the full cache, context_tokens, num_samples, seed, names) -> {task: accuracy}
+    # (wrapped model or None for the full cache, context_tokens, num_samples, seed, names or None for all)
+    # -> {task: accuracy}
     tasks: Callable | None = None
     default_text: Callable | None = None  # (num_tokens) -> ids [1, num_tokens], when no --text is given
 
@@ -49,12 +50,12 @@ def load_model(spec: str) -> LoadedModel:
 
         model, tokenizer = embedded.load_embedded_model()
 
-        def tasks(wrapped, context_tokens, num_samples, seed, names=embedded.tasks.TASKS):
+        def tasks(wrapped, context_tokens, num_samples, seed, names=None):
             # wrapped=None: the plain model with its full cache (one teacher-forced forward).
             score = partial(offloaded_argmax, wrapped) if wrapped is not None else None
             return {task: embedded.task_accuracy(model, tokenizer, task, context_tokens, num_samples, seed,
                                                  score_fn=score)
-                    for task in names}
+                    for task in (embedded.tasks.TASKS if names is None else names)}
 
         return LoadedModel(model, tokenizer, "embedded", tasks, embedded.sample_text)
     path = Path(spec)
@@ -108,19 +109,10 @@ def full_cache_nll(model, ids: torch.Tensor, start: int) -> tuple[float, torch.T
     return float(torch.nn.functional.cross_entropy(logits, ids[0, start:])), logits.argmax(-1)
 
 
-@torch.inference_mode()
 def offloaded_argmax(om: OffloadedModel, ids: torch.Tensor, start: int) -> torch.Tensor:
     """[T - start] argmax predictions for positions start..T-1 of ids [1, T]: prefill ids[:, :start],
     then feed the true tokens one decode step at a time (an `embedded.ScoreFn`)."""
-    cache = om.new_cache(1, ids.shape[1])
-    try:
-        logits = om(ids[:, :start], past_key_values=cache).logits[:, -1]
-        predicted = [logits.argmax(-1)]
-        for t in range(start, ids.shape[1] - 1):
-            predicted.append(om(ids[:, t : t + 1], past_key_values=cache).logits[:, -1].argmax(-1))
-    finally:
-        cache.release()
-    return torch.cat(predicted)
+    return offloaded_nll(om, ids, start)[2]
 
 
 @torch.inference_mode()
@@ -128,17 +120,19 @@ def offloaded_nll(om: OffloadedModel, ids: torch.Tensor, start: int):
     """Mean NLL of ids[start:]: prefill ids[:start], then one decode step per token.
     Returns (nll, stats, argmax predictions [T - start])."""
     cache = om.new_cache(1, ids.shape[1])
-    logits = om(ids[:, :start], past_key_values=cache).logits[:, -1]
-    before = cache.stats()
-    total = 0.0
-    predicted = []
-    for t in range(start, ids.shape[1]):
-        total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t]))
-        predicted.append(logits.argmax(-1))
-        if t + 1 < ids.shape[1]:
-            logits = om(ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
-    after = cache.stats()
-    cache.release()
+    try:
+        logits = om(ids[:, :start], past_key_values=cache).logits[:, -1]
+        before = cache.stats()
+        total = 0.0
+        predicted = []
+        for t in range(start, ids.shape[1]):
+            total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t]))
+            predicted.append(logits.argmax(-1))
+            if t + 1 < ids.shape[1]:
+                logits = om(ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
+        after = cache.stats()
+    finally:
+        cache.release()
     steps = ids.shape[1] - start
     delta = {
         "needed": after.needed_pages - before.needed_pages,
@@ -184,9 +178,7 @@ def sweep(
     if prompt is not None and gen_tokens:
         with torch.inference_mode():
             reference = model.generate(prompt, max_new_tokens=gen_tokens, do_sample=False, min_new_tokens=gen_tokens)
-    task_names = tuple(task_names) if task_names is not None else None
-    if loaded.tasks is not None and task_names is None:
-        from offload.models.tasks import TASKS as task_names
+    task_names = tuple(task_names) if task_names is not None else None  # None: all the model has
     task_results: dict = {}
     points = []
     for budget_pct, mode, use_prefetch in tqdm(grid, desc="quality sweep", disable=not progress):
@@ -215,7 +207,7 @@ def sweep(
                 new, ref_new = out[0, prompt.shape[1] :], reference[0, prompt.shape[1] :]
                 n = min(len(new), len(ref_new))
                 point.greedy_agreement = float((new[:n] == ref_new[:n]).float().mean()) if n else 0.0
-            if loaded.tasks is not None and task_names:
+            if loaded.tasks is not None and task_names != ():
                 # Prefetch decides where pages are read, never what is attended (unless sparse
                 # misses are skipped), so the answers are the same with it on and off.
                 key = (budget_pct, mode, use_prefetch if om.config.sparse_misses == "skip" else None)
@@ -241,11 +233,9 @@ def full_cache_tasks(loaded: LoadedModel, task_contexts, task_samples: int, task
     """`{"task@context": accuracy}` of the plain model on the same seeded samples the sweep scores."""
     if loaded.tasks is None:
         return {}
-    if task_names is None:
-        from offload.models.tasks import TASKS as task_names
     result = {}
     for task_context in task_contexts:
-        accuracy = loaded.tasks(None, task_context, task_samples, 0, tuple(task_names))
+        accuracy = loaded.tasks(None, task_context, task_samples, 0, task_names)
         result.update({f"{name}@{task_context}": acc for name, acc in accuracy.items()})
     return result
 
