@@ -13,7 +13,7 @@ from offload import OffloadConfig
 from offload.kernels import available_kernels, merge_partials, paged_attention
 from offload.policies.quest import page_upper_bounds
 from offload.store.layout import KVLayout
-from offload.store.tiered import TieredStore
+from offload.store.kv_store import KVStore
 
 # Llama-3-8B-like attention: 32 query heads, 8 KV heads, head_dim 128; 8k tokens of bf16 KV in 16-token pages.
 H, HKV, D, PAGE, TOKENS = 32, 8, 128, 16, 8192
@@ -53,25 +53,24 @@ def test_page_selection_quest_bounds_512_pages(benchmark):
 def filled_store():
     config = OffloadConfig.from_env({}, page_size=PAGE, device_budget="64MiB", cpu_kernel="auto")
     layout = KVLayout(1, HKV, D, PAGE, torch.bfloat16)
-    store = TieredStore(config, layout)
-    store.reserve(1, TOKENS + 4096, "cpu")
+    store = KVStore(config, layout, "cpu")
+    request, _ = store.open(1, TOKENS + 4096)
     gen = torch.Generator().manual_seed(1)
-    layer = store.layers[0]
     for _ in range(TOKENS // 1024):
         q = torch.randn(1, H, 1024, D, generator=gen).to(torch.bfloat16)
         k = torch.randn(1, HKV, 1024, D, generator=gen).to(torch.bfloat16)
-        layer.attend(q, k, k.clone(), torch.ones(1, 1024, dtype=torch.bool), D**-0.5)
-    yield store
-    store.release()
+        store.attend(request, 0, q, k, k.clone(), torch.ones(1, 1024, dtype=torch.bool), D**-0.5)
+    yield store, request
+    store.close()
 
 
 def test_one_layer_decode_step_8k(benchmark, filled_store):
-    layer = filled_store.layers[0]
+    store, request = filled_store
     gen = torch.Generator().manual_seed(2)
 
     def step():
         q = torch.randn(1, H, 1, D, generator=gen).to(torch.bfloat16)
         k = torch.randn(1, HKV, 1, D, generator=gen).to(torch.bfloat16)
-        layer.attend(q, k, k.clone(), torch.ones(1, 1, dtype=torch.bool), D**-0.5)
+        store.attend(request, 0, q, k, k.clone(), torch.ones(1, 1, dtype=torch.bool), D**-0.5)
 
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from offload import envs
+from offload import envs, policies
 from offload.sizes import parse_bytes
 
 MODES = ("exact", "sparse")
@@ -57,6 +57,11 @@ class OffloadConfig:
     sparse_misses: str = "host"
     promote_pages: int = 4
     score_decay: float = 0.9
+    prefix_cache: bool = True
+    selector: str = "quest"
+    scorer: str = "attention_mass"
+    device_eviction: str = "criticality"
+    prefix_eviction: str = "lru"
 
     def __post_init__(self) -> None:
         self.device_budget = parse_bytes(self.device_budget, _name("device_budget"))
@@ -85,8 +90,13 @@ class OffloadConfig:
             raise ValueError(
                 f"{_name('cpu_kernel')}={self.cpu_kernel!r} is not a kernel; expected one of {', '.join(CPU_KERNELS)}"
             )
-        if not isinstance(self.prefetch, bool):
-            raise ValueError(f"{_name('prefetch')}={self.prefetch!r} must be True or False")
+        for flag in ("prefetch", "prefix_cache"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{_name(flag)}={getattr(self, flag)!r} must be True or False")
+        self._check_policy("selector", policies.SELECTORS)
+        self._check_policy("scorer", policies.SCORERS)
+        self._check_policy("device_eviction", policies.EVICTION_ORDERS)
+        self._check_policy("prefix_eviction", policies.EVICTION_ORDERS)
         if isinstance(self.sparse_misses, str):
             self.sparse_misses = self.sparse_misses.lower()
         if self.sparse_misses not in SPARSE_MISSES:
@@ -102,6 +112,14 @@ class OffloadConfig:
             raise ValueError(f"{_name(name)}={value!r} must be an integer >= {minimum}")
         if value < minimum:
             raise ValueError(f"{_name(name)}={value!r} is out of range; expected an integer >= {minimum}")
+
+    def _check_policy(self, name: str, registry: dict) -> None:
+        value = getattr(self, name)
+        if isinstance(value, str):
+            value = value.lower()
+            setattr(self, name, value)
+        if value not in registry:
+            raise ValueError(f"{_name(name)}={value!r} is not a policy; expected one of {', '.join(sorted(registry))}")
 
     def _check_float(self, name: str, minimum: float, maximum: float | None = None) -> None:
         value = getattr(self, name)

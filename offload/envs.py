@@ -86,6 +86,16 @@ ENV_VARS: dict[str, EnvVar] = {
                "Most pages promoted to the device per layer and sequence between decode steps (bounds h2d traffic).", "4"),
         EnvVar("OFFLOAD_SCORE_DECAY", "score_decay", _float,
                "Decay of the accumulated per-page attention mass each step (H2O-style criticality), in [0, 1].", "0.9"),
+        EnvVar("OFFLOAD_PREFIX_CACHE", "prefix_cache", _bool,
+               "Keep the pages of finished requests in a prefix tree and reuse them for prompts that share a prefix (0 disables).", "0"),
+        EnvVar("OFFLOAD_SELECTOR", "selector", _str,
+               "Page selector: which pages a query needs, from page summaries (`quest`).", "quest"),
+        EnvVar("OFFLOAD_SCORER", "scorer", _str,
+               "Criticality scorer: page scores from observed attention (`attention_mass`).", "attention_mass"),
+        EnvVar("OFFLOAD_DEVICE_EVICTION", "device_eviction", _str,
+               "Which cached pages leave the device first (`criticality`, `lru`).", "criticality"),
+        EnvVar("OFFLOAD_PREFIX_EVICTION", "prefix_eviction", _str,
+               "Which cached prefix pages leave the host first when the host budget needs room (`lru`, `criticality`).", "lru"),
     ]
 }
 

@@ -1,20 +1,25 @@
-"""`OffloadedModel`: wrap a transformers causal LM so its KV cache lives in the tiered store.
+"""`OffloadedModel`: wrap a transformers causal LM so its KV cache lives in a `KVStore`.
 
     om = OffloadedModel(model, device_budget="64MiB", mode="exact")
     out = om.generate(input_ids, attention_mask=mask, max_new_tokens=128)
     logits = om(input_ids, attention_mask=mask).logits
     print(om.stats)
 
-Wrapping registers the "offload" attention and mask functions with transformers and switches
-the model's `config._attn_implementation` to it; `unwrap()` (or leaving a `with` block) undoes
-both exactly. Keyword arguments override `OFFLOAD_*` environment variables, which override
-defaults.
+The store lives as long as the wrapper: pages of finished requests stay cached by their token ids
+(prefix reuse), a result's cache can be passed back as `past_key_values` (multi-turn), and
+`close()` or `unwrap()` frees every pool. Wrapping registers the "offload" attention and mask
+functions with transformers and switches the model's `config._attn_implementation` to it;
+`unwrap()` (or leaving a `with` block) undoes both exactly. Keyword arguments override
+`OFFLOAD_*` environment variables, which override defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import threading
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -22,9 +27,11 @@ import torch
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
 from offload.hf.cache import OffloadCache, layout_from_model_config
-from offload.hf.speculation import QueryPredictor, decoder_layers
+from offload.hf.layer_inputs import LayerInputs, decoder_layers
+from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
-from offload.store.tiered import device_slots_per_seq, minimum_device_budget
+from offload.store import budget
+from offload.store.kv_store import KVStore
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(OffloadConfig)}
 
@@ -42,10 +49,14 @@ class OffloadedModel:
             )
         self.model = model
         self.config = config.replace(**overrides) if config is not None else OffloadConfig.from_env(**overrides)
-        self.last_cache: OffloadCache | None = None
-        self._user_cache: OffloadCache | None = None
+        self.store: KVStore | None = None
+        self._lock = threading.RLock()  # one call at a time: the store serves one active request
+        self._last_cache: weakref.ref[OffloadCache] | None = None
+        self._last_stats: OffloadStats | None = None
         self._saved_attn: str | None = None
+        self._layer_inputs: LayerInputs | None = None
         self._predictor: QueryPredictor | None = None
+        self._ids_hook = None
         self._wrapped = False
         self.wrap()
 
@@ -56,21 +67,35 @@ class OffloadedModel:
             self._saved_attn = self.model.config._attn_implementation
             self.model.config._attn_implementation = hf_attention.ATTN_NAME
             layers = decoder_layers(self.model)
-            self._predictor = QueryPredictor(layers) if layers is not None else None
+            if layers is not None:
+                self._layer_inputs = LayerInputs(layers)
+                self._predictor = QueryPredictor(layers, self._layer_inputs)
+            self._ids_hook = self.model.register_forward_pre_hook(_note_input_ids, with_kwargs=True)
             self._wrapped = True
         return self
 
     def unwrap(self) -> torch.nn.Module:
-        """Restore the model exactly as it was and return it."""
+        """Free every pool, restore the model exactly as it was and return it."""
         if self._wrapped:
-            self._release_last()
-            if self._predictor is not None:
-                self._predictor.remove()
-                self._predictor = None
+            self.close()
+            if self._layer_inputs is not None:
+                self._layer_inputs.remove()
+                self._layer_inputs, self._predictor = None, None
+            self._ids_hook.remove()
             self.model.config._attn_implementation = self._saved_attn
             hf_attention.unregister()
             self._wrapped = False
         return self.model
+
+    def close(self) -> None:
+        """Release the KV store: every cache of this wrapper, the prefix cache, the worker threads.
+        The wrapper stays usable; the next call starts an empty store."""
+        with self._lock:
+            if self.store is not None:
+                if self._last_stats is None and self._last_cache is not None and self._last_cache() is not None:
+                    self._last_stats = self._last_cache().stats()
+                self.store.close()
+                self.store = None
 
     def __enter__(self) -> "OffloadedModel":
         return self.wrap()
@@ -94,29 +119,36 @@ class OffloadedModel:
         model.eval()
         return cls(model, config, **overrides)
 
-    # caches ------------------------------------------------------------------------------------
+    # the store and caches ----------------------------------------------------------------------
+    def _store(self) -> KVStore:
+        if self.store is None:
+            layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
+            self.store = KVStore(self.config, layout, self.model.device)
+        return self.store
+
     def new_cache(self, batch_size: int | None = None, max_tokens: int = 0) -> OffloadCache:
         """A fresh cache for up to `max_tokens` tokens per sequence (padding included).
 
-        With `batch_size`, the store is reserved now, so budget errors surface here."""
+        With `batch_size`, its pages are reserved now, so budget errors surface here."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r} must be >= 1")
-        cache = OffloadCache(self.config, self.model.config, max_tokens, self._predictor)
+        cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
         if batch_size is not None:
-            cache.reserve(batch_size, self._kv_dtype(), self.model.device)
+            cache.open(batch_size)
         return cache
 
     def minimum_device_budget(self, batch_size: int, max_tokens: int) -> int:
         """Smallest `device_budget` in bytes that holds sinks, recent windows, tails and page
         summaries of every layer for this batch (what `generate` checks before it starts)."""
         layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
-        return minimum_device_budget(self.config, layout, batch_size, max_tokens)
+        return budget.minimum_device_budget(self.config, layout, batch_size, max_tokens)
 
     def device_token_capacity(self, batch_size: int, max_tokens: int) -> int:
         """Tokens of complete pages the device budget holds per layer and sequence (beside the
         tail page): the largest `token_budget` whose pages can all be resident at once."""
         layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
-        slots = min(device_slots_per_seq(self.config, layout, batch_size, max_tokens), max_tokens // layout.page_size + 1)
+        slots = min(budget.device_slots_per_seq(self.config, layout, batch_size, max_tokens),
+                    max_tokens // layout.page_size + 1)
         return max(0, slots - 1) * layout.page_size
 
     def _kv_dtype(self) -> torch.dtype:
@@ -124,31 +156,45 @@ class OffloadedModel:
 
     @property
     def stats(self) -> OffloadStats:
-        """Stats of the last forward or generate call."""
-        if self.last_cache is None:
-            return OffloadStats(device_budget_bytes=self.config.device_budget)
-        return self.last_cache.stats()
+        """Stats of the cache the last forward or generate call used (over that cache's life)."""
+        cache = self._last_cache() if self._last_cache is not None else None
+        if cache is not None and cache.request is not None and not cache.request.released:
+            return cache.stats()
+        if self._last_stats is not None:
+            return self._last_stats
+        return OffloadStats(device_budget_bytes=self.config.device_budget)
+
+    def _track(self, cache: OffloadCache) -> None:
+        self._last_cache = weakref.ref(cache)
 
     # running -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Forward pass with the same contract as the model's, prefilled in chunks of `prefill_chunk` tokens.
 
-        Returns the model output with logits for every position; `past_key_values` is the OffloadCache.
+        Returns the model output with logits for every position; `past_key_values` is the OffloadCache
+        (pass it back to continue).
         """
-        self._require_wrapped()
-        cache: OffloadCache | None = kwargs.pop("past_key_values", None)
-        if cache is None:
-            self._release_last()
-            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
-        elif not isinstance(cache, OffloadCache):
-            raise TypeError(f"past_key_values must be an OffloadCache from new_cache(); got {type(cache).__name__}")
-        else:
-            self._user_cache = cache
+        with self._lock:
+            self._require_wrapped()
+            cache: OffloadCache | None = kwargs.pop("past_key_values", None)
+            if cache is None:
+                cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+            else:
+                self._check_own_cache(cache)
+                if cache.request is None:
+                    cache.open(input_ids.shape[0])
+                else:
+                    cache.resume(cache.get_seq_length() + input_ids.shape[1])
+            self._track(cache)
+            outputs = self._forward(cache, input_ids, attention_mask, **kwargs)
+            self._last_stats = cache.stats()  # answers once the caller drops the cache
+            return outputs
+
+    def _forward(self, cache: OffloadCache, input_ids, attention_mask, logits: bool = True, **kwargs):
         position_ids = kwargs.pop("position_ids", None)
-        self.last_cache = cache
         past = cache.get_seq_length()
-        outputs, logits = None, []
+        outputs, chunks = None, []
         for start in range(0, input_ids.shape[1], self.config.prefill_chunk):
             end = min(start + self.config.prefill_chunk, input_ids.shape[1])
             chunk_kwargs = dict(kwargs)
@@ -157,41 +203,144 @@ class OffloadedModel:
             if position_ids is not None:
                 chunk_kwargs["position_ids"] = position_ids[..., start:end]
             outputs = self.model(input_ids[:, start:end], past_key_values=cache, use_cache=True, **chunk_kwargs)
-            logits.append(outputs.logits)
-        outputs.logits = torch.cat(logits, dim=1)
+            if logits:
+                chunks.append(outputs.logits)
+        if logits:
+            outputs.logits = torch.cat(chunks, dim=1)
         outputs.past_key_values = cache
         return outputs
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """`model.generate` with the KV cache in the tiered store. Budgets are checked before any token."""
-        self._require_wrapped()
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("OffloadedModel.generate creates its own cache; do not pass past_key_values")
-        generation_config = kwargs.get("generation_config") or self.model.generation_config
-        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-        if max_new_tokens is None:
-            max_length = kwargs.get("max_length", generation_config.max_length)
-            max_new_tokens = max(0, max_length - input_ids.shape[1])
-        expand = max(
-            kwargs.get("num_beams", generation_config.num_beams) or 1,
-            kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1,
-        )
-        batch_size = input_ids.shape[0] * expand
-        self._release_last()
-        cache = self.new_cache(batch_size, input_ids.shape[1] + max_new_tokens)
-        self.last_cache = cache
-        kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
-        start = time.perf_counter()
-        out = self.model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
-        elapsed = time.perf_counter() - start
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        cache.generated_tokens = (sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]
-        cache.generate_s = elapsed
-        cache.release()  # generate's cache is done: free its memory and threads, keep its stats
-        return out
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 past_key_values: OffloadCache | None = None, **kwargs: Any):
+        """`model.generate` with the KV cache in the store. Budgets are checked before any token.
 
-    def _release_last(self) -> None:
-        """Free the cache of the previous call if this wrapper created it (a user's own cache is theirs)."""
-        if self.last_cache is not None and self.last_cache is not self._user_cache:
-            self.last_cache.release()
+        Prompt pages already cached (an earlier request's, or another sequence's of this batch)
+        are reused instead of prefilled. `past_key_values`: a cache an earlier call returned
+        (`return_dict_in_generate=True`); `input_ids` then starts with that call's sequences.
+        """
+        with self._lock:
+            self._require_wrapped()
+            generation_config = kwargs.get("generation_config") or self.model.generation_config
+            max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+            if max_new_tokens is None:
+                max_length = kwargs.get("max_length", generation_config.max_length)
+                max_new_tokens = max(0, max_length - input_ids.shape[1])
+            expand = max(
+                kwargs.get("num_beams", generation_config.num_beams) or 1,
+                kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1,
+            )
+            batch_size = input_ids.shape[0] * expand
+            max_tokens = input_ids.shape[1] + max_new_tokens
+            if attention_mask is None:  # generate derives positions from it; a prefix hit slices by it
+                attention_mask = torch.ones_like(input_ids)
+            if past_key_values is not None:
+                cache = self._continued_cache(past_key_values, batch_size, max_tokens)
+            else:
+                cache = self._open_cache(input_ids, attention_mask, expand, max_tokens)
+            self._track(cache)
+            kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
+            start = time.perf_counter()
+            out = self.model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
+            elapsed = time.perf_counter() - start
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            cache.generated_tokens = (sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]
+            cache.generate_s = elapsed
+            self.store.cache_prefix(cache.request)
+            cache.park()  # its pages stay referenced for a continuation; device memory goes back
+            self._last_stats = cache.stats()
+            return out
+
+    def _check_own_cache(self, cache) -> None:
+        if not isinstance(cache, OffloadCache):
+            raise TypeError(f"past_key_values must be an OffloadCache from this OffloadedModel; got {type(cache).__name__}")
+        if cache.store is not self.store or self.store is None:
+            raise ValueError("past_key_values belongs to another OffloadedModel or to a closed store")
+
+    def _continued_cache(self, cache, batch_size: int, max_tokens: int) -> OffloadCache:
+        self._check_own_cache(cache)
+        if cache.request is None:
+            cache.max_tokens = max(cache.max_tokens, max_tokens)
+            cache.open(batch_size)
+        elif cache.batch_size != batch_size:
+            raise ValueError(
+                f"past_key_values holds {cache.batch_size} sequences; this call generates {batch_size} "
+                "(batch size x num_beams / num_return_sequences must match)"
+            )
+        else:
+            cache.resume(max_tokens)
+        return cache
+
+    def _open_cache(self, input_ids, attention_mask, expand: int, max_tokens: int) -> OffloadCache:
+        """A cache for this call, starting from the longest prompt prefix already stored."""
+        cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
+        if not self.config.prefix_cache:
+            cache.open(input_ids.shape[0] * expand)
+            return cache
+        rows = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(input_ids.shape[0])]
+        pads = [input_ids.shape[1] - len(row) for row in rows]
+        self._prefill_shared_prefixes(rows, expand)
+        cache.open(input_ids.shape[0] * expand, [r for r in rows for _ in range(expand)],
+                   [p for p in pads for _ in range(expand)])
+        return cache
+
+    def _prefill_shared_prefixes(self, rows: list[list[int]], expand: int) -> None:
+        """Prefill once, into the prefix cache, the whole pages of prompt that several sequences of
+        this call share: each prompt's own when it is expanded (beams, num_return_sequences), and
+        the common prefixes of different prompts."""
+        ps = self.config.page_size
+        tree = self._store().tree
+        wanted: list[list[int]] = []
+        for i, row in enumerate(rows):
+            limit = (len(row) - 1) // ps * ps  # generate forwards at least the last token itself
+            if expand > 1:
+                shared = limit
+            else:
+                shared = max((_common_prefix(row, other) for j, other in enumerate(rows) if j != i), default=0)
+                shared = min(shared // ps * ps, limit)
+            if shared >= ps and len(tree.match(row[:shared])) * ps < shared:
+                wanted.append(row[:shared])
+        wanted.sort(key=len, reverse=True)
+        distinct: list[list[int]] = []
+        for prefix in wanted:
+            if not any(kept[: len(prefix)] == prefix for kept in distinct):
+                distinct.append(prefix)
+        if not distinct:
+            return
+        length = max(len(p) for p in distinct)
+        ids = torch.zeros(len(distinct), length, dtype=torch.long)
+        mask = torch.zeros(len(distinct), length, dtype=torch.long)
+        for b, prefix in enumerate(distinct):
+            ids[b, length - len(prefix):] = torch.tensor(prefix)
+            mask[b, length - len(prefix):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses: index among real tokens
+        device = self.model.device
+        cache = OffloadCache(self._store(), self.model.config, length, self._predictor)
+        try:
+            cache.open(len(distinct))
+        except ValueError:
+            cache.release()
+            return  # too big to share up front: each sequence prefills its own copy
+        try:
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+            self._forward(cache, ids.to(device), mask.to(device), logits=False, position_ids=positions.to(device), **extra)
+            self.store.cache_prefix(cache.request)
+        finally:
+            cache.release()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _note_input_ids(module, args, kwargs) -> None:
+    """Forward pre-hook: hand the step's token ids to the cache, which keeps them per page."""
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, OffloadCache):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache.pending_input_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None

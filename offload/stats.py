@@ -14,7 +14,7 @@ class OffloadStats:
     device_peak_bytes: int = 0  # most device-tier bytes in use at any time (pages + summaries)
     device_reserved_bytes: int = 0  # device-tier bytes allocated (pools + summaries)
     device_budget_bytes: int = 0
-    host_bytes: int = 0  # host-tier bytes in use now
+    host_bytes: int = 0  # host-tier bytes in use now (every live request and the prefix cache)
     pages_resident: int = 0  # complete pages with a device copy now, all layers and sequences
     pages_total: int = 0  # complete pages now, all layers and sequences
     host_attn_s: float = 0.0
@@ -31,7 +31,10 @@ class OffloadStats:
     mass_device: float = 0.0  # sum over decode query rows and heads of the device part's share of attention mass
     mass_rows: int = 0
     tokens_generated: int = 0
-    tokens_prefilled: int = 0
+    tokens_prefilled: int = 0  # tokens forwarded through the model in prefill (prefix hits excluded)
+    prefix_hit_tokens: int = 0  # prompt tokens reused from the prefix cache instead of prefilled
+    prefix_cached_pages: int = 0  # pages (per layer) the prefix cache holds now
+    prefill_s: float = 0.0
     decode_s: float = 0.0
     per_layer: list[dict] = field(default_factory=list)
 
@@ -84,6 +87,7 @@ class OffloadStats:
             f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s"
             + (f" ({self.failed_copies} failed copies, {self.failed_kernels} failed kernels recovered)"
                if self.failed_copies or self.failed_kernels else ""),
+            f"  prefix cache: {self.prefix_hit_tokens} prompt tokens reused, {self.prefix_cached_pages} pages cached",
             f"  tokens      : {self.tokens_prefilled} prefilled, {self.tokens_generated} generated"
             + (f" ({self.tokens_per_s:.1f} tokens/s)" if self.decode_s > 0 else ""),
         ]

@@ -8,6 +8,7 @@ together with the padding mask, and runs the split attention of the layer's stor
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -17,13 +18,13 @@ from transformers.masking_utils import AttentionMaskInterface
 
 ATTN_NAME = "offload"
 
-_active = threading.local()  # the cache whose update() ran last on this thread
+_active = threading.local()  # weak reference to the cache whose update() ran last on this thread
 _registrations = 0
 _registration_lock = threading.Lock()
 
 
 def set_active_cache(cache) -> None:
-    _active.cache = cache
+    _active.cache = weakref.ref(cache)  # never what keeps a cache (and its pages) alive
 
 
 def offload_attention(
@@ -37,7 +38,8 @@ def offload_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D]; key/value [B, H_kv, T, D] (the new tokens); returns ([B, T, H, D], None)."""
-    cache = getattr(_active, "cache", None)
+    ref = getattr(_active, "cache", None)
+    cache = ref() if ref is not None else None
     layer_idx = getattr(module, "layer_idx", None)
     if cache is None or layer_idx is None or not cache.has_staged(layer_idx):
         raise RuntimeError(

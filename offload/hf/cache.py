@@ -1,12 +1,16 @@
-"""`OffloadCache`: a transformers `Cache` whose layers live in a `TieredStore`.
+"""`OffloadCache`: a transformers `Cache` whose layers are one request's page tables in a `KVStore`.
 
 Positions are logical: `get_seq_length()` counts every token seen, padding included, exactly as
 transformers' DynamicCache does, whether the token's page is on the device, on the host or both.
+A cache outlives the `generate` call that filled it: passed back as `past_key_values`, it
+continues (multi-turn); `crop` removes its last tokens (assisted decoding). It holds its pages
+until `release()` or until it is garbage collected.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -14,9 +18,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from offload.config import OffloadConfig
 from offload.hf.attention import set_active_cache
 from offload.stats import OffloadStats
-from offload.store.layer_store import MAX_DECODE_QUERY
+from offload.store.kv_store import KVStore
 from offload.store.layout import KVLayout
-from offload.store.tiered import TieredStore
+from offload.store.planner import MAX_DECODE_QUERY
+from offload.store.request import Request
 
 
 def text_config(model_config):
@@ -50,17 +55,22 @@ def check_sliding_window(model_config, max_tokens: int) -> None:
 
 
 class OffloadLayer(CacheLayerMixin):
-    """One layer's view of the shared store, for transformers' bookkeeping."""
+    """One layer's view of the cache, for transformers' bookkeeping."""
 
     is_compileable = False
     is_sliding = False
+    is_croppable = True
     supports_early_init = False
 
     def __init__(self, cache: "OffloadCache", layer_idx: int) -> None:
         super().__init__()
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # no cycle: a dropped cache is freed at once
         self.layer_idx = layer_idx
         self.seen = 0  # tokens this layer has processed, padding included
+
+    @property
+    def cache(self) -> "OffloadCache":
+        return self._cache()
 
     def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - nothing to do
         self.is_initialized = True
@@ -78,11 +88,15 @@ class OffloadLayer(CacheLayerMixin):
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.cache.store.reserved:
-            self.cache.store.layers[self.layer_idx].select(beam_idx)
+        self.cache.reorder_layer(self.layer_idx, beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("OffloadCache does not support crop (assisted or DoLa decoding)")
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove; got {tokens_to_remove}")
+        removed = min(-tokens_to_remove, self.seen)
+        if removed:
+            self.cache.crop_layer(self.layer_idx, removed)
+            self.seen -= removed
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("OffloadCache cannot change its batch size after prefill")
@@ -95,18 +109,21 @@ class OffloadLayer(CacheLayerMixin):
 
 
 class OffloadCache(Cache):
-    """KV cache for one batch: reserve once (batch size, max tokens), then prefill and decode."""
+    """KV cache of one batch in a model's `KVStore`: opened on first use (or by `open`), then
+    prefilled and decoded; parked between calls, released when done or garbage collected."""
 
-    def __init__(self, config: OffloadConfig, model_config, max_tokens: int, predictor=None) -> None:
-        self.config = config
+    def __init__(self, store: KVStore, model_config, max_tokens: int, predictor=None) -> None:
+        self.store = store
+        self.config: OffloadConfig = store.config
         self.predictor = predictor  # QueryPredictor, or None: speculate from the previous step's queries
         self.model_config = model_config
         self.max_tokens = max_tokens
-        self.store: TieredStore | None = None
+        self.request: Request | None = None
         text = text_config(model_config)
         super().__init__(layers=[OffloadLayer(self, i) for i in range(text.num_hidden_layers)])
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_query: dict[int, torch.Tensor] = {}
+        self.pending_input_ids: torch.Tensor | None = None  # set by OffloadedModel's forward hook
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.tokens_prefilled = 0
@@ -121,24 +138,59 @@ class OffloadCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.store.batch_size if self.store is not None and self.store.reserved else -1
+        return self.request.batch_size if self.request is not None else -1
 
-    # reservation ---------------------------------------------------------------------------
-    def reserve(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    # lifetime ----------------------------------------------------------------------------
+    def open(self, batch_size: int, rows=None, pads=None) -> int:
+        """Open this cache's request in the store (budgets are checked here); with `rows`/`pads`,
+        from the longest cached prefix. Returns how many leading positions are already stored."""
+        if self.request is not None:
+            if self.request.batch_size != batch_size:
+                raise ValueError(f"this cache was reserved for batch size {self.request.batch_size}, got {batch_size}")
+            return 0
+        self.request, skip = self.store.open(batch_size, self.max_tokens, rows, pads)
+        weakref.finalize(self, self.store.release_later, self.request)
+        for layer in self.layers:
+            layer.seen = skip
+        return skip
+
+    def reserve(self, batch_size: int) -> None:
         """Size the store for this batch; raises ValueError if a budget cannot hold it."""
-        if self.store is not None:
-            if self.store.batch_size != batch_size:
-                raise ValueError(f"this cache was reserved for batch size {self.store.batch_size}, got {batch_size}")
-            return
-        layout = layout_from_model_config(self.model_config, self.config.page_size, dtype)
-        store = TieredStore(self.config, layout)
-        store.reserve(batch_size, self.max_tokens, device)
-        self.store = store
+        self.open(batch_size)
+
+    def resume(self, max_tokens: int) -> None:
+        """Continue this cache for up to `max_tokens` tokens per sequence (its device memory back)."""
+        self._require_open()
+        check_sliding_window(self.model_config, max_tokens)
+        self.max_tokens = max(self.max_tokens, max_tokens)
+        self.store.activate(self.request, self.max_tokens)
+
+    def park(self) -> None:
+        """Give the device memory back between calls; the pages stay, on the host."""
+        if self.request is not None and not self.request.released:
+            self.store.park(self.request)
+
+    def release(self) -> None:
+        """Give every page back; `stats()` keeps answering from a snapshot."""
+        if self.request is not None and self._final_stats is None:
+            self._final_stats = self.stats()
+            with torch.inference_mode():  # the pools were made under it; may be called outside it
+                self.request.release()
+
+    def _require_open(self) -> None:
+        if self.request is None:
+            raise RuntimeError("this cache holds no tokens yet")
+        if self.request.released:
+            raise RuntimeError("this cache was released; its pages are gone (create a new one)")
 
     # the two halves of a layer's step ----------------------------------------------------------
     def stage(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        if self.store is None:
-            self.reserve(key_states.shape[0], key_states.dtype, key_states.device)
+        if self.request is None:
+            self.open(key_states.shape[0])
+        elif layer_idx == 0:
+            self._require_open()
+            if self.store.active is not self.request:
+                self.store.activate(self.request)
         if layer_idx == 0:
             self._forward_start = time.perf_counter()
         self._staged[layer_idx] = (key_states, value_states)
@@ -162,18 +214,21 @@ class OffloadCache(Cache):
             raise RuntimeError(f"layer {layer_idx}: the keys given to attention are not the ones staged by update()")
         layer = self.layers[layer_idx]
         q_len = keys.shape[2]
-        store_layer = self.store.layers[layer_idx]
-        valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, store_layer.length)
+        table = self.request.tables[layer_idx]
+        valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, table.length)
+        if layer_idx == 0:
+            ids = self.pending_input_ids
+            self.request.record_tokens(valid, ids if ids is not None and ids.shape == valid.shape else None)
         speculate = self.config.prefetch and q_len <= MAX_DECODE_QUERY
         if speculate:
             self._speculate_next(layer_idx, query)
-        out = store_layer.attend(query, keys, values, valid, scale)
+        out = self.store.attend(self.request, layer_idx, query, keys, values, valid, scale)
         if speculate and layer_idx == len(self.layers) - 1:
             # The next step's first layer: its query now is the best guess for its query then.
-            self.store.layers[0].speculate(self._last_query[0])
+            self.store.speculate(self.request, 0, self._last_query[0])
         layer.seen += q_len
-        self.store.track_peak()
         if layer_idx == len(self.layers) - 1:
+            self.pending_input_ids = None
             elapsed = time.perf_counter() - self._forward_start
             if q_len > 1:
                 self.prefill_s += elapsed
@@ -191,8 +246,22 @@ class OffloadCache(Cache):
         predicted = self.predictor.predict(layer_idx, nxt) if self.predictor is not None else None
         if predicted is None:
             predicted = self._last_query.get(nxt)  # no predictor: that layer's query one step ago
-        if predicted is not None and predicted.shape[0] == query.shape[0]:
-            self.store.layers[nxt].speculate(predicted)
+        if predicted is not None:
+            self.store.speculate(self.request, nxt, predicted)
+
+    def reorder_layer(self, layer_idx: int, beam_idx: torch.Tensor) -> None:
+        if self.request is not None:
+            table = self.request.tables[layer_idx]
+            self.store.residency.complete_copies(table)
+            table.select(beam_idx)
+
+    def crop_layer(self, layer_idx: int, removed: int) -> None:
+        """Drop the last `removed` positions of one layer (padding only ever leads, so they are stored tokens)."""
+        table = self.request.tables[layer_idx]
+        if table.on_device:
+            self.store.residency.complete_copies(table)
+        for b in range(table.batch_size):
+            table.crop(b, max(0, table.length[b] - removed))
 
     @staticmethod
     def _new_token_mask(attention_mask, bsz: int, q_len: int, seen: int, stored: list[int]) -> torch.Tensor:
@@ -223,17 +292,11 @@ class OffloadCache(Cache):
     def stats(self) -> OffloadStats:
         if self._final_stats is not None:
             return self._final_stats
-        if self.store is None:
+        if self.request is None:
             return OffloadStats(device_budget_bytes=self.config.device_budget)
-        stats = self.store.stats()
+        stats = self.request.stats()
         stats.tokens_prefilled = self.tokens_prefilled
         stats.tokens_generated = self.generated_tokens
         stats.decode_s = self.decode_s
+        stats.prefill_s = self.prefill_s
         return stats
-
-    def release(self) -> None:
-        """Free the pools and stop the worker threads; `stats()` keeps answering from a snapshot."""
-        if self.store is not None and self._final_stats is None:
-            self._final_stats = self.stats()
-            with torch.inference_mode():  # the pools were made under it; may be called outside it
-                self.store.release()

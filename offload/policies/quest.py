@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from offload.policies.base import PageSelector
+
 
 def page_upper_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
     """Upper bound of q.k for every page, maximised over query heads, query rows and KV heads.
@@ -20,3 +22,10 @@ def page_upper_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch
     lo = key_min.float().permute(0, 2, 3, 1)
     bound = torch.matmul(q.clamp(min=0), hi) + torch.matmul(q.clamp(max=0), lo)  # [B, Hkv, G*Q, P]
     return bound.amax(dim=(1, 2))
+
+
+class QuestSelector(PageSelector):
+    name = "quest"
+
+    def score(self, query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+        return page_upper_bounds(query, key_min, key_max)

@@ -12,31 +12,32 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from offload.store.planner import select_pages
 from offload.store.transfer import TransferEngine
-from tests.store.test_layer_store import D, H, Reference, _step, _store
+from tests.store.conftest import D, H, Reference, make_store, step
 
 
-def _prefill(store, ref, batch=1, tokens=64, seed=0):
+def _prefill(store, request, ref, batch=1, tokens=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    _step(store, ref, gen, batch, tokens)
+    step(store, request, ref, gen, batch, tokens)
     return gen
 
 
-def _far_pages(layer, b=0, room=2):
+def _far_pages(store, table, b=0, room=2):
     """Complete pages that are neither required nor resident, after making `room` free slots."""
-    assert layer._make_room(b, keep=set(), num=room) >= room
-    required = layer.required_pages(b)
-    return [p for p in range(layer.num_complete(b)) if p not in required and layer.slots[b, p] < 0]
+    assert store.residency.make_room(table, b, keep=set(), num=room) >= room
+    required = table.required_pages(b)
+    return [p for p in range(table.num_complete(b)) if p not in required and table.slots[b, p] < 0]
 
 
 def test_prefetched_page_is_not_read_before_its_copy_completes():
-    store = _store(1, 80, page_size=4, slack_slots=3, sink_tokens=4, recent_tokens=4)
-    layer, ref = store.layers[0], Reference(1)
-    gen = _prefill(store, ref)
+    store, request, layer = make_store(1, 80, page_size=4, slack_slots=3, sink_tokens=4, recent_tokens=4)
+    ref = Reference(1)
+    gen = _prefill(store, request, ref)
     release = threading.Event()
     store.transfer.fault_hook = lambda batch: release.wait(5)  # the link delivers only when released
-    pages = _far_pages(layer)[:2]
-    layer._issue(0, pages)
+    pages = _far_pages(store, layer)[:2]
+    store.residency.issue(layer, 0, pages)
     slots = [layer.inflight[0][p] for p in pages]
     layer.device_pool.keys[slots] = -7.0  # sentinel: the blocked copy has not written yet
     time.sleep(0.05)
@@ -46,31 +47,31 @@ def test_prefetched_page_is_not_read_before_its_copy_completes():
     assert all(layer.device_pool.refcount[s] == 1 for s in slots)
     threading.Timer(0.2, release.set).start()
     start = time.perf_counter()
-    layer.finish_inflight()  # completing waits for the link
+    store.residency.complete_copies(layer)  # completing waits for the link
     assert time.perf_counter() - start >= 0.15
     assert layer.counters.stall_s >= 0.15
     assert set(pages) <= set(layer.resident_pages(0))
     assert torch.equal(layer.device_pool.keys[slots], layer.host_pool.keys[layer.host_ids[0, pages]])
-    _step(store, ref, gen, 1, 1)  # and attention over them is exact
+    step(store, request, ref, gen, 1, 1)  # and attention over them is exact
 
 
 def test_pages_in_flight_are_never_evicted():
-    store = _store(1, 80, page_size=4, slack_slots=3, sink_tokens=4, recent_tokens=4)
-    layer, ref = store.layers[0], Reference(1)
-    _prefill(store, ref)
+    store, request, layer = make_store(1, 80, page_size=4, slack_slots=3, sink_tokens=4, recent_tokens=4)
+    ref = Reference(1)
+    _prefill(store, request, ref)
     release = threading.Event()
     store.transfer.fault_hook = lambda batch: release.wait(5)
-    far = _far_pages(layer)
-    layer._issue(0, far[:2])
+    far = _far_pages(store, layer)
+    store.residency.issue(layer, 0, far[:2])
     held = dict(layer.inflight[0])
     # Ask for far more room than there is: only resident, non-required pages may go.
-    layer._make_room(0, keep=set(), num=100)
-    layer._rebalance(0, {})  # may promote more pages, but never touches those in flight
+    store.residency.make_room(layer, 0, keep=set(), num=100)
+    store.residency.rebalance(layer, 0, {})  # may promote more pages, but never touches those in flight
     assert held.items() <= layer.inflight[0].items()
     assert all(layer.device_pool.refcount[s] == 1 for s in held.values())
     assert layer.slots_in_use(0) <= layer.rules.slots_per_seq
     release.set()
-    layer.finish_inflight()
+    store.residency.complete_copies(layer)
     assert set(held) <= set(layer.resident_pages(0))
 
 
@@ -84,9 +85,9 @@ def test_pages_in_flight_are_never_evicted():
 )
 def test_budget_and_exactness_hold_under_random_interleavings(seed, page_size, slack, ops, fail_rate):
     batch = 2
-    store = _store(batch, 200, page_size, slack, sink_tokens=page_size, recent_tokens=2 * page_size,
-                   token_budget=4 * page_size)
-    layer, ref = store.layers[0], Reference(batch)
+    store, request, layer = make_store(batch, 200, page_size, slack, sink_tokens=page_size,
+                                       recent_tokens=2 * page_size, token_budget=4 * page_size)
+    ref = Reference(batch)
     rng = random.Random(seed)
 
     def flaky_link(_batch):
@@ -95,35 +96,35 @@ def test_budget_and_exactness_hold_under_random_interleavings(seed, page_size, s
             raise OSError("injected copy failure")
 
     store.transfer.fault_hook = flaky_link
-    gen = _prefill(store, ref, batch, tokens=3 * page_size + 1, seed=seed)
+    gen = _prefill(store, request, ref, batch, tokens=3 * page_size + 1, seed=seed)
     for op in ops:
         if op == "step":
-            _step(store, ref, gen, batch, rng.randint(2, 3 * page_size))
+            step(store, request, ref, gen, batch, rng.randint(2, 3 * page_size))
         elif op == "decode":
-            _step(store, ref, gen, batch, 1)
+            step(store, request, ref, gen, batch, 1)
         elif op == "speculate":
-            layer.speculate(torch.randn(batch, H, 1, D, generator=gen))
+            store.prefetcher.speculate(layer, torch.randn(batch, H, 1, D, generator=gen))
         else:
-            layer.finish_inflight()
+            store.residency.complete_copies(layer)
         for b in range(batch):
             assert layer.slots_in_use(b) <= layer.rules.slots_per_seq
         assert layer.device_pool.num_used <= layer.device_pool.capacity
-        assert store.device_used_bytes() <= store.config.device_budget
-    layer.finish_inflight()
+        assert request.device_used_bytes() <= store.config.device_budget
+    store.residency.complete_copies(layer)
     if fail_rate == 0.0:
         assert layer.counters.failed_copies == 0
 
 
 def test_transfer_engine_counts_and_surfaces_errors():
-    store = _store(1, 40, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4)
-    layer, ref = store.layers[0], Reference(1)
-    _prefill(store, ref, tokens=32)
+    store, request, layer = make_store(1, 40, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4)
+    ref = Reference(1)
+    _prefill(store, request, ref, tokens=32)
 
     def broken(_batch):
         raise OSError("link down")
 
     store.transfer.fault_hook = broken
-    page = _far_pages(layer, room=1)[0]
+    page = _far_pages(store, layer, room=1)[0]
     with pytest.raises(RuntimeError, match="copy failed"):
         store.transfer.host_to_device(layer.host_pool, [int(layer.host_ids[0, page])], layer.device_pool,
                                       [layer.device_pool.allocate()])
@@ -141,25 +142,25 @@ def test_emulated_link_takes_bytes_over_bandwidth():
 def test_speculation_fills_every_free_slot_in_predicted_order():
     # token_budget selects 1 page, but the device has room for 5 beside sinks, recent and tail:
     # speculation casts the wider net, so near misses of the prediction are still resident.
-    store = _store(1, 80, page_size=4, slack_slots=5, sink_tokens=4, recent_tokens=4, token_budget=12)
-    layer, ref = store.layers[0], Reference(1)
-    _prefill(store, ref, tokens=64)
-    assert len(layer.top_pages(torch.randn(1, H, 1, D))[0]) == 1
+    store, request, layer = make_store(1, 80, page_size=4, slack_slots=5, sink_tokens=4, recent_tokens=4, token_budget=12)
+    ref = Reference(1)
+    _prefill(store, request, ref, tokens=64)
+    assert len(select_pages(layer, store.selector, torch.randn(1, H, 1, D))[0]) == 1
     query = torch.randn(1, H, 1, D)
     capacity = (layer.rules.slots_per_seq - 1) * 4
-    predicted = layer.top_pages(query, capacity)[0]
+    predicted = select_pages(layer, store.selector, query, capacity)[0]
     assert len(predicted) > 1
-    layer._make_room(0, keep=set(), num=100)
-    layer.speculate(query)
-    layer.finish_inflight()
+    store.residency.make_room(layer, 0, keep=set(), num=100)
+    store.prefetcher.speculate(layer, query)
+    store.residency.complete_copies(layer)
     assert predicted <= set(layer.resident_pages(0))
     assert layer.slots_in_use(0) <= layer.rules.slots_per_seq
 
 
 def test_rebalance_keeps_the_pages_the_last_query_selected():
-    store = _store(1, 80, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4, score_decay=1.0)
-    layer, ref = store.layers[0], Reference(1)
-    _prefill(store, ref, tokens=64)
+    store, request, layer = make_store(1, 80, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4, score_decay=1.0)
+    ref = Reference(1)
+    _prefill(store, request, ref, tokens=64)
     required = layer.required_pages(0)
     others = [p for p in range(layer.num_complete(0)) if p not in required]
     # Criticality says the first two candidates; the last query selected the last two.
@@ -170,7 +171,7 @@ def test_rebalance_keeps_the_pages_the_last_query_selected():
         if p not in required:
             layer.device_pool.decref(int(layer.slots[0, p]))
             layer.slots[0, p] = -1
-    layer._rebalance(0, {})
-    layer.finish_inflight()
+    store.residency.rebalance(layer, 0, {})
+    store.residency.complete_copies(layer)
     assert set(others[-2:]) <= set(layer.resident_pages(0))
     assert set(layer.resident_pages(0)).isdisjoint(others[:2])

@@ -1,8 +1,4 @@
-"""InfiniGen-style query prediction: the residual stream changes slowly between layers, so
-layer l's input, passed through layer l+1's input norm and q_proj and rotated at the current
-positions, predicts layer l+1's query. The store scores its pages with that prediction and
-prefetches the likely-critical ones while layer l computes.
-"""
+"""The one hook speculation needs from the model: each decoder layer's input on decode steps."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from functools import partial
 
 import torch
 
-from offload.store.layer_store import MAX_DECODE_QUERY
+from offload.store.planner import MAX_DECODE_QUERY
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -29,8 +25,9 @@ def decoder_layers(model: torch.nn.Module):
     return layers
 
 
-class QueryPredictor:
-    """Captures each decoder layer's input on decode steps and predicts the next layer's query."""
+class LayerInputs:
+    """Forward pre-hooks keeping each decoder layer's input (hidden states, rotary cos/sin) of the
+    current decode step; prefill inputs are not kept (no speculation, no activation kept alive)."""
 
     def __init__(self, layers) -> None:
         self.layers = layers
@@ -43,27 +40,9 @@ class QueryPredictor:
     def _capture(self, idx: int, module, args, kwargs) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None or hidden.shape[1] > MAX_DECODE_QUERY:
-            self.inputs.pop(idx, None)  # prefill: no speculation, and no activation kept alive
+            self.inputs.pop(idx, None)
             return
         self.inputs[idx] = (hidden, kwargs.get("position_embeddings"))
-
-    @torch.inference_mode()
-    def predict(self, src_layer: int, dst_layer: int) -> torch.Tensor | None:
-        """Predicted query [B, H, T, D] of `dst_layer` from the input of `src_layer`, or None."""
-        captured = self.inputs.get(src_layer)
-        if captured is None or captured[1] is None:
-            return None
-        hidden, (cos, sin) = captured
-        layer = self.layers[dst_layer]
-        attn = layer.self_attn
-        query = attn.q_proj(layer.input_layernorm(hidden))
-        query = query.view(*hidden.shape[:-1], -1, attn.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head query norm
-            query = attn.q_norm(query)
-        query = query.transpose(1, 2)
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        query, _ = rotate(query, query, cos, sin)
-        return query
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -1,0 +1,107 @@
+"""Appending a step's new tokens to a page table.
+
+The tail page fills first; a full tail becomes a complete page (home copy written to the host,
+summary recorded on both tiers); whole pages of new tokens go straight to the host, and the
+caller's residency decides which of them stay on the device without a copy (`fresh`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from offload.store.page_table import PageTable
+from offload.store.transfer import TransferEngine
+
+Fresh = dict[int, tuple[torch.Tensor, torch.Tensor]]  # page -> (keys, values) still at hand on the device
+
+
+@dataclass(slots=True)
+class Appended:
+    """What one sequence's append left for residency: complete pages still at hand on the device,
+    and the tokens past the last complete page, written to the tail by `finish_tail`."""
+
+    fresh: Fresh = field(default_factory=dict)
+    leftover: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [n, H_kv, D]
+
+
+def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, new_values: torch.Tensor,
+           new_valid: torch.Tensor) -> list[Appended]:
+    """Store the valid new tokens of every sequence; return, per sequence, what residency needs.
+
+    new_keys/new_values: [B, H_kv, T, D] on the device; new_valid: [B, T] bool.
+    The tail slot of a sequence whose tail completed is consumed (it became that page's resident
+    slot); the caller rebalances, then `finish_tail` gives it a new tail slot.
+    """
+    ps = table.layout.page_size
+    pool = table.device_pool
+    appended = [Appended() for _ in range(table.batch_size)]
+    for b in range(table.batch_size):
+        fresh = appended[b].fresh
+        valid = new_valid[b].nonzero().flatten().to(new_keys.device)
+        if valid.numel() == 0:
+            continue
+        if table.length[b] + valid.numel() > table.max_pages * ps:
+            raise RuntimeError(
+                f"sequence {b} would hold {table.length[b] + valid.numel()} tokens, more than the "
+                f"{table.max_pages * ps} reserved for this cache (max_tokens); reserve more at cache creation"
+            )
+        keys = new_keys[b].index_select(1, valid).transpose(0, 1)  # [n, H_kv, D]
+        values = new_values[b].index_select(1, valid).transpose(0, 1)
+        # 1. Fill the tail page; a full tail becomes a resident complete page.
+        offset = table.length[b] % ps
+        take = min(ps - offset, keys.shape[0])
+        tail = table.tail_slot[b]
+        pool.keys[tail, offset : offset + take] = keys[:take]
+        pool.values[tail, offset : offset + take] = values[:take]
+        table.length[b] += take
+        if offset + take == ps:
+            page = table.length[b] // ps - 1
+            complete_pages(table, transfer, b, page, pool.keys[tail][None], pool.values[tail][None])
+            table.slots[b, page] = tail
+            table.tail_slot[b] = -1
+        # 2. Whole pages of new tokens: home copy on the host, kept on the device if chosen later.
+        rest_k, rest_v = keys[take:], values[take:]
+        num_full = rest_k.shape[0] // ps
+        if num_full:
+            first = table.length[b] // ps
+            page_k = rest_k[: num_full * ps].reshape(num_full, *table.layout.page_shape)
+            page_v = rest_v[: num_full * ps].reshape(num_full, *table.layout.page_shape)
+            complete_pages(table, transfer, b, first, page_k, page_v)
+            for i in range(num_full):
+                fresh[first + i] = (page_k[i], page_v[i])
+            table.length[b] += num_full * ps
+        leftover = rest_k.shape[0] - num_full * ps
+        if leftover:
+            appended[b].leftover = (rest_k[num_full * ps :], rest_v[num_full * ps :])
+    return appended
+
+
+def finish_tail(table: PageTable, b: int, appended: Appended) -> None:
+    """Give sequence b a tail slot again (after rebalancing) and write its leftover tokens."""
+    pool = table.device_pool
+    if table.tail_slot[b] < 0:
+        table.tail_slot[b] = pool.allocate()
+    leftover = appended.leftover
+    if leftover is not None:
+        n = leftover[0].shape[0]
+        pool.keys[table.tail_slot[b], :n] = leftover[0]
+        pool.values[table.tail_slot[b], :n] = leftover[1]
+        table.length[b] += n
+
+
+def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: int, keys: torch.Tensor,
+                   values: torch.Tensor) -> None:
+    """Home copies and summaries of pages first.. (keys/values: [n, page_size, H_kv, D], on the device)."""
+    n = keys.shape[0]
+    host = table.host_pool
+    host_ids = [host.allocate() for _ in range(n)]
+    transfer.to_host(keys, values, host, host_ids)
+    key_min, key_max = keys.amin(dim=1), keys.amax(dim=1)
+    table.host_ids[b, first : first + n] = torch.tensor(host_ids, dtype=torch.long)
+    table.key_min[b, first : first + n] = key_min
+    table.key_max[b, first : first + n] = key_max
+    ids = torch.tensor(host_ids, dtype=torch.long)
+    host.key_min[ids] = key_min.to(host.key_min.device)
+    host.key_max[ids] = key_max.to(host.key_max.device)

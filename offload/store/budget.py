@@ -1,0 +1,91 @@
+"""How a device budget is split for one batch, and the checks that refuse a batch before any token.
+
+Per layer, the device tier holds the page summaries of every page the batch may have and a pool
+of page slots; every sequence gets the same number of slots, at least its sinks, recent window
+and tail. The host tier must hold every complete page.
+"""
+
+from __future__ import annotations
+
+from offload.config import OffloadConfig
+from offload.sizes import format_bytes
+from offload.store.layout import KVLayout
+from offload.store.page_table import ResidencyRules
+
+
+def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
+    """Device slots one sequence needs in one layer: sinks + recent window + the tail page."""
+    ps = config.page_size
+    sink_pages = -(-config.sink_tokens // ps)
+    recent_pages = -(-config.recent_tokens // ps)
+    return min(sink_pages + recent_pages, max_tokens // ps) + 1
+
+
+def device_slots_per_seq(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> int:
+    """Device page slots one sequence gets in each layer under `config.device_budget`."""
+    summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
+    per_layer = config.device_budget // layout.num_layers
+    return max(0, per_layer - summary_bytes) // layout.page_bytes // batch_size
+
+
+def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> int:
+    """Smallest device budget (bytes) that `device_rules` accepts for this batch."""
+    summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
+    per_layer = summary_bytes + batch_size * min_slots_per_seq(config, max_tokens) * layout.page_bytes
+    return layout.num_layers * per_layer
+
+
+def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> ResidencyRules:
+    """The residency rules of a batch under the device budget; ValueError if the budget cannot hold it."""
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
+    cfg, lay = config, layout
+    need = min_slots_per_seq(cfg, max_tokens)
+    slots_per_seq = device_slots_per_seq(cfg, lay, batch_size, max_tokens)
+    if slots_per_seq < need:
+        summary_bytes = batch_size * lay.num_pages(max_tokens) * lay.summary_bytes
+        minimum = minimum_device_budget(cfg, lay, batch_size, max_tokens)
+        raise ValueError(
+            f"device_budget (OFFLOAD_DEVICE_BUDGET)={cfg.device_budget} ({format_bytes(cfg.device_budget)}) is too small "
+            f"for {lay.num_layers} layers x {batch_size} sequences of up to {max_tokens} tokens: each layer and sequence needs "
+            f"{need} pages of {format_bytes(lay.page_bytes)} on the device (sinks + recent window + tail page, "
+            f"page_size={cfg.page_size}, sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens}) plus "
+            f"{format_bytes(summary_bytes)} of page summaries per layer; the minimum is {minimum} bytes "
+            f"({format_bytes(minimum)}). Raise the budget or lower sink_tokens / recent_tokens."
+        )
+    useful = max_tokens // lay.page_size + 1  # more slots than pages would sit idle
+    slots_per_seq = min(slots_per_seq, useful)
+    return ResidencyRules(
+        slots_per_seq=slots_per_seq,
+        sink_pages=-(-cfg.sink_tokens // lay.page_size),
+        recent_tokens=cfg.recent_tokens,
+        promote_pages=cfg.promote_pages,
+        sparse=cfg.mode == "sparse",
+        # Default: select what the device can hold at once (complete-page slots beside the tail).
+        token_budget=cfg.token_budget if cfg.token_budget is not None else (slots_per_seq - 1) * lay.page_size,
+        skip_misses=cfg.sparse_misses == "skip",
+    )
+
+
+def device_reserved_bytes(layout: KVLayout, batch_size: int, max_tokens: int, rules: ResidencyRules) -> int:
+    summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
+    return layout.num_layers * (summary_bytes + batch_size * rules.slots_per_seq * layout.page_bytes)
+
+
+def host_pages_per_layer(config: OffloadConfig, layout: KVLayout) -> int:
+    """Host page slots per layer under `config.host_budget`."""
+    return config.host_budget // layout.num_layers // layout.page_bytes
+
+
+def check_host_budget(config: OffloadConfig, layout: KVLayout, new_pages: int, unavailable: int) -> None:
+    """Refuse a batch whose `new_pages` complete pages per layer cannot fit beside the `unavailable`
+    pages other live requests hold (cached prefixes do not count: they are evicted for room)."""
+    host_max = host_pages_per_layer(config, layout)
+    if new_pages + unavailable > host_max:
+        minimum = layout.num_layers * (new_pages + unavailable) * layout.page_bytes
+        held = f" ({unavailable} pages per layer are held by other live requests)" if unavailable else ""
+        raise ValueError(
+            f"host_budget (OFFLOAD_HOST_BUDGET)={config.host_budget} ({format_bytes(config.host_budget)}) is too small: "
+            f"{layout.num_layers} layers x {new_pages} new pages need {minimum} bytes ({format_bytes(minimum)}) "
+            f"of host pages{held}"
+        )

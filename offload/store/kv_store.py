@@ -1,0 +1,253 @@
+"""`KVStore`: the KV cache of one model, for the model's lifetime.
+
+It owns the per-layer host pools (home copies and page summaries, under the host budget), the
+transfer engine and the host-attention worker, the policies, and the prefix tree of cached pages.
+Requests (`Request`: a page table per layer) point into it by reference count.
+
+Device memory is lent to one request at a time, sized for its batch when it becomes active:
+activating a request parks the previous one (its pages stay on the host, its tails move there),
+so two live requests can never exceed the device budget together. Device copies are caches, so
+parking loses nothing.
+
+One layer's step is `attend`: select -> complete copies -> plan -> run -> observe -> append ->
+rebalance, each a call into the module that owns that concept.
+"""
+
+from __future__ import annotations
+
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+from offload.config import OffloadConfig
+from offload.kernels import resolve_kernel
+from offload.policies import make_eviction_order, make_scorer, make_selector
+from offload.prefetch.prefetcher import Prefetcher
+from offload.store import budget
+from offload.store.append import append, finish_tail
+from offload.store.layout import KVLayout
+from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan, select_pages
+from offload.store.pools import PagePool
+from offload.store.prefix_tree import PrefixTree
+from offload.store.request import Request
+from offload.store.residency import Residency
+from offload.store.split_attention import SplitAttention
+from offload.store.transfer import TransferEngine
+
+
+class StoreClosed(RuntimeError):
+    """The store was closed (`OffloadedModel.close()` / `unwrap()`); its requests are gone."""
+
+
+class KVStore:
+    def __init__(self, config: OffloadConfig, layout: KVLayout, device: torch.device | str) -> None:
+        self.config = config
+        self.layout = layout
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        host_max = budget.host_pages_per_layer(config, layout)
+        self.host_pools = [
+            PagePool(layout, 0, "cpu", max_capacity=host_max, pin_memory=pin, with_summaries=True,
+                     name=f"host pool (layer {i})")
+            for i in range(layout.num_layers)
+        ]
+        self.transfer = TransferEngine(config.emulate_link_gbps)
+        # One worker runs host-part kernels while the calling thread computes the device part.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-host")
+        self.runner = SplitAttention(resolve_kernel(config.cpu_kernel), config.cpu_threads, self.executor)
+        self.selector = make_selector(config.selector)
+        self.scorer = make_scorer(config.scorer, config.score_decay)
+        self.residency = Residency(self.transfer, make_eviction_order(config.device_eviction))
+        self.prefetcher = Prefetcher(self.selector, self.residency)
+        self.tree: PrefixTree | None = None
+        if config.prefix_cache:
+            self.tree = PrefixTree(layout.page_size, self.host_pools, make_eviction_order(config.prefix_eviction))
+            for pool in self.host_pools:
+                pool.reclaim = self.tree.evict
+        self.active: Request | None = None
+        self.requests: weakref.WeakSet[Request] = weakref.WeakSet()
+        self._dead: list[Request] = []  # requests whose cache was garbage collected, released at a safe point
+        self.closed = False
+
+    # ------------------------------------------------------------------ requests
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def open(self, batch_size: int, max_tokens: int, rows: Sequence[Sequence[int]] | None = None,
+             pads: Sequence[int] | None = None) -> tuple[Request, int]:
+        """A request for `batch_size` sequences of up to `max_tokens` tokens (padding included),
+        active on the device. With `rows` (each sequence's real token ids) and `pads` (its left
+        padding), it starts from the longest cached prefix every sequence can share: returns the
+        request and how many leading positions (padding included) need no forward pass."""
+        self._check_open()
+        self.release_dead()
+        budget.device_rules(self.config, self.layout, batch_size, max_tokens)  # refuse before touching anything
+        request = Request(self, batch_size, max_tokens)
+        self.requests.add(request)
+        skip = 0
+        if rows is not None and self.tree is not None:
+            skip = self._attach_prefix(request, rows, pads or [0] * batch_size)
+        shared = sum(t.num_complete(b) for t in request.tables[:1] for b in range(batch_size))
+        new_pages = batch_size * (max_tokens // self.layout.page_size) - shared
+        unavailable = self.host_pools[0].num_used - (self.tree.num_evictable() if self.tree else 0)
+        try:
+            budget.check_host_budget(self.config, self.layout, new_pages, unavailable)
+            self.activate(request, max_tokens)
+        except BaseException:
+            self.release(request)
+            raise
+        return request, skip
+
+    def _attach_prefix(self, request: Request, rows: Sequence[Sequence[int]], pads: Sequence[int]) -> int:
+        ps = self.layout.page_size
+        # Every sequence must forward at least its last token (its logits start generation).
+        paths = [self.tree.match(row, max(0, len(row) - 1) // ps) for row in rows]
+        skip = min(pad + len(path) * ps for pad, path in zip(pads, paths))
+        for b, (row, pad, path) in enumerate(zip(rows, pads, paths)):
+            reuse = max(0, skip - pad)
+            full, cut = divmod(reuse, ps)
+            for layer, table in enumerate(request.tables):
+                tail = None
+                if cut:
+                    host, host_id = table.host_pool, path[full].host_ids[layer]
+                    tail = (host.keys[host_id, :cut].clone(), host.values[host_id, :cut].clone())
+                table.attach_pages(b, [node.host_ids[layer] for node in path[:full]], tail)
+            request.token_ids[b, :reuse] = torch.tensor(list(row[:reuse]), dtype=torch.long)
+            request.prefix_hit_tokens += reuse
+        return skip
+
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def activate(self, request: Request, max_tokens: int | None = None) -> None:
+        """Lend the device to `request` (parking the active one), sized for `max_tokens` per sequence."""
+        self._check_open()
+        if request.released:
+            raise RuntimeError("this cache was released; its pages are gone")
+        max_tokens = max(max_tokens or 0, request.max_tokens)
+        if self.active is request and max_tokens <= request.max_tokens:
+            return
+        if self.active is not None:
+            self.park(self.active)
+        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens)
+        request.grow(max_tokens)
+        max_pages = self.layout.num_pages(max_tokens)
+        for layer, table in enumerate(request.tables):
+            pool = PagePool(self.layout, request.batch_size * rules.slots_per_seq, self.device,
+                            name=f"device pool (layer {layer})")
+            table.attach_device(pool, rules, max_pages)
+            for b in range(request.batch_size):
+                self.residency.rebalance(table, b, {})  # sinks and recent window come back first
+        request.rules = rules
+        request.device_reserved_bytes = budget.device_reserved_bytes(self.layout, request.batch_size, max_tokens, rules)
+        assert request.device_reserved_bytes <= self.config.device_budget
+        self.active = request
+        request.track_peak()
+
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def park(self, request: Request) -> None:
+        """Take the device memory back from `request`; its pages stay on the host."""
+        for table in request.tables:
+            if table.on_device:
+                self.residency.complete_copies(table)
+                table.detach_device()
+        if self.active is request:
+            self.active = None
+
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def release(self, request: Request) -> None:
+        if request.released:
+            return
+        self.park(request)
+        for table in request.tables:
+            table.release()
+        request.released = True
+        self.requests.discard(request)
+
+    def release_later(self, request: Request) -> None:
+        """For finalizers: release at the next safe point (never from inside a garbage collection)."""
+        self._dead.append(request)
+
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def release_dead(self) -> None:
+        while self._dead:
+            self.release(self._dead.pop())
+
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def cache_prefix(self, request: Request) -> int:
+        """Put the complete pages of every sequence whose token ids are known into the prefix tree."""
+        if self.tree is None or request.released:
+            return 0
+        ps = self.layout.page_size
+        added = 0
+        for b in range(request.batch_size):
+            n = min(t.num_complete(b) for t in request.tables)
+            ids = request.token_ids[b, : n * ps]
+            unknown = (ids < 0).nonzero()
+            n = int(unknown[0]) // ps if unknown.numel() else n
+            if n == 0:
+                continue
+            host_ids = torch.stack([t.host_ids[b, :n] for t in request.tables], dim=1).tolist()
+            added += self.tree.insert(ids[: n * ps].tolist(), host_ids)
+        return added
+
+    # ------------------------------------------------------------------ one layer's step
+    @torch.inference_mode()
+    def attend(self, request: Request, layer: int, query: torch.Tensor, new_keys: torch.Tensor,
+               new_values: torch.Tensor, new_valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend the new queries to everything stored plus the new tokens, then store them.
+
+        query:      [B, H, T, D]   queries of the T new tokens
+        new_keys:   [B, H_kv, T, D], new_values: [B, H_kv, T, D]
+        new_valid:  [B, T] bool    False for padding tokens (never stored, rows give zeros)
+        Returns     [B, H, T, D] float32.
+        """
+        if self.active is not request:
+            self.activate(request)
+        table = request.tables[layer]
+        if query.shape[0] != table.batch_size:
+            raise ValueError(f"batch size {query.shape[0]} differs from the {table.batch_size} this cache was reserved for")
+        needed = None
+        if query.shape[2] <= MAX_DECODE_QUERY:
+            # Pages in flight count as on the device for recall; then they must arrive before use.
+            needed = select_pages(table, self.selector, query)
+            count_needed(table, needed)
+        self.residency.complete_copies(table)
+        layer_plan = plan(table, new_valid, needed)
+        result = self.runner.run(layer_plan, table, query, new_keys, new_values, scale)
+        table.scores = self.scorer.update(table.scores, result.page_mass)
+        for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
+            if new_valid[b].any():
+                self.residency.rebalance(table, b, appended.fresh)
+            finish_tail(table, b, appended)
+        request.track_peak()
+        return result.out
+
+    @torch.inference_mode()
+    def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:
+        """Prefetch the pages a predicted query [B, H, Q, D] of `layer` selects, before it runs."""
+        if self.active is request and predicted_query.shape[0] == request.batch_size:
+            self.prefetcher.speculate(request.tables[layer], predicted_query)
+
+    # ------------------------------------------------------------------ state
+    def host_used_bytes(self) -> int:
+        return sum(pool.used_bytes for pool in self.host_pools)
+
+    def prefix_cached_pages(self) -> int:
+        return self.tree.num_pages if self.tree is not None else 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StoreClosed("this OffloadedModel was closed; its KV store and every cache are released")
+
+    @torch.inference_mode()  # tensors made under it can only be changed under it
+    def close(self) -> None:
+        """Release every request and cached page, stop the worker threads. Idempotent."""
+        if self.closed:
+            return
+        for request in list(self.requests) + self._dead:
+            self.release(request)
+        self._dead.clear()
+        if self.tree is not None:
+            self.tree.clear()
+        self.transfer.close()
+        self.executor.shutdown(wait=True)
+        self.closed = True

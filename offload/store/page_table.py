@@ -1,0 +1,258 @@
+"""`PageTable`: one layer's view of one request's pages (every sequence of its batch).
+
+Per sequence b, logical page p holds stored tokens [p * page_size, (p + 1) * page_size).
+Only valid tokens are stored (left padding never is), so stored positions are per sequence.
+
+- Every complete page has a home copy in the host pool (`host_ids[b, p]`, one reference held
+  by this table; the prefix tree and other requests may hold more).
+- The partial last page lives only in the device pool (`tail_slot[b]`), or, while the request is
+  parked between calls, in `parked_tails` on the host.
+- Some complete pages are also resident in the device pool (`slots[b, p]`); pages being copied
+  in are `inflight` (their slots are allocated, so counted and never reused) and become resident
+  only when their copy completed (`Residency.complete_copies`).
+- `key_min/key_max[b, p]` summarise each complete page's keys (Quest), on the device; the host
+  pool keeps the same summaries keyed by host page, so a table can be rebuilt from host ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload.store.layout import KVLayout
+from offload.store.pools import PagePool
+from offload.store.transfer import CopyBatch
+
+
+@dataclass(slots=True)
+class LayerCounters:
+    device_attn_s: float = 0.0
+    host_attn_s: float = 0.0
+    stall_s: float = 0.0  # compute waiting for copies
+    needed_pages: int = 0  # decode steps: non-required pages the real query selects
+    needed_on_device: int = 0  # ... of which resident or in flight when the layer ran
+    prefetch_issued_pages: int = 0
+    prefetch_hit_pages: int = 0  # issued pages that the real query then needed
+    skipped_pages: int = 0  # sparse mode with skip_misses: needed pages not attended
+    failed_copies: int = 0
+    failed_kernels: int = 0
+    mass_device: float = 0.0  # summed over decode rows: share of attention mass on the device part
+    mass_rows: int = 0
+
+
+@dataclass(slots=True)
+class ResidencyRules:
+    """How many pages a sequence keeps on the device, and which must stay."""
+
+    slots_per_seq: int  # device slots one sequence may hold (complete pages + in flight + tail)
+    sink_pages: int
+    recent_tokens: int
+    promote_pages: int  # most criticality promotions per sequence and step
+    sparse: bool
+    token_budget: int
+    skip_misses: bool = False  # sparse mode: needed pages not on the device are skipped, not read on the host
+
+
+class PageTable:
+    def __init__(self, layout: KVLayout, batch_size: int, max_pages: int, host_pool: PagePool) -> None:
+        self.layout = layout
+        self.batch_size = batch_size
+        self.max_pages = max_pages
+        self.host_pool = host_pool
+        self.device_pool: PagePool | None = None  # set while the request holds device memory
+        self.rules: ResidencyRules | None = None
+        self.length = [0] * batch_size
+        self.host_ids = torch.full((batch_size, max_pages), -1, dtype=torch.long)
+        self.slots = torch.full((batch_size, max_pages), -1, dtype=torch.long)
+        self.tail_slot = [-1] * batch_size
+        self.parked_tails: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size
+        self.inflight: list[dict[int, int]] = [{} for _ in range(batch_size)]  # page -> slot
+        self.batches: list[tuple[int, list[int], CopyBatch]] = []  # (seq, pages, batch) submitted
+        self.issued: list[set[int]] = [set() for _ in range(batch_size)]  # speculated, not yet judged
+        self.last_needed: list[set[int]] = [set() for _ in range(batch_size)]  # the last decode query's pages
+        # One extra column collects the mass of invalid keys, so scatter needs no masking.
+        self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
+        self.last_used = torch.zeros(batch_size, max_pages, dtype=torch.float64)  # step of last selection
+        self.step = 0
+        self.key_min: torch.Tensor | None = None  # [B, max_pages, H_kv, D] on the device
+        self.key_max: torch.Tensor | None = None
+        self.counters = LayerCounters()
+
+    # ------------------------------------------------------------------ state
+    def num_complete(self, b: int) -> int:
+        return self.length[b] // self.layout.page_size
+
+    def resident_pages(self, b: int) -> list[int]:
+        n = self.num_complete(b)
+        return (self.slots[b, :n] >= 0).nonzero().flatten().tolist()
+
+    def slots_in_use(self, b: int) -> int:
+        return len(self.resident_pages(b)) + len(self.inflight[b]) + (1 if self.tail_slot[b] >= 0 else 0)
+
+    def required_pages(self, b: int) -> set[int]:
+        """Complete pages that must stay resident: sinks and the recent window."""
+        n = self.num_complete(b)
+        required = set(range(min(self.rules.sink_pages, n)))
+        if self.rules.recent_tokens > 0:
+            first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
+            required.update(range(first, n))
+        return required
+
+    @property
+    def on_device(self) -> bool:
+        return self.device_pool is not None
+
+    # ------------------------------------------------------------------ device memory
+    def attach_device(self, device_pool: PagePool, rules: ResidencyRules, max_pages: int) -> None:
+        """Give the table device memory (a fresh pool) for up to `max_pages` pages per sequence:
+        summaries from the host pool, tails back from the host. Residency is the caller's."""
+        self._grow(max_pages)
+        self.device_pool, self.rules = device_pool, rules
+        device = device_pool.device
+        shape = (self.batch_size, self.max_pages, self.layout.num_kv_heads, self.layout.head_dim)
+        self.key_min = torch.zeros(shape, dtype=self.layout.dtype, device=device)
+        self.key_max = torch.zeros(shape, dtype=self.layout.dtype, device=device)
+        for b in range(self.batch_size):
+            n = self.num_complete(b)
+            if n:
+                ids = self.host_ids[b, :n]
+                self.key_min[b, :n] = self.host_pool.key_min[ids].to(device)
+                self.key_max[b, :n] = self.host_pool.key_max[ids].to(device)
+            self.tail_slot[b] = device_pool.allocate()
+            parked = self.parked_tails[b]
+            if parked is not None:
+                used = parked[0].shape[0]
+                device_pool.keys[self.tail_slot[b], :used] = parked[0].to(device)
+                device_pool.values[self.tail_slot[b], :used] = parked[1].to(device)
+                self.parked_tails[b] = None
+
+    def detach_device(self) -> None:
+        """Give the device memory back (copies must be complete): tails move to the host,
+        resident copies are dropped (their home copies stay)."""
+        assert not self.batches, "complete copies before detaching"
+        pool = self.device_pool
+        ps = self.layout.page_size
+        for b in range(self.batch_size):
+            tail = self.tail_slot[b]
+            if tail >= 0:
+                used = self.length[b] % ps
+                if used:
+                    self.parked_tails[b] = (pool.keys[tail, :used].to("cpu", copy=True),
+                                            pool.values[tail, :used].to("cpu", copy=True))
+                pool.decref(tail)
+            self.tail_slot[b] = -1
+        for slot in self.slots[self.slots >= 0].tolist():
+            pool.decref(slot)
+        self.slots.fill_(-1)
+        self.device_pool, self.key_min, self.key_max = None, None, None
+
+    def _grow(self, max_pages: int) -> None:
+        if max_pages <= self.max_pages:
+            return
+        extra = max_pages - self.max_pages
+        bsz = self.batch_size
+        self.host_ids = torch.cat([self.host_ids, torch.full((bsz, extra), -1, dtype=torch.long)], dim=1)
+        self.slots = torch.cat([self.slots, torch.full((bsz, extra), -1, dtype=torch.long)], dim=1)
+        scores = torch.zeros(bsz, max_pages + 1, dtype=torch.float32)
+        scores[:, : self.max_pages] = self.scores[:, : self.max_pages]
+        self.scores = scores
+        self.last_used = torch.cat([self.last_used, torch.zeros(bsz, extra, dtype=torch.float64)], dim=1)
+        self.max_pages = max_pages
+
+    # ------------------------------------------------------------------ shared pages
+    def attach_pages(self, b: int, host_ids: list[int], tail: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Start sequence b from shared complete pages (one reference taken on each) and, optionally,
+        the first tokens of the next page as a private tail (copy-on-write). keys/values of the
+        tail: [n, H_kv, D] with n < page_size. Device state is set up by `attach_device`."""
+        if self.length[b]:
+            raise RuntimeError(f"sequence {b} already holds {self.length[b]} tokens")
+        for p, host_id in enumerate(host_ids):
+            self.host_pool.incref(host_id)
+            self.host_ids[b, p] = host_id
+        self.length[b] = len(host_ids) * self.layout.page_size
+        if tail is not None and tail[0].shape[0]:
+            self.parked_tails[b] = tail
+            self.length[b] += tail[0].shape[0]
+
+    def crop(self, b: int, new_length: int) -> None:
+        """Keep sequence b's first `new_length` stored tokens (copies must be complete). A complete
+        page cut in two becomes the tail: its kept tokens are copied, the shared page is untouched."""
+        ps = self.layout.page_size
+        old_length = self.length[b]
+        if new_length >= old_length:
+            return
+        assert not self.inflight[b], "complete copies before cropping"
+        keep_pages, cut = new_length // ps, new_length % ps
+        pool = self.device_pool
+        tail_kv = None
+        if cut and keep_pages < old_length // ps:  # the new tail was a complete page
+            host_id = int(self.host_ids[b, keep_pages])
+            tail_kv = (self.host_pool.keys[host_id, :cut].clone(), self.host_pool.values[host_id, :cut].clone())
+        for p in range(keep_pages, old_length // ps):
+            if self.slots[b, p] >= 0:
+                pool.decref(int(self.slots[b, p]))
+            self.host_pool.decref(int(self.host_ids[b, p]))
+        self.slots[b, keep_pages:] = -1
+        self.host_ids[b, keep_pages:] = -1
+        self.scores[b, keep_pages:] = 0.0
+        self.issued[b] = {p for p in self.issued[b] if p < keep_pages}
+        self.last_needed[b] = {p for p in self.last_needed[b] if p < keep_pages}
+        self.length[b] = new_length
+        if tail_kv is not None:
+            if pool is None:
+                self.parked_tails[b] = tail_kv
+            else:
+                pool.keys[self.tail_slot[b], :cut] = tail_kv[0].to(pool.device)
+                pool.values[self.tail_slot[b], :cut] = tail_kv[1].to(pool.device)
+        elif pool is None and self.parked_tails[b] is not None:
+            kept = self.parked_tails[b]
+            self.parked_tails[b] = (kept[0][:cut], kept[1][:cut]) if cut else None
+
+    # ------------------------------------------------------------------ batch reordering
+    def select(self, indices: torch.Tensor) -> None:
+        """Sequence i becomes old sequence indices[i] (beam search). Complete pages are shared by
+        reference; each new sequence gets its own copy of the tail page. Copies must be complete."""
+        idx = indices.long().cpu()
+        if idx.numel() != self.batch_size:
+            raise NotImplementedError(f"OffloadCache cannot change the batch size from {self.batch_size} to {idx.numel()}")
+        assert not self.batches, "complete copies before reordering"
+        pool = self.device_pool
+        old_host, old_slots = self.host_ids, self.slots
+        new_host, new_slots = old_host[idx], old_slots[idx]
+        for ref in new_host[new_host >= 0].tolist():
+            self.host_pool.incref(ref)
+        for ref in new_slots[new_slots >= 0].tolist():
+            pool.incref(ref)
+        for ref in old_host[old_host >= 0].tolist():
+            self.host_pool.decref(ref)
+        for ref in old_slots[old_slots >= 0].tolist():
+            pool.decref(ref)
+        dev_idx = idx.to(pool.device)
+        tails = torch.tensor(self.tail_slot, dtype=torch.long, device=pool.device)[dev_idx]
+        tail_k, tail_v = pool.keys[tails].clone(), pool.values[tails].clone()
+        for slot in self.tail_slot:
+            pool.decref(slot)
+        self.tail_slot = [pool.allocate() for _ in range(self.batch_size)]
+        new_tails = torch.tensor(self.tail_slot, dtype=torch.long, device=pool.device)
+        pool.keys[new_tails] = tail_k
+        pool.values[new_tails] = tail_v
+        self.host_ids, self.slots = new_host, new_slots
+        order = idx.tolist()
+        self.length = [self.length[i] for i in order]
+        self.issued = [set(self.issued[i]) for i in order]
+        self.last_needed = [set(self.last_needed[i]) for i in order]
+        self.scores = self.scores[idx]
+        self.last_used = self.last_used[idx]
+        dev_idx = idx.to(self.key_min.device)
+        self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
+
+    def release(self) -> None:
+        """Drop every reference this table holds (copies must be complete)."""
+        if self.on_device:
+            self.detach_device()
+        for ref in self.host_ids[self.host_ids >= 0].tolist():
+            self.host_pool.decref(ref)
+        self.host_ids.fill_(-1)
+        self.parked_tails = [None] * self.batch_size
+        self.length = [0] * self.batch_size

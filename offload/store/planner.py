@@ -1,0 +1,142 @@
+"""Planning one layer's step: which pages a query attends, and where (device part or host part).
+
+`select_pages` asks the selector which non-required pages a decode query needs; `plan` turns
+that and the table's residency into a `LayerPlan`, the only thing `run` reads. Planning never
+moves data: copies are issued and completed by `Residency`, before planning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload.policies import PageSelector
+from offload.store.page_table import PageTable
+
+# Query blocks longer than this are prefill: attended exactly whatever the mode, no speculation.
+MAX_DECODE_QUERY = 16
+# Query rows whose attention feeds page scores (SnapKV's observation window).
+OBSERVATION_WINDOW = 32
+
+
+@dataclass(slots=True)
+class LayerPlan:
+    """Where each key of one layer's step is attended. Positions are stored-token positions.
+
+    new_pos:      [B, T] long, stored position of each new token (-1: padding, never stored)
+    device_slots: [B, n_dev + 1] long, device slots of the attended resident pages, then the tail
+    device_pos:   [B, (n_dev + 1) * page_size] long, key positions of those slots (-1: no key)
+    host_table:   [B, n_host] long, host ids of the pages the host part attends
+    host_pages:   [B, n_host] long, their logical page numbers (-1 padded)
+    host_counts:  [B] long, entries of host_table used per sequence
+    needed:       decode only: per sequence, the non-required pages the query selected
+    observe:      query rows (the last ones) whose attention feeds page scores
+    """
+
+    decode: bool
+    new_pos: torch.Tensor
+    device_slots: torch.Tensor
+    device_pos: torch.Tensor
+    host_table: torch.Tensor
+    host_pages: torch.Tensor
+    host_counts: torch.Tensor
+    needed: list[set[int]] | None
+    observe: int
+
+
+def select_pages(table: PageTable, selector: PageSelector, query: torch.Tensor, token_budget: int | None = None) -> list[set[int]]:
+    """Per sequence, the non-required complete pages a query selects: the selector's highest
+    scores, as many as fit `token_budget` (default: the rules') beside sinks, recent window and tail."""
+    ps = table.layout.page_size
+    token_budget = table.rules.token_budget if token_budget is None else token_budget
+    selected = []
+    for b in range(table.batch_size):
+        required = table.required_pages(b)
+        fixed_tokens = len(required) * ps + table.length[b] % ps
+        k = max(0, (token_budget - fixed_tokens) // ps)
+        candidates = [p for p in range(table.num_complete(b)) if p not in required]
+        if k >= len(candidates) or k == 0:
+            selected.append(set(candidates) if k else set())
+            continue
+        idx = torch.tensor(candidates, dtype=torch.long, device=table.key_min.device)
+        scores = selector.score(query[b : b + 1], table.key_min[b : b + 1, idx], table.key_max[b : b + 1, idx])[0]
+        selected.append({candidates[i] for i in torch.topk(scores, k).indices.tolist()})
+    return selected
+
+
+def count_needed(table: PageTable, needed: list[set[int]]) -> None:
+    """Recall bookkeeping: needed pages already resident or in flight, speculation hits."""
+    table.step += 1
+    for b in range(table.batch_size):
+        on_device = needed[b] & (set(table.resident_pages(b)) | set(table.inflight[b]))
+        table.counters.needed_pages += len(needed[b])
+        table.counters.needed_on_device += len(on_device)
+        table.counters.prefetch_hit_pages += len(needed[b] & table.issued[b])
+        table.issued[b].clear()
+        if needed[b]:
+            table.last_used[b, torch.tensor(sorted(needed[b]), dtype=torch.long)] = float(table.step)
+    table.last_needed = needed
+
+
+def new_positions(table: PageTable, new_valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] stored position of each valid new token, -1 for padding."""
+    lengths = torch.tensor(table.length, dtype=torch.long)
+    counts = new_valid.long().cumsum(dim=1)
+    return torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
+
+
+def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | None) -> LayerPlan:
+    """The plan of a step whose copies are complete. `needed` is None for prefill; in sparse mode
+    only required and needed pages are attended, otherwise every stored page is."""
+    q_len = new_valid.shape[1]
+    decode = needed is not None
+    selected = needed if (decode and table.rules.sparse) else None
+    device_pages, host_pages = [], []
+    for b in range(table.batch_size):
+        n = table.num_complete(b)
+        resident = table.slots[b, :n] >= 0
+        device_pages.append(_attended(table, b, resident.nonzero().flatten().tolist(), selected))
+        host = (~resident).nonzero().flatten().tolist()
+        if selected is not None and table.rules.skip_misses:
+            table.counters.skipped_pages += len(_attended(table, b, host, selected))
+            host = []
+        host_pages.append(_attended(table, b, host, selected))
+    ps = table.layout.page_size
+    page_idx = _pad(device_pages)
+    slots = torch.where(page_idx >= 0, table.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
+    offsets = torch.arange(ps)
+    page_pos = torch.where(page_idx[:, :, None] >= 0, page_idx[:, :, None] * ps + offsets, -1).reshape(table.batch_size, -1)
+    lengths = torch.tensor(table.length, dtype=torch.long)
+    tail_pos = torch.where(offsets[None, :] < (lengths % ps)[:, None], ((lengths // ps) * ps)[:, None] + offsets, -1)
+    tails = torch.tensor(table.tail_slot, dtype=torch.long)
+    logical = _pad(host_pages)
+    host_table = torch.where(logical >= 0, table.host_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
+    return LayerPlan(
+        decode=decode,
+        new_pos=new_positions(table, new_valid),
+        device_slots=torch.cat([slots, tails[:, None]], dim=1),
+        device_pos=torch.cat([page_pos, tail_pos], dim=1),
+        host_table=host_table,
+        host_pages=logical,
+        host_counts=torch.tensor([len(p) for p in host_pages], dtype=torch.long),
+        needed=needed,
+        observe=min(q_len, OBSERVATION_WINDOW),
+    )
+
+
+def _attended(table: PageTable, b: int, pages: list[int], selected: list[set[int]] | None) -> list[int]:
+    """The pages of `pages` that sequence b attends: all, or (sparse) the required and selected ones."""
+    if selected is None:
+        return pages
+    required = table.required_pages(b)
+    return [p for p in pages if p in required or p in selected[b]]
+
+
+def _pad(per_seq: list[list[int]]) -> torch.Tensor:
+    """[B, max_n] page numbers, -1 padded."""
+    num = max((len(p) for p in per_seq), default=0)
+    table = torch.full((len(per_seq), num), -1, dtype=torch.long)
+    for b, pages in enumerate(per_seq):
+        table[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+    return table

@@ -1,0 +1,147 @@
+"""`PrefixTree`: complete pages of finished requests, keyed by their token ids, for reuse.
+
+A radix tree over whole pages (SGLang's `RadixCache`, ChunkAttention's prefix trie): each node is
+one page of `page_size` token ids under its parent, and holds one reference on that page's host
+copy in every layer. A request whose prompt starts with a cached path takes its own references
+on those pages and forwards only the tokens after them. Pages are only ever shared whole and
+read-only; a request that needs part of a page copies those tokens into its own tail.
+
+The KV of a token depends on the tokens before it and on its position. Positions here are the
+token's index among the real tokens (what `generate` derives from the attention mask), so a path
+of token ids identifies its pages.
+
+Eviction frees leaves whose pages no live request references (host reference count 1 in every
+layer, the tree's own), lowest `EvictionOrder.priority` first (LRU by default); a parent whose
+last child left becomes a leaf and a candidate in turn.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from offload.policies import EvictionCandidates, EvictionOrder, keep_order
+from offload.store.pools import PagePool
+
+
+class PrefixNode:
+    __slots__ = ("key", "parent", "children", "host_ids", "last_access", "depth")
+
+    def __init__(self, key: tuple[int, ...], parent: "PrefixNode | None", host_ids: list[int], depth: int) -> None:
+        self.key = key
+        self.parent = parent
+        self.children: dict[tuple[int, ...], PrefixNode] = {}
+        self.host_ids = host_ids  # one host page per layer
+        self.last_access = 0.0
+        self.depth = depth  # page index in its sequence
+
+
+class PrefixTree:
+    def __init__(self, page_size: int, host_pools: list[PagePool], order: EvictionOrder) -> None:
+        self.page_size = page_size
+        self.host_pools = host_pools
+        self.order = order
+        self.root = PrefixNode((), None, [], -1)
+        self.leaves: set[PrefixNode] = set()
+        self.num_pages = 0
+        self.clock = 0.0
+
+    def _pages(self, tokens: Sequence[int], max_pages: int) -> list[tuple[int, ...]]:
+        ps = self.page_size
+        n = min(len(tokens) // ps, max_pages)
+        return [tuple(tokens[i * ps : (i + 1) * ps]) for i in range(n)]
+
+    def match(self, tokens: Sequence[int], max_pages: int | None = None) -> list[PrefixNode]:
+        """The cached path of whole pages that `tokens` starts with (at most `max_pages`); marks it used."""
+        self.clock += 1
+        node, path = self.root, []
+        for key in self._pages(tokens, len(tokens) if max_pages is None else max_pages):
+            node = node.children.get(key)
+            if node is None:
+                break
+            node.last_access = self.clock
+            path.append(node)
+        return path
+
+    def insert(self, tokens: Sequence[int], host_ids: Sequence[Sequence[int]]) -> int:
+        """Cache the pages of `tokens` (whole pages only); host_ids[p][layer] is page p's host copy
+        per layer. Pages already cached keep their copy; new ones take a reference. Returns how
+        many pages were added."""
+        self.clock += 1
+        node, added = self.root, 0
+        for p, key in enumerate(self._pages(tokens, len(host_ids))):
+            child = node.children.get(key)
+            if child is None:
+                ids = [int(i) for i in host_ids[p]]
+                for pool, host_id in zip(self.host_pools, ids):
+                    pool.incref(host_id)
+                child = PrefixNode(key, node, ids, p)
+                node.children[key] = child
+                self.leaves.discard(node)
+                self.leaves.add(child)
+                self.num_pages += 1
+                added += 1
+            child.last_access = self.clock
+            node = child
+        return added
+
+    def _evictable(self, node: PrefixNode) -> bool:
+        return not node.children and all(pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids))
+
+    def num_evictable(self) -> int:
+        """Pages that eviction could free now (whole evictable subtrees)."""
+        count = 0
+
+        def walk(node: PrefixNode) -> bool:
+            nonlocal count
+            free = all(walk(child) for child in list(node.children.values()))
+            if node is self.root:
+                return free
+            if free and all(pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids)):
+                count += 1
+                return True
+            return False
+
+        walk(self.root)
+        return count
+
+    def evict(self, num_pages: int) -> int:
+        """Free up to `num_pages` cached pages, lowest priority first; returns how many were freed."""
+        freed = 0
+        while freed < num_pages:
+            candidates = [leaf for leaf in self.leaves if self._evictable(leaf)]
+            if not candidates:
+                break
+            info = EvictionCandidates.of(
+                len(candidates),
+                last_access=torch.tensor([n.last_access for n in candidates], dtype=torch.float64),
+                position=torch.tensor([n.depth for n in candidates], dtype=torch.float64),
+            )
+            order = keep_order(self.order, info)[::-1]  # the first to leave first
+            for i in order[: num_pages - freed]:
+                self._remove(candidates[i])
+                freed += 1
+        return freed
+
+    def _remove(self, node: PrefixNode) -> None:
+        for pool, host_id in zip(self.host_pools, node.host_ids):
+            pool.decref(host_id)
+        parent = node.parent
+        del parent.children[node.key]
+        self.leaves.discard(node)
+        if parent is not self.root and not parent.children:
+            self.leaves.add(parent)
+        self.num_pages -= 1
+
+    def clear(self) -> None:
+        """Drop every cached page (references of live requests stay theirs)."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            for pool, host_id in zip(self.host_pools, node.host_ids):
+                pool.decref(host_id)
+        self.root.children.clear()
+        self.leaves.clear()
+        self.num_pages = 0

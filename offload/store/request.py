@@ -1,0 +1,103 @@
+"""`Request`: one batch's KV in a `KVStore`: a page table per layer and the token id of every
+stored token. It outlives a `generate` call (multi-turn continues it) and holds host pages by
+reference until it is released; it holds device memory only while it is the store's active one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from offload.stats import OffloadStats
+from offload.store.page_table import PageTable, ResidencyRules
+from offload.store.planner import new_positions
+from offload.store.transfer import TransferCounters
+
+# PageTable counters summed into OffloadStats.
+LAYER_SUMS = (
+    "device_attn_s", "host_attn_s", "stall_s", "needed_pages", "needed_on_device", "prefetch_issued_pages",
+    "prefetch_hit_pages", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
+)
+
+
+class Request:
+    def __init__(self, store, batch_size: int, max_tokens: int) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        layout = store.layout
+        max_pages = layout.num_pages(max_tokens)
+        self.tables = [PageTable(layout, batch_size, max_pages, pool) for pool in store.host_pools]
+        self.token_ids = torch.full((batch_size, max_tokens), -1, dtype=torch.long)  # -1: unknown
+        self.rules: ResidencyRules | None = None
+        self.device_reserved_bytes = 0
+        self.device_peak_bytes = 0
+        self.prefix_hit_tokens = 0
+        self.released = False
+        self._transfer_start = dataclasses.replace(store.transfer.counters)
+
+    @property
+    def on_device(self) -> bool:
+        return self.tables[0].on_device
+
+    def lengths(self) -> list[int]:
+        """Stored tokens per sequence (every layer holds the same after a whole forward)."""
+        return list(self.tables[-1].length)
+
+    def grow(self, max_tokens: int) -> None:
+        if max_tokens > self.token_ids.shape[1]:
+            extra = torch.full((self.batch_size, max_tokens - self.token_ids.shape[1]), -1, dtype=torch.long)
+            self.token_ids = torch.cat([self.token_ids, extra], dim=1)
+        self.max_tokens = max(self.max_tokens, max_tokens)
+
+    def record_tokens(self, new_valid: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+        """Remember the ids of the tokens the first layer is about to store (before its append)."""
+        pos = new_positions(self.tables[0], new_valid)
+        ids = input_ids.to("cpu") if input_ids is not None else torch.full_like(pos, -1)
+        rows, cols = (pos >= 0).nonzero(as_tuple=True)
+        self.token_ids[rows, pos[rows, cols]] = ids[rows, cols]
+
+    def device_used_bytes(self) -> int:
+        if not self.on_device:
+            return 0
+        layout = self.store.layout
+        summaries = self.batch_size * self.tables[0].max_pages * layout.summary_bytes
+        return sum(t.device_pool.used_bytes + summaries for t in self.tables)
+
+    def track_peak(self) -> None:
+        self.device_peak_bytes = max(self.device_peak_bytes, self.device_used_bytes())
+
+    def stats(self) -> OffloadStats:
+        now, start = self.store.transfer.counters, self._transfer_start
+        stats = OffloadStats(
+            h2d_bytes=now.h2d_bytes - start.h2d_bytes,
+            d2h_bytes=now.d2h_bytes - start.d2h_bytes,
+            device_peak_bytes=self.device_peak_bytes,
+            device_reserved_bytes=self.device_reserved_bytes,
+            device_budget_bytes=self.store.config.device_budget,
+            link_s=now.link_s - start.link_s,
+            host_bytes=self.store.host_used_bytes(),
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            prefix_cached_pages=self.store.prefix_cached_pages(),
+        )
+        for idx, table in enumerate(self.tables):
+            resident = sum(len(table.resident_pages(b)) for b in range(table.batch_size)) if table.on_device else 0
+            total = sum(table.num_complete(b) for b in range(table.batch_size))
+            stats.pages_resident += resident
+            stats.pages_total += total
+            counters = dataclasses.asdict(table.counters)
+            for name in LAYER_SUMS:
+                setattr(stats, name, getattr(stats, name) + counters[name])
+            stats.per_layer.append({"layer": idx, "pages_resident": resident, "pages_total": total, **counters})
+        return stats
+
+    def release(self) -> None:
+        """Give back every page this request references; the request cannot be used afterwards."""
+        if not self.released:
+            self.store.release(self)
+
+
+def transfer_delta(now: TransferCounters, start: TransferCounters) -> TransferCounters:
+    return TransferCounters(**{f.name: getattr(now, f.name) - getattr(start, f.name)
+                               for f in dataclasses.fields(TransferCounters)})

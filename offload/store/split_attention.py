@@ -1,0 +1,176 @@
+"""Running a `LayerPlan`: the device part and the host part of one layer's attention, merged by LSE.
+
+The host part (pages that are not resident) runs on a worker thread through the paged CPU
+kernels while this thread computes the device part (resident pages, the tail, the new tokens).
+Both return `(out, lse)` and per-key or per-page log-sum-exps of the observed query rows, so the
+attention mass each page received comes out of the run itself: criticality never recomputes q.k.
+A failed host kernel falls back to the torch kernel; a failure there too is raised.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from offload.kernels import merge_partials, paged_attention
+from offload.kernels.torch_ref import paged_attention_blocked
+from offload.store.page_table import PageTable
+from offload.store.planner import LayerPlan
+from offload.store.residency import log_once
+
+
+@dataclass(slots=True)
+class HostResult:
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    page_lse: torch.Tensor | None = None  # [B, H, observe, n_host]
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class RunResult:
+    out: torch.Tensor  # [B, H, T, D] float32, zeros for padding rows
+    page_mass: torch.Tensor  # [B, max_pages + 1] float32, attention mass per page (observed rows)
+
+
+def device_attention(query, keys, values, visible, scale, observe: int):
+    """Masked attention over contiguous K/V; also the scores of the last `observe` rows.
+
+    query [B, H, Q, D]; keys/values [B, H_kv, T, D]; visible [B, Q, T] bool.
+    Returns out [B, H, Q, D] float32, lse [B, H, Q] float32 (-inf: no key), and
+    key_lse [B, H, observe, T] float32: each key's own log-sum-exp (its score; -inf if hidden).
+    """
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    # Group query heads per KV head so K/V are read once per group, never repeated in memory.
+    q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, T]
+    scores = scores.view(bsz, num_kv_heads, group, q_len, kv_len)
+    scores = scores.masked_fill(~visible[:, None, None, :, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    out = torch.matmul(probs.view(bsz, num_kv_heads, group * q_len, kv_len), values.float())
+    key_lse = scores[:, :, :, q_len - observe :].reshape(bsz, num_heads, observe, kv_len)
+    return out.view(bsz, num_heads, q_len, head_dim), lse.reshape(bsz, num_heads, q_len), key_lse
+
+
+class SplitAttention:
+    """Runs plans of one store: which CPU kernel, how many threads, which worker thread."""
+
+    def __init__(self, cpu_kernel: str, cpu_threads: int | None, executor: Executor | None) -> None:
+        self.cpu_kernel = cpu_kernel
+        self.cpu_threads = cpu_threads
+        self.executor = executor
+
+    def run(self, plan: LayerPlan, table: PageTable, query, new_keys, new_values, scale: float) -> RunResult:
+        """query [B, H, T, D]; new_keys/new_values [B, H_kv, T, D] (the step's new tokens)."""
+        observe = plan.observe
+        has_host = bool(plan.host_counts.any())
+        future, host = None, None
+        if has_host:
+            args = (query, table, plan, scale, observe)
+            future = self.executor.submit(self._host_part, *args) if self.executor else None
+            host = self._host_part(*args) if future is None else None
+
+        start = time.perf_counter()
+        keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values)
+        new_pos = plan.new_pos.to(key_pos.device)
+        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
+        out_d, lse_d, key_lse = device_attention(query, keys, values, visible, scale, observe)
+        table.counters.device_attn_s += time.perf_counter() - start
+
+        if has_host:
+            if future is not None:
+                host = future.result()
+            if host.error is not None:
+                table.counters.failed_kernels += 1
+                log_once("kernel", f"the {self.cpu_kernel} host attention kernel failed", host.error)
+                host = self._host_part(query, table, plan, scale, observe, kernel="torch")
+                if host.error is not None:
+                    raise host.error
+            table.counters.host_attn_s += host.seconds
+            out, lse = merge_partials(out_d, lse_d, host.out.to(query.device), host.lse.to(query.device))
+        else:
+            out, lse = out_d, lse_d
+        if plan.decode:
+            share = torch.exp(lse_d - lse).nan_to_num(0.0)  # [B, H, Q]
+            rows = (plan.new_pos >= 0)[:, None, :].expand_as(share).to(share.device)
+            table.counters.mass_device += float(share[rows].sum())
+            table.counters.mass_rows += int(rows.sum())
+        # Padding rows see no key: zeros (their lse is -inf in both parts, so the merge gave zeros too).
+        out = out.masked_fill((plan.new_pos < 0).to(out.device)[:, None, :, None], 0.0)
+        mass = self._page_mass(table, plan, lse[:, :, lse.shape[2] - observe :], key_lse, key_pos,
+                               host.page_lse if host is not None else None)
+        return RunResult(out, mass)
+
+    # ------------------------------------------------------------------ parts
+    def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values):
+        """Contiguous device-part K/V: [B, H_kv, T_dev, D] each, and key positions [B, T_dev] (-1 = no key)."""
+        pool = table.device_pool
+        slots = plan.device_slots.to(pool.device)
+        shape = (table.batch_size, -1, table.layout.num_kv_heads, table.layout.head_dim)
+        keys = torch.cat([pool.keys[slots].reshape(shape), new_keys.transpose(1, 2)], dim=1)
+        values = torch.cat([pool.values[slots].reshape(shape), new_values.transpose(1, 2)], dim=1)
+        key_pos = torch.cat([plan.device_pos, plan.new_pos], dim=1).to(pool.device)
+        return keys.transpose(1, 2), values.transpose(1, 2), key_pos
+
+    def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None) -> HostResult:
+        """Attend the host pages; also per-page lse for the observed rows. Never raises: errors are returned."""
+        result = HostResult()
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():  # per thread; this may run on the host worker
+                self._host_kernels(result, query, table, plan, scale, observe, kernel or self.cpu_kernel)
+        except Exception as exc:  # reported to the caller, which falls back
+            result.error = exc
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _host_kernels(self, result: HostResult, query, table: PageTable, plan: LayerPlan, scale, observe, kernel) -> None:
+        host_pool = table.host_pool
+        q_host = query.to(host_pool.device)
+        bsz, num_heads, q_len, _ = q_host.shape
+        last = torch.full((bsz,), table.layout.page_size, dtype=torch.long)
+        pools = (host_pool.keys, host_pool.values)
+        args = (plan.host_table, plan.host_counts, last, scale)
+        page_lse = torch.full((bsz, num_heads, observe, plan.host_table.shape[1]), float("-inf"))
+        if observe == q_len:
+            result.out, result.lse = paged_attention(q_host, *pools, *args, kernel=kernel, page_lse_out=page_lse,
+                                                     validate=False, threads=self.cpu_threads)
+        else:
+            # Prefill: many query rows per KV byte, compute-bound: blocked matmuls, not the decode kernel.
+            result.out, result.lse = paged_attention_blocked(q_host, *pools, *args)
+            paged_attention(q_host[:, :, -observe:], *pools, *args, kernel=kernel, page_lse_out=page_lse,
+                            validate=False, threads=self.cpu_threads)
+        result.page_lse = page_lse
+
+    @staticmethod
+    def _page_mass(table: PageTable, plan: LayerPlan, lse, key_lse, key_pos, host_page_lse) -> torch.Tensor:
+        """Attention mass per logical page [B, max_pages + 1], summed over heads and observed rows.
+
+        lse [B, H, O] is the merged log-sum-exp of the observed rows; a key's (or a host page's)
+        share of a row is exp(its lse - the row's lse)."""
+        ps = table.layout.page_size
+        sink = table.max_pages  # the extra column collects keys of no page
+        mass = torch.zeros(table.batch_size, table.max_pages + 1, dtype=torch.float32)
+        finite = torch.isfinite(lse)
+        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
+        if key_lse.shape[-1] > 0:
+            probs = torch.exp(key_lse - safe_lse[..., None]).masked_fill(~finite[..., None], 0.0)
+            key_mass = probs.sum(dim=(1, 2)).cpu()  # [B, T_dev]
+            pos = key_pos.cpu()
+            page = torch.where(pos >= 0, pos // ps, torch.full_like(pos, sink)).clamp(max=sink)
+            mass.scatter_add_(1, page, key_mass)
+        if host_page_lse is not None and plan.host_pages.numel():
+            host_lse = safe_lse.to(host_page_lse.device)[..., None]
+            host_mass = torch.exp(host_page_lse - host_lse).masked_fill(~finite.to(host_page_lse.device)[..., None], 0.0)
+            page = torch.where(plan.host_pages >= 0, plan.host_pages, torch.full_like(plan.host_pages, sink))
+            mass.scatter_add_(1, page, host_mass.sum(dim=(1, 2)))
+        mass[:, sink] = 0.0
+        return mass

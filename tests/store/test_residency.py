@@ -1,0 +1,135 @@
+"""One layer's step on plain tensors against a naive reference, with exact state assertions."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.store.conftest import HKV, D, Reference, make_store, step
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    page_size=st.sampled_from([1, 3, 4, 16]),
+    batch=st.integers(1, 3),
+    slack=st.integers(0, 4),
+    steps=st.lists(st.integers(1, 23), min_size=1, max_size=8),
+    sparse_budget=st.sampled_from([None, 10_000]),
+)
+def test_random_schedules_match_reference_and_hold_budget(seed, page_size, batch, slack, steps, sparse_budget):
+    gen = torch.Generator().manual_seed(seed)
+    extra = {} if sparse_budget is None else {"mode": "sparse", "token_budget": sparse_budget}
+    store, request, table = make_store(batch, sum(steps) + 1, page_size, slack, **extra)
+    ref = Reference(batch)
+    pad = [min(steps[0] - 1, b * 2) for b in range(batch)]  # left padding in the first chunk
+    for i, n in enumerate(steps):
+        step(store, request, ref, gen, batch, n, pad if i == 0 else None)
+    for b in range(batch):
+        assert table.length[b] == ref.keys[b].shape[1]
+        # Every complete page has a home copy; the host copy and its summary equal the stored tokens.
+        n = table.num_complete(b)
+        ids = table.host_ids[b, :n]
+        assert bool((ids >= 0).all())
+        host_k = table.host_pool.keys[ids].reshape(-1, HKV, D).transpose(0, 1)
+        torch.testing.assert_close(host_k, ref.keys[b][:, : n * page_size])
+        torch.testing.assert_close(table.host_pool.key_max[ids], table.host_pool.keys[ids].amax(dim=1))
+        torch.testing.assert_close(table.key_min[b, :n], table.host_pool.key_min[ids])
+        assert table.required_pages(b) <= set(table.resident_pages(b))
+        assert table.slots_in_use(b) <= table.rules.slots_per_seq
+
+
+def test_eviction_keeps_required_and_highest_scores_exactly():
+    store, request, table = make_store(1, 64, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4)
+    gen = torch.Generator().manual_seed(0)
+    step(store, request, Reference(1), gen, 1, 40)  # 10 complete pages; required: sink page 0 and recent page 9
+    table.scores.zero_()
+    table.scores[0, 3], table.scores[0, 6], table.scores[0, 5] = 5.0, 4.0, 4.0
+    store.residency.rebalance(table, 0, {})
+    # 2 slack slots: the top scores 3, then 6 (ties go to the newer page), promoted from the host,
+    # asynchronously: in flight (slots held) until completed.
+    assert sorted(table.inflight[0]) == [3, 6] and table.resident_pages(0) == [0, 9]
+    assert table.slots_in_use(0) == 5
+    store.residency.complete_copies(table)
+    assert table.resident_pages(0) == [0, 3, 6, 9] and table.inflight[0] == {}
+    assert store.transfer.counters.h2d_pages == 2
+
+
+def test_lru_device_eviction_keeps_the_most_recently_selected_pages():
+    store, request, table = make_store(1, 64, page_size=4, slack_slots=2, sink_tokens=4, recent_tokens=4,
+                                       device_eviction="lru")
+    step(store, request, Reference(1), torch.Generator().manual_seed(0), 1, 40)
+    table.scores.zero_()
+    table.scores[0, 3] = 100.0  # criticality would keep page 3; LRU looks only at last use
+    table.last_used[0, 5], table.last_used[0, 7] = 9.0, 8.0
+    store.residency.rebalance(table, 0, {})
+    store.residency.complete_copies(table)
+    assert table.resident_pages(0) == [0, 5, 7, 9]
+
+
+def test_select_shares_pages_and_copies_tails():
+    store, request, table = make_store(2, 32, page_size=4, slack_slots=1)
+    gen = torch.Generator().manual_seed(1)
+    ref = Reference(2)
+    step(store, request, ref, gen, 2, 10)
+    host_before = table.host_pool.num_used
+    store.residency.complete_copies(table)
+    table.select(torch.tensor([1, 1]))
+    assert table.host_pool.num_used == host_before // 2  # sequence 0's pages are gone, 1's are shared
+    for p in range(2):
+        assert table.host_ids[0, p] == table.host_ids[1, p]
+        assert table.host_pool.refcount[int(table.host_ids[0, p])] == 2
+    assert table.tail_slot[0] != table.tail_slot[1]
+    torch.testing.assert_close(table.device_pool.keys[table.tail_slot[0]], table.device_pool.keys[table.tail_slot[1]])
+    ref.keys = [ref.keys[1], ref.keys[1]]
+    ref.values = [ref.values[1], ref.values[1]]
+    step(store, request, ref, gen, 2, 3)
+    device_pool = table.device_pool
+    request.release()
+    assert table.host_pool.num_used == 0 and device_pool.num_used == 0
+
+
+def test_default_token_budget_is_what_the_device_holds():
+    store, _, table = make_store(2, 64, page_size=4, slack_slots=3)  # token_budget left at its default (None)
+    assert store.config.token_budget is None
+    assert table.rules.token_budget == (table.rules.slots_per_seq - 1) * 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), page_size=st.sampled_from([1, 3, 4]), first=st.integers(1, 30),
+       cut=st.integers(0, 30), more=st.integers(1, 9))
+def test_crop_then_continue_matches_reference(seed, page_size, first, cut, more):
+    """crop keeps the first tokens exactly: a page cut in two becomes a private tail, shared pages stay."""
+    gen = torch.Generator().manual_seed(seed)
+    store, request, table = make_store(1, first + more + 1, page_size, slack_slots=1)
+    ref = Reference(1)
+    step(store, request, ref, gen, 1, first)
+    keep = max(0, first - cut)
+    store.residency.complete_copies(table)
+    host_pages_before = table.num_complete(0)
+    table.crop(0, keep)
+    ref.crop(0, keep)
+    assert table.length[0] == keep
+    assert table.host_pool.num_used == keep // page_size <= host_pages_before
+    assert bool((table.host_ids[0, keep // page_size :] < 0).all())
+    step(store, request, ref, gen, 1, more)
+    request.release()
+    assert table.host_pool.num_used == 0
+
+
+def test_park_and_resume_keep_every_token():
+    store, request, table = make_store(2, 60, page_size=4, slack_slots=2)
+    gen = torch.Generator().manual_seed(3)
+    ref = Reference(2)
+    step(store, request, ref, gen, 2, 23, pad=[0, 5])
+    store.park(request)
+    assert not request.on_device and store.active is None
+    assert table.parked_tails[0][0].shape[0] == 23 % 4
+    # Another request takes the device; the first resumes afterwards, for more tokens than before.
+    other, _ = store.open(1, 8)
+    step(store, other, Reference(1), gen, 1, 5)
+    store.activate(request, 60)
+    assert not other.on_device
+    step(store, request, ref, gen, 2, 1)
+    step(store, request, ref, gen, 2, 9)
