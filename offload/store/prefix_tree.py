@@ -95,7 +95,7 @@ class PrefixTree:
 
         def walk(node: PrefixNode) -> bool:
             nonlocal count
-            free = all(walk(child) for child in list(node.children.values()))
+            free = all([walk(child) for child in node.children.values()])  # walk every child, no short cut
             if node is self.root:
                 return free
             if free and all(pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids)):
