@@ -1,6 +1,7 @@
 """`offload bench` / `python -m offload.bench`: the quality sweep and the speed benchmarks.
 
     offload bench quality [--model embedded|PATH] [--text FILE] [--context 2048] ...
+    offload bench prefix  [--quick]   # time to first token with and without prefix reuse, 200-request soak
     offload bench decode  [ARGS...]   # runs bench/bench_decode.py from the source tree
     offload bench kernels [ARGS...]   # runs bench/bench_cpu_attention.py from the source tree
 
@@ -101,13 +102,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # `offload bench ...` through the console script
         argv = argv[1:]
-    commands = ["quality", *SPEED_SCRIPTS]
+    commands = ["quality", "prefix", *SPEED_SCRIPTS]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
     if command == "quality":
         quality(rest)
+    elif command == "prefix":
+        from offload.benchmarks import prefix
+
+        prefix.main(rest)
     elif command in SPEED_SCRIPTS:
         script = SOURCE_BENCH / SPEED_SCRIPTS[command]
         if not script.exists():

@@ -90,21 +90,17 @@ class PrefixTree:
         return not node.children and all(pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids))
 
     def num_evictable(self) -> int:
-        """Pages that eviction could free now (whole evictable subtrees)."""
-        count = 0
-
-        def walk(node: PrefixNode) -> bool:
-            nonlocal count
-            free = all([walk(child) for child in node.children.values()])  # walk every child, no short cut
-            if node is self.root:
-                return free
-            if free and all(pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids)):
-                count += 1
-                return True
-            return False
-
-        walk(self.root)
-        return count
+        """Pages that eviction could free now (whole subtrees no live request references)."""
+        order, stack = [], list(self.root.children.values())
+        while stack:  # iterative: a long prompt is a chain thousands of pages deep
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        free: dict[PrefixNode, bool] = {}
+        for node in reversed(order):  # every child before its parent
+            free[node] = all(free[child] for child in node.children.values()) and all(
+                pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids))
+        return sum(free.values())
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` cached pages, lowest priority first; returns how many were freed."""

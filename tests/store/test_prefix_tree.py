@@ -83,3 +83,12 @@ def test_clear_drops_only_the_trees_references():
     tree.clear()
     assert tree.num_pages == 0 and tree.match([1, 2]) == []
     assert pools[0].num_used == 1 and pools[1].num_used == 0
+
+
+def test_a_prompt_thousands_of_pages_long_is_matched_counted_and_evicted():
+    tree, pools = _tree(num_layers=1, capacity=5000)
+    tokens = list(range(2 * 3000))
+    _store_pages(tree, pools, tokens)
+    assert len(tree.match(tokens)) == 3000
+    assert tree.num_evictable() == 3000
+    assert tree.evict(3000) == 3000 and pools[0].num_used == 0
