@@ -247,7 +247,7 @@ class OffloadedModel:
             cache.generated_tokens = (sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]
             cache.generate_s = elapsed
             self.store.cache_prefix(cache.request)
-            cache.park()  # its pages stay referenced for a continuation; device memory goes back
+            cache.park(keep_cached=True)  # pages stay for a continuation; device copies of cached ones too
             self._last_stats = cache.stats()
             return out
 

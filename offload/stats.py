@@ -34,6 +34,7 @@ class OffloadStats:
     tokens_prefilled: int = 0  # tokens forwarded through the model in prefill (prefix hits excluded)
     prefix_hit_tokens: int = 0  # prompt tokens reused from the prefix cache instead of prefilled
     prefix_cached_pages: int = 0  # pages (per layer) the prefix cache holds now
+    prefix_device_pages: int = 0  # reused pages whose device copy an earlier request left (no copy needed)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     per_layer: list[dict] = field(default_factory=list)
@@ -87,7 +88,8 @@ class OffloadStats:
             f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s"
             + (f" ({self.failed_copies} failed copies, {self.failed_kernels} failed kernels recovered)"
                if self.failed_copies or self.failed_kernels else ""),
-            f"  prefix cache: {self.prefix_hit_tokens} prompt tokens reused, {self.prefix_cached_pages} pages cached",
+            f"  prefix cache: {self.prefix_hit_tokens} prompt tokens reused ({self.prefix_device_pages} pages already on "
+            f"the device), {self.prefix_cached_pages} pages cached",
             f"  tokens      : {self.tokens_prefilled} prefilled, {self.tokens_generated} generated"
             + (f" ({self.tokens_per_s:.1f} tokens/s)" if self.decode_s > 0 else ""),
         ]

@@ -165,10 +165,11 @@ class OffloadCache(Cache):
         self.max_tokens = max(self.max_tokens, max_tokens)
         self.store.activate(self.request, self.max_tokens)
 
-    def park(self) -> None:
-        """Give the device memory back between calls; the pages stay, on the host."""
+    def park(self, keep_cached: bool = False) -> None:
+        """Give the device memory back between calls; the pages stay, on the host (and, with
+        `keep_cached`, the device copies of prefix-cached pages stay for the next request)."""
         if self.request is not None and not self.request.released:
-            self.store.park(self.request)
+            self.store.park(self.request, keep_cached)
 
     def release(self) -> None:
         """Give every page back; `stats()` keeps answering from a snapshot."""

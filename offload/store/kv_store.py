@@ -7,7 +7,8 @@ Requests (`Request`: a page table per layer) point into it by reference count.
 Device memory is lent to one request at a time, sized for its batch when it becomes active:
 activating a request parks the previous one (its pages stay on the host, its tails move there),
 so two live requests can never exceed the device budget together. Device copies are caches, so
-parking loses nothing.
+parking loses nothing; when `generate` returns, the copies of pages the prefix tree holds stay on
+the device for the next request of the same shape (`DeviceCache`).
 
 One layer's step is `attend`: select -> complete copies -> plan -> run -> observe -> append ->
 rebalance, each a call into the module that owns that concept.
@@ -27,6 +28,7 @@ from offload.policies import make_eviction_order, make_scorer, make_selector
 from offload.prefetch.prefetcher import Prefetcher
 from offload.store import budget
 from offload.store.append import append, finish_tail
+from offload.store.device_cache import DeviceCache
 from offload.store.layout import KVLayout
 from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan, select_pages
 from offload.store.pools import PagePool
@@ -66,6 +68,9 @@ class KVStore:
             self.tree = PrefixTree(layout.page_size, self.host_pools, make_eviction_order(config.prefix_eviction))
             for pool in self.host_pools:
                 pool.reclaim = self.tree.evict
+        self.device_cache = DeviceCache()
+        if self.tree is not None:
+            self.tree.on_remove = self.device_cache.forget
         self.active: Request | None = None
         self.requests: weakref.WeakSet[Request] = weakref.WeakSet()
         self._dead: list[Request] = []  # requests whose cache was garbage collected, released at a safe point
@@ -130,10 +135,23 @@ class KVStore:
         rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens)
         request.grow(max_tokens)
         max_pages = self.layout.num_pages(max_tokens)
+        capacity = request.batch_size * rules.slots_per_seq
+        reuse = self.device_cache.take(capacity)
         for layer, table in enumerate(request.tables):
-            pool = PagePool(self.layout, request.batch_size * rules.slots_per_seq, self.device,
-                            name=f"device pool (layer {layer})")
-            table.attach_device(pool, rules, max_pages)
+            if reuse is None:
+                table.attach_device(PagePool(self.layout, capacity, self.device, name=f"device pool (layer {layer})"),
+                                    rules, max_pages)
+            else:
+                pool, kept = reuse[layer]
+                wanted = set(table.host_ids[table.host_ids >= 0].tolist())
+                for host_id in [h for h in kept if h not in wanted]:
+                    pool.decref(kept.pop(host_id))
+                while pool.num_free < request.batch_size and kept:  # room for the tails first
+                    pool.decref(kept.pop(next(iter(kept))))
+                table.attach_device(pool, rules, max_pages)
+                request.device_reused_pages += table.adopt_resident(kept)
+                for slot in kept.values():
+                    pool.decref(slot)
             for b in range(request.batch_size):
                 self.residency.rebalance(table, b, {})  # sinks and recent window come back first
         request.rules = rules
@@ -143,8 +161,14 @@ class KVStore:
         request.track_peak()
 
     @torch.inference_mode()  # tensors made under it can only be changed under it
-    def park(self, request: Request) -> None:
-        """Take the device memory back from `request`; its pages stay on the host."""
+    def park(self, request: Request, keep_cached: bool = False) -> None:
+        """Take the device memory back from `request`; its pages stay on the host. With
+        `keep_cached`, resident copies of pages the prefix tree holds stay on the device for the
+        next request (`DeviceCache`)."""
+        if keep_cached and self.tree is not None and request.on_device:
+            for table in request.tables:
+                self.residency.complete_copies(table)
+            self.device_cache.keep(request.tables, self.tree.host_ids_per_layer())
         for table in request.tables:
             if table.on_device:
                 self.residency.complete_copies(table)
@@ -164,7 +188,8 @@ class KVStore:
 
     def release_later(self, request: Request) -> None:
         """For finalizers: release at the next safe point (never from inside a garbage collection)."""
-        self._dead.append(request)
+        if not self.closed:  # a closed store released everything already
+            self._dead.append(request)
 
     @torch.inference_mode()  # tensors made under it can only be changed under it
     def release_dead(self) -> None:
@@ -246,6 +271,7 @@ class KVStore:
         for request in list(self.requests) + self._dead:
             self.release(request)
         self._dead.clear()
+        self.device_cache.clear()
         if self.tree is not None:
             self.tree.clear()
         self.transfer.close()

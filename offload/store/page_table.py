@@ -127,6 +127,19 @@ class PageTable:
                 device_pool.values[self.tail_slot[b], :used] = parked[1].to(device)
                 self.parked_tails[b] = None
 
+    def adopt_resident(self, kept: dict[int, int]) -> int:
+        """Point complete pages whose host copy is in `kept` (host id -> device slot of this table's
+        pool) at that device copy, within the slot quota; returns how many were adopted."""
+        adopted = 0
+        for b in range(self.batch_size):
+            for p in range(self.num_complete(b)):
+                slot = kept.get(int(self.host_ids[b, p]))
+                if slot is not None and self.slots[b, p] < 0 and self.slots_in_use(b) < self.rules.slots_per_seq:
+                    self.device_pool.incref(slot)
+                    self.slots[b, p] = slot
+                    adopted += 1
+        return adopted
+
     def detach_device(self) -> None:
         """Give the device memory back (copies must be complete): tails move to the host,
         resident copies are dropped (their home copies stay)."""

@@ -17,7 +17,7 @@ last child left becomes a leaf and a candidate in turn.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,6 +46,7 @@ class PrefixTree:
         self.leaves: set[PrefixNode] = set()
         self.num_pages = 0
         self.clock = 0.0
+        self.on_remove: Callable[[list[int]], None] | None = None  # called with a removed page's host ids
 
     def _pages(self, tokens: Sequence[int], max_pages: int) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -120,7 +121,20 @@ class PrefixTree:
                 freed += 1
         return freed
 
+    def host_ids_per_layer(self) -> list[set[int]]:
+        """Per layer, the host pages the tree holds."""
+        held = [set() for _ in self.host_pools]
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            for layer, host_id in enumerate(node.host_ids):
+                held[layer].add(host_id)
+        return held
+
     def _remove(self, node: PrefixNode) -> None:
+        if self.on_remove is not None:
+            self.on_remove(node.host_ids)
         for pool, host_id in zip(self.host_pools, node.host_ids):
             pool.decref(host_id)
         parent = node.parent
@@ -136,6 +150,8 @@ class PrefixTree:
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
+            if self.on_remove is not None:
+                self.on_remove(node.host_ids)
             for pool, host_id in zip(self.host_pools, node.host_ids):
                 pool.decref(host_id)
         self.root.children.clear()

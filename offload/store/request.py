@@ -12,7 +12,6 @@ import torch
 from offload.stats import OffloadStats
 from offload.store.page_table import PageTable, ResidencyRules
 from offload.store.planner import new_positions
-from offload.store.transfer import TransferCounters
 
 # PageTable counters summed into OffloadStats.
 LAYER_SUMS = (
@@ -34,6 +33,7 @@ class Request:
         self.device_reserved_bytes = 0
         self.device_peak_bytes = 0
         self.prefix_hit_tokens = 0
+        self.device_reused_pages = 0  # shared pages whose device copy a previous request left
         self.released = False
         self._transfer_start = dataclasses.replace(store.transfer.counters)
 
@@ -79,6 +79,7 @@ class Request:
             link_s=now.link_s - start.link_s,
             host_bytes=self.store.host_used_bytes(),
             prefix_hit_tokens=self.prefix_hit_tokens,
+            prefix_device_pages=self.device_reused_pages,
             prefix_cached_pages=self.store.prefix_cached_pages(),
         )
         for idx, table in enumerate(self.tables):
@@ -97,7 +98,3 @@ class Request:
         if not self.released:
             self.store.release(self)
 
-
-def transfer_delta(now: TransferCounters, start: TransferCounters) -> TransferCounters:
-    return TransferCounters(**{f.name: getattr(now, f.name) - getattr(start, f.name)
-                               for f in dataclasses.fields(TransferCounters)})

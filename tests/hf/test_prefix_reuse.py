@@ -237,3 +237,19 @@ def test_dropped_results_release_their_pages():
         om.store.release_dead()
         assert all(pool.num_used == 0 for pool in om.store.host_pools)
         assert not om.store.requests
+
+
+def test_a_prefix_hit_of_the_same_shape_finds_its_pages_still_on_the_device():
+    model = tiny_model("llama-gqa")
+    doc = _tokens(150, seed=60)
+    prompts = [torch.cat([doc, _tokens(30, seed=61 + i)], 1) for i in range(2)]
+    expected = [_reference(model, p) for p in prompts]
+    with _wrap(model) as om:
+        assert torch.equal(om.generate(prompts[0], **GREEDY), expected[0])
+        assert om.stats.prefix_device_pages == 0
+        assert torch.equal(om.generate(prompts[1], **GREEDY), expected[1])  # same length: same pool shape
+        stats = om.stats
+        assert stats.prefix_device_pages > 0  # the sink pages at least, in every layer
+        assert stats.device_peak_bytes <= stats.device_budget_bytes
+        om.generate(torch.cat([doc, _tokens(90, seed=63)], 1), **GREEDY)  # another shape: copies dropped
+        assert om.stats.prefix_device_pages == 0

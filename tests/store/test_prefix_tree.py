@@ -92,3 +92,21 @@ def test_a_prompt_thousands_of_pages_long_is_matched_counted_and_evicted():
     assert len(tree.match(tokens)) == 3000
     assert tree.num_evictable() == 3000
     assert tree.evict(3000) == 3000 and pools[0].num_used == 0
+
+
+def test_evicting_a_cached_page_drops_its_device_copy():
+    from tests.store.conftest import Reference, make_store, step
+
+    with torch.inference_mode():
+        store, request, table = make_store(1, 40, page_size=4, slack_slots=4, prefix_cache=True)
+        step(store, request, Reference(1), torch.Generator().manual_seed(0), 1, 33)
+        request.token_ids[0, :33] = torch.arange(33)
+        assert store.cache_prefix(request) == 8
+        pool = table.device_pool
+        store.park(request, keep_cached=True)
+        kept = len(store.device_cache.kept[0])
+        assert kept > 0 and pool.num_used == kept  # only the kept copies hold slots now
+        store.release(request)
+        assert store.tree.evict(8) == 8
+        assert pool.num_used == 0 and store.device_cache.kept[0] == {}
+        store.close()

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from offload.policies import EVICTION_ORDERS, SCORERS, SELECTORS
 from tests.store.conftest import HKV, D, Reference, make_store, step
+
+POLICY_MATRIX = [(sel, sco, ev) for sel in SELECTORS for sco in SCORERS for ev in EVICTION_ORDERS]
+
+
+@pytest.mark.parametrize("selector,scorer,device_eviction", POLICY_MATRIX)
+@pytest.mark.parametrize("mode", ["exact", "sparse"])
+def test_every_policy_keeps_budgets_and_exact_mode_exact(selector, scorer, device_eviction, mode):
+    """Policies decide residency (and, in sparse mode, what is attended); exact mode stays exact
+    and no policy can make a tier exceed its budget."""
+    gen = torch.Generator().manual_seed(11)
+    extra = {"token_budget": 12} if mode == "sparse" else {}
+    store, request, table = make_store(2, 200, page_size=4, slack_slots=3, selector=selector, scorer=scorer,
+                                       device_eviction=device_eviction, mode=mode, **extra)
+    ref = Reference(2)
+    step(store, request, ref, gen, 2, 61, pad=[0, 7])
+    for _ in range(12):
+        if mode == "exact":
+            step(store, request, ref, gen, 2, 1)
+        else:
+            query = torch.randn(2, 4, 1, D, generator=gen)
+            kv = torch.randn(2, HKV, 1, D, generator=gen)
+            store.attend(request, 0, query, kv, kv.clone(), torch.ones(2, 1, dtype=torch.bool), 0.35)
+            assert request.device_used_bytes() <= store.config.device_budget
+        store.prefetcher.speculate(table, torch.randn(2, 4, 1, D, generator=gen))
+        for b in range(2):
+            assert table.required_pages(b) <= set(table.resident_pages(b)) | set(table.inflight[b])
+            assert table.slots_in_use(b) <= table.rules.slots_per_seq
+    assert request.device_peak_bytes <= store.config.device_budget
 
 
 @settings(max_examples=25, deadline=None)
