@@ -247,8 +247,8 @@ class OffloadedModel:
             cache.generated_tokens = (sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]
             cache.generate_s = elapsed
             self.store.cache_prefix(cache.request)
+            self._last_stats = cache.stats()  # before parking: the residency the run ended with
             cache.park(keep_cached=True)  # pages stay for a continuation; device copies of cached ones too
-            self._last_stats = cache.stats()
             return out
 
     def _check_own_cache(self, cache) -> None:

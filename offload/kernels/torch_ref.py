@@ -20,12 +20,21 @@ def dense_attention(
     visible: [B, Q, T] bool, True where query q may attend key t
     Returns out [B, H, Q, D] float32 (zeros for rows with no visible key), lse [B, H, Q] float32 (-inf there).
     """
+    out, lse, _ = dense_attention_scores(query, keys, values, visible, scale)
+    return out, lse
+
+
+def dense_attention_scores(query, keys, values, visible, scale):
+    """`dense_attention`, and the masked scores it computed: [B, H, Q, T] float32 (-inf where hidden).
+
+    A key's score is its own log-sum-exp, so callers get per-key attention mass without a second q.k."""
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
     if kv_len == 0:
         return (
             torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device),
             torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device),
+            torch.zeros(bsz, num_heads, q_len, 0, dtype=torch.float32, device=query.device),
         )
     group = num_heads // num_kv_heads
     # Group query heads per KV head so K/V are read once per group, never repeated in memory.
@@ -38,7 +47,7 @@ def dense_attention(
     probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
     out = torch.matmul(probs.view(bsz, num_kv_heads, group * q_len, kv_len), values.float())
     out = out.view(bsz, num_heads, q_len, head_dim)
-    return out, lse.reshape(bsz, num_heads, q_len)
+    return out, lse.reshape(bsz, num_heads, q_len), scores.reshape(bsz, num_heads, q_len, kv_len)
 
 
 def paged_attention_torch(

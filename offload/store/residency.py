@@ -103,7 +103,7 @@ class Residency:
         n = table.num_complete(b)
         required = table.required_pages(b)
         # One slot stays for the tail; pages in flight keep theirs.
-        assert rules.slots_per_seq - 1 >= len(required), "reserve() guarantees sinks + recent window + tail fit"
+        assert rules.slots_per_seq - 1 >= len(required), "budget.device_rules guarantees sinks + recent window + tail fit"
         room = rules.slots_per_seq - 1 - len(required) - len(table.inflight[b])
         others = [p for p in range(n) if p not in required and p not in table.inflight[b]]
         wanted = set(required)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.kernels import merge_partials, paged_attention
-from offload.kernels.torch_ref import paged_attention_blocked
+from offload.kernels.torch_ref import dense_attention_scores, paged_attention_blocked
 from offload.store.page_table import PageTable
 from offload.store.planner import LayerPlan
 from offload.store.residency import log_once
@@ -35,29 +35,6 @@ class HostResult:
 class RunResult:
     out: torch.Tensor  # [B, H, T, D] float32, zeros for padding rows
     page_mass: torch.Tensor  # [B, max_pages + 1] float32, attention mass per page (observed rows)
-
-
-def device_attention(query, keys, values, visible, scale, observe: int):
-    """Masked attention over contiguous K/V; also the scores of the last `observe` rows.
-
-    query [B, H, Q, D]; keys/values [B, H_kv, T, D]; visible [B, Q, T] bool.
-    Returns out [B, H, Q, D] float32, lse [B, H, Q] float32 (-inf: no key), and
-    key_lse [B, H, observe, T] float32: each key's own log-sum-exp (its score; -inf if hidden).
-    """
-    bsz, num_heads, q_len, head_dim = query.shape
-    num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    group = num_heads // num_kv_heads
-    # Group query heads per KV head so K/V are read once per group, never repeated in memory.
-    q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, T]
-    scores = scores.view(bsz, num_kv_heads, group, q_len, kv_len)
-    scores = scores.masked_fill(~visible[:, None, None, :, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
-    finite = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    out = torch.matmul(probs.view(bsz, num_kv_heads, group * q_len, kv_len), values.float())
-    key_lse = scores[:, :, :, q_len - observe :].reshape(bsz, num_heads, observe, kv_len)
-    return out.view(bsz, num_heads, q_len, head_dim), lse.reshape(bsz, num_heads, q_len), key_lse
 
 
 class SplitAttention:
@@ -82,7 +59,8 @@ class SplitAttention:
         keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values)
         new_pos = plan.new_pos.to(key_pos.device)
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
-        out_d, lse_d, key_lse = device_attention(query, keys, values, visible, scale, observe)
+        out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale)
+        key_lse = scores[:, :, scores.shape[2] - observe :]  # a key's score is its own log-sum-exp
         table.counters.device_attn_s += time.perf_counter() - start
 
         if has_host:

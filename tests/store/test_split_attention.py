@@ -1,0 +1,48 @@
+"""`SplitAttention.run` on a plan: output and per-page attention mass against naive references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.store.planner import OBSERVATION_WINDOW, plan
+from tests.store.conftest import HKV, SCALE, D, H, Reference, make_store, step
+
+
+def _naive_page_mass(ref: Reference, query, keys, page_size, max_pages, observe):
+    """[B, max_pages + 1]: softmax mass of the last `observe` rows per page, over every stored key."""
+    bsz = query.shape[0]
+    mass = torch.zeros(bsz, max_pages + 1, dtype=torch.float64)
+    for b in range(bsz):
+        k = torch.cat([ref.keys[b], keys[b]], dim=1)  # [H_kv, T, D]
+        old, new = ref.keys[b].shape[1], keys.shape[2]
+        scores = torch.einsum("hqd,htd->hqt", query[b].double(), k.double().repeat_interleave(H // HKV, 0)) * SCALE
+        visible = torch.arange(k.shape[1])[None, :] <= (old + torch.arange(new))[:, None]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)[:, new - observe :]
+        per_key = probs.sum(dim=(0, 1))
+        mass[b].index_add_(0, torch.arange(k.shape[1]) // page_size, per_key)
+    return mass
+
+
+@pytest.mark.parametrize("new_tokens", [1, 5, 40])
+@pytest.mark.parametrize("page_size", [1, 4, 5])
+def test_run_gives_exact_output_and_page_mass(new_tokens, page_size):
+    gen = torch.Generator().manual_seed(new_tokens * 10 + page_size)
+    store, request, table = make_store(2, 120, page_size=page_size, slack_slots=2)
+    ref = Reference(2)
+    step(store, request, ref, gen, 2, 57, pad=[0, 3])  # some pages resident, most on the host
+    store.residency.complete_copies(table)
+    query = torch.randn(2, H, new_tokens, D, generator=gen)
+    keys = torch.randn(2, HKV, new_tokens, D, generator=gen)
+    values = torch.randn(2, HKV, new_tokens, D, generator=gen)
+    valid = torch.ones(2, new_tokens, dtype=torch.bool)
+    layer_plan = plan(table, valid, needed=None)
+    assert int(layer_plan.host_counts.sum()) > 0, "the host part must be exercised"
+    result = store.runner.run(layer_plan, table, query, keys, values, SCALE)
+    observe = min(new_tokens, OBSERVATION_WINDOW)
+    expected_mass = _naive_page_mass(ref, query, keys, page_size, table.max_pages, observe)
+    expected = ref.attend(query, keys, values, valid, SCALE)
+    torch.testing.assert_close(result.out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.page_mass.double()[:, : table.max_pages], expected_mass[:, : table.max_pages],
+                               rtol=1e-4, atol=1e-4)
+    assert float(result.page_mass[:, -1].abs().sum()) == 0.0  # the spare column collects nothing
