@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.offload-installed
 MODEL ?=
+ARGS ?=
 
 .PHONY: install test demo bench clean
 
@@ -19,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(PY) -m offload.demo $(MODEL)
+	$(PY) -m offload.demo $(MODEL) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-enable --benchmark-only

@@ -46,6 +46,25 @@ def load(path: str | None):
     return model, tokenizer, path, False
 
 
+def fit_prompt(model, prompt_tokens: int, new_tokens: int) -> int:
+    """The prompt length to use: at most what the model has positions for (and, while offload
+    supports sliding-window layers only within their window, at most the window)."""
+    from offload.hf.cache import text_config
+
+    text = text_config(model.config)
+    limits = {"max_position_embeddings": getattr(text, "max_position_embeddings", None)}
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False:
+        limits["sliding_window"] = text.sliding_window
+    fitted = prompt_tokens
+    for name, limit in limits.items():
+        if limit is not None and fitted + new_tokens > limit:
+            fitted = limit - new_tokens
+            print(f"note: the prompt is shortened to {fitted} tokens to fit the model's {name}={limit}")
+    if fitted < 1:
+        raise SystemExit(f"--new-tokens {new_tokens} leaves no room for a prompt in this model ({limits})")
+    return fitted
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="local transformers model directory (default: the embedded model)")
@@ -64,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"task: a pass key hidden in {prompt.shape[1]} tokens of filler; the prompt ends '... {question}'")
         print(f"expected answer: {tokenizer.decode(answer.tolist())}")
     else:
+        prompt_tokens = fit_prompt(model, args.prompt_tokens, args.new_tokens)
         torch.manual_seed(args.seed)
-        prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt_tokens))
+        prompt = torch.randint(3, model.config.vocab_size, (1, prompt_tokens))
         new_tokens, answer = args.new_tokens, None
         print(f"model: {name}; random prompt of {prompt.shape[1]} tokens, {new_tokens} new")
     total = prompt.shape[1] + new_tokens

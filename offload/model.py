@@ -26,7 +26,7 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
-from offload.hf.cache import OffloadCache, layout_from_model_config
+from offload.hf.cache import OffloadCache, layout_from_model_config, text_config
 from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
@@ -34,6 +34,13 @@ from offload.store import budget
 from offload.store.kv_store import KVStore
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(OffloadConfig)}
+# model -> [its attention implementation before the first wrapper, live wrappers]: wrappers of one
+# model may unwrap in any order; the last one restores the original.
+_WRAPPED: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_NOT_COPYABLE = (
+    "an OffloadedModel holds worker threads and memory pools, so it cannot be pickled or copied; "
+    "save or copy the model itself (om.model, or om.unwrap()) and wrap the copy"
+)
 
 
 class OffloadedModel:
@@ -53,7 +60,6 @@ class OffloadedModel:
         self._lock = threading.RLock()  # one call at a time: the store serves one active request
         self._last_cache: weakref.ref[OffloadCache] | None = None
         self._last_stats: OffloadStats | None = None
-        self._saved_attn: str | None = None
         self._layer_inputs: LayerInputs | None = None
         self._predictor: QueryPredictor | None = None
         self._ids_hook = None
@@ -64,7 +70,8 @@ class OffloadedModel:
     def wrap(self) -> "OffloadedModel":
         if not self._wrapped:
             hf_attention.register()
-            self._saved_attn = self.model.config._attn_implementation
+            entry = _WRAPPED.setdefault(self.model, [self.model.config._attn_implementation, 0])
+            entry[1] += 1
             self.model.config._attn_implementation = hf_attention.ATTN_NAME
             layers = decoder_layers(self.model)
             if layers is not None:
@@ -82,7 +89,11 @@ class OffloadedModel:
                 self._layer_inputs.remove()
                 self._layer_inputs, self._predictor = None, None
             self._ids_hook.remove()
-            self.model.config._attn_implementation = self._saved_attn
+            entry = _WRAPPED[self.model]
+            entry[1] -= 1
+            if entry[1] == 0:  # the last wrapper of this model restores what the first one found
+                self.model.config._attn_implementation = entry[0]
+                del _WRAPPED[self.model]
             hf_attention.unregister()
             self._wrapped = False
         return self.model
@@ -96,6 +107,15 @@ class OffloadedModel:
                     self._last_stats = self._last_cache().stats()
                 self.store.close()
                 self.store = None
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(_NOT_COPYABLE)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(_NOT_COPYABLE)
+
+    def __copy__(self):
+        raise TypeError(_NOT_COPYABLE)
 
     def __enter__(self) -> "OffloadedModel":
         return self.wrap()
@@ -169,7 +189,7 @@ class OffloadedModel:
 
     # running -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Forward pass with the same contract as the model's, prefilled in chunks of `prefill_chunk` tokens.
 
         Returns the model output with logits for every position; `past_key_values` is the OffloadCache
@@ -177,15 +197,17 @@ class OffloadedModel:
         """
         with self._lock:
             self._require_wrapped()
+            _refuse_unsupported(kwargs)
+            batch_size, length = _input_shape(input_ids, kwargs.get("inputs_embeds"))
             cache: OffloadCache | None = kwargs.pop("past_key_values", None)
             if cache is None:
-                cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+                cache = self.new_cache(batch_size, length)
             else:
                 self._check_own_cache(cache)
                 if cache.request is None:
-                    cache.open(input_ids.shape[0])
+                    cache.open(batch_size)
                 else:
-                    cache.resume(cache.get_seq_length() + input_ids.shape[1])
+                    cache.resume(cache.get_seq_length() + length)
             self._track(cache)
             outputs = self._forward(cache, input_ids, attention_mask, **kwargs)
             self._last_stats = cache.stats()  # answers once the caller drops the cache
@@ -193,16 +215,22 @@ class OffloadedModel:
 
     def _forward(self, cache: OffloadCache, input_ids, attention_mask, logits: bool = True, **kwargs):
         position_ids = kwargs.pop("position_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        kwargs.pop("use_cache", None)
+        length = _input_shape(input_ids, embeds)[1]
         past = cache.get_seq_length()
         outputs, chunks = None, []
-        for start in range(0, input_ids.shape[1], self.config.prefill_chunk):
-            end = min(start + self.config.prefill_chunk, input_ids.shape[1])
+        for start in range(0, length, self.config.prefill_chunk):
+            end = min(start + self.config.prefill_chunk, length)
             chunk_kwargs = dict(kwargs)
             if attention_mask is not None:
                 chunk_kwargs["attention_mask"] = attention_mask[:, : past + end]
             if position_ids is not None:
                 chunk_kwargs["position_ids"] = position_ids[..., start:end]
-            outputs = self.model(input_ids[:, start:end], past_key_values=cache, use_cache=True, **chunk_kwargs)
+            if embeds is not None:
+                chunk_kwargs["inputs_embeds"] = embeds[:, start:end]
+            chunk_ids = input_ids[:, start:end] if input_ids is not None else None
+            outputs = self.model(chunk_ids, past_key_values=cache, use_cache=True, **chunk_kwargs)
             if logits:
                 chunks.append(outputs.logits)
         if logits:
@@ -211,7 +239,7 @@ class OffloadedModel:
         return outputs
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  past_key_values: OffloadCache | None = None, **kwargs: Any):
         """`model.generate` with the KV cache in the store. Budgets are checked before any token.
 
@@ -221,35 +249,59 @@ class OffloadedModel:
         """
         with self._lock:
             self._require_wrapped()
+            inputs = kwargs.pop("inputs", None)
+            if inputs is not None:
+                if input_ids is not None:
+                    raise ValueError("pass the prompt as input_ids or as inputs, not both")
+                input_ids = inputs
+            _refuse_unsupported(kwargs)
+            embeds = kwargs.get("inputs_embeds")
+            prompt_batch, prompt_len = _input_shape(input_ids, embeds)
             generation_config = kwargs.get("generation_config") or self.model.generation_config
-            max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-            if max_new_tokens is None:
-                max_length = kwargs.get("max_length", generation_config.max_length)
-                max_new_tokens = max(0, max_length - input_ids.shape[1])
+            max_new_tokens = self._max_new_tokens(generation_config, kwargs, prompt_len)
             expand = max(
                 kwargs.get("num_beams", generation_config.num_beams) or 1,
                 kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1,
             )
-            batch_size = input_ids.shape[0] * expand
-            max_tokens = input_ids.shape[1] + max_new_tokens
+            batch_size = prompt_batch * expand
+            max_tokens = prompt_len + max_new_tokens
             if attention_mask is None:  # generate derives positions from it; a prefix hit slices by it
-                attention_mask = torch.ones_like(input_ids)
+                attention_mask = torch.ones(prompt_batch, prompt_len, dtype=torch.long, device=self.model.device)
             if past_key_values is not None:
                 cache = self._continued_cache(past_key_values, batch_size, max_tokens)
+            elif embeds is not None:  # no token ids: nothing to match or cache by
+                cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
+                cache.open(batch_size)
             else:
                 cache = self._open_cache(input_ids, attention_mask, expand, max_tokens)
             self._track(cache)
-            kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
+            if embeds is None:  # transformers' chunked prefill slices input_ids only
+                kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
             start = time.perf_counter()
             out = self.model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
             elapsed = time.perf_counter() - start
             sequences = out.sequences if hasattr(out, "sequences") else out
-            cache.generated_tokens = (sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]
+            returned_prompt = input_ids.shape[1] if input_ids is not None else 0  # embeds: new tokens only
+            cache.generated_tokens = (sequences.shape[1] - returned_prompt) * sequences.shape[0]
             cache.generate_s = elapsed
             self.store.cache_prefix(cache.request)
             self._last_stats = cache.stats()  # before parking: the residency the run ended with
             cache.park(keep_cached=True)  # pages stay for a continuation; device copies of cached ones too
             return out
+
+    def _max_new_tokens(self, generation_config, kwargs: dict, prompt_len: int) -> int:
+        """How many tokens `generate` may add, resolved as transformers does (max_new_tokens, then
+        max_length, then its model-agnostic default of max_length new tokens, capped by the positions)."""
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new_tokens is not None:
+            return max_new_tokens
+        max_length = kwargs.get("max_length", generation_config.max_length)
+        if max_length is not None:
+            return max(0, max_length - prompt_len)
+        defaults = getattr(generation_config, "_get_default_generation_params", lambda: {})()
+        total = prompt_len + (defaults.get("max_length") or 20)
+        positions = getattr(text_config(self.model.config), "max_position_embeddings", None)
+        return max(0, (min(total, positions) if positions else total) - prompt_len)
 
     def _check_own_cache(self, cache) -> None:
         if not isinstance(cache, OffloadCache):
@@ -327,6 +379,28 @@ class OffloadedModel:
             self.store.cache_prefix(cache.request)
         finally:
             cache.release()
+
+
+def _input_shape(input_ids, inputs_embeds) -> tuple[int, int]:
+    """(batch, tokens) of the prompt, given as ids or embeddings."""
+    if inputs_embeds is not None:
+        return int(inputs_embeds.shape[0]), int(inputs_embeds.shape[1])
+    if input_ids is None:
+        raise ValueError("pass the prompt as input_ids (or inputs / inputs_embeds)")
+    return int(input_ids.shape[0]), int(input_ids.shape[1])
+
+
+def _refuse_unsupported(kwargs: dict) -> None:
+    if kwargs.get("use_cache") is False:
+        raise ValueError(
+            "use_cache=False: OffloadedModel exists to keep the KV cache (in its store), so there is nothing to "
+            "offload without one; call the unwrapped model (om.unwrap(), or a copy) for cache-free forwards"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "output_attentions=True is not supported: split attention never forms the attention matrix (the "
+            "host part runs page by page); call the unwrapped model to inspect attention weights"
+        )
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

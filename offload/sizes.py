@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -26,6 +27,8 @@ def parse_bytes(value: str | int | float, name: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not a byte size; expected {ACCEPTED_SIZES}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is not a byte size; expected a finite, non-negative whole number of bytes")
         if value < 0 or value != int(value):
             raise ValueError(f"{name}={value!r} is not a byte size; expected a non-negative whole number of bytes")
         return int(value)

@@ -16,6 +16,7 @@ rebalance, each a call into the module that owns that concept.
 
 from __future__ import annotations
 
+import atexit
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -37,6 +38,17 @@ from offload.store.request import Request
 from offload.store.residency import Residency
 from offload.store.split_attention import SplitAttention
 from offload.store.transfer import TransferEngine
+
+
+_LIVE: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_stores() -> None:
+    """Stop worker threads before the interpreter tears down: a daemon thread inside a torch op
+    at exit can abort the process ("terminate called without an active exception")."""
+    for store in list(_LIVE):
+        store.close()
 
 
 class StoreClosed(RuntimeError):
@@ -75,6 +87,7 @@ class KVStore:
         self.requests: weakref.WeakSet[Request] = weakref.WeakSet()
         self._dead: list[Request] = []  # requests whose cache was garbage collected, released at a safe point
         self.closed = False
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ requests
     @torch.inference_mode()  # tensors made under it can only be changed under it
