@@ -26,6 +26,7 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
+from offload.hf import compat
 from offload.hf.cache import OffloadCache, layout_from_model_config, text_config
 from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
@@ -54,6 +55,7 @@ class OffloadedModel:
                 f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
                 "so offload cannot take over its attention"
             )
+        compat.check_config(model)
         self.model = model
         self.config = config.replace(**overrides) if config is not None else OffloadConfig.from_env(**overrides)
         self.store: KVStore | None = None
@@ -65,6 +67,12 @@ class OffloadedModel:
         self._ids_hook = None
         self._wrapped = False
         self.wrap()
+        if not model.training:  # (dropout would make any two runs differ; attention refuses it anyway)
+            try:
+                self._probe()
+            except BaseException:
+                self.unwrap()
+                raise
 
     # wrapping ----------------------------------------------------------------------------------
     def wrap(self) -> "OffloadedModel":
@@ -80,6 +88,27 @@ class OffloadedModel:
             self._ids_hook = self.model.register_forward_pre_hook(_note_input_ids, with_kwargs=True)
             self._wrapped = True
         return self
+
+    def _probe(self) -> None:
+        """Refuse, now, a model whose outputs through offload would differ from its own (compat.probe)."""
+        original = _WRAPPED[self.model][0]
+        config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False)
+        store = KVStore(config, layout_from_model_config(self.model.config, config.page_size, self._kv_dtype()),
+                        self.model.device)
+
+        def run_wrapped(ids: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                cache = OffloadCache(store, self.model.config, ids.shape[1], self._predictor)
+                prefill = self._forward(cache, ids[:, :-1], None).logits
+                decode = self._forward(cache, ids[:, -1:], None).logits  # one decode step too
+                return torch.cat([prefill, decode], dim=1)
+
+        try:
+            compat.probe(self.model, run_wrapped,
+                         unwrap=lambda: setattr(self.model.config, "_attn_implementation", original),
+                         rewrap=lambda: setattr(self.model.config, "_attn_implementation", hf_attention.ATTN_NAME))
+        finally:
+            store.close()
 
     def unwrap(self) -> torch.nn.Module:
         """Free every pool, restore the model exactly as it was and return it."""

@@ -7,6 +7,7 @@ together with the padding mask, and runs the split attention of the layer's stor
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from contextlib import contextmanager
@@ -48,9 +49,58 @@ def offload_attention(
         )
     if dropout and module.training:
         raise ValueError("offload attention is for inference; dropout must be 0 (call model.eval())")
+    refusal = getattr(attention_mask, "offload_refusal", None)
+    if refusal is not None:
+        raise NotImplementedError(
+            f"{refusal}; offload attends full causal attention over every stored token, so outputs would differ: "
+            "it refuses"
+        )
+    check_modifiers(type(module).__name__, kwargs, cache.get_seq_length(layer_idx) + query.shape[2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = cache.attend(layer_idx, query, key, value, attention_mask, scale)
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale)
+    if sinks is not None:
+        out = apply_sinks(out, lse, sinks)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Learned attention sinks (GPT-OSS): one more logit per head in the softmax's denominator,
+    with a zero value. Merged as one more partial by log-sum-exp: out [B, H, T, D], lse [B, H, T],
+    sinks [H]. Rows with no key keep only the sink: zeros."""
+    sink = sinks.detach().float().reshape(1, -1, 1).to(lse.device)
+    weight = torch.exp(lse - torch.logaddexp(lse, sink)).nan_to_num(0.0)  # share of the keys against the sink
+    return out * weight.unsqueeze(-1)
+
+
+# Arguments of transformers' attention functions that change the result. Each is implemented
+# (sinks above) or refused here: none is ever ignored.
+def check_modifiers(module_name: str, kwargs: dict, tokens: int) -> None:
+    """tokens: keys this call attends (cached + new)."""
+    refused = {
+        "softcap": "attention logit soft-capping",
+        "position_bias": "an additive position bias (T5/relative-position style)",
+        "indices": "sparse attention over indexed tokens (DeepSeek sparse attention)",
+        "block_indices": "block-sparse attention",
+    }
+    for name, feature in refused.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{module_name} uses {feature} ({name}={_short(kwargs[name])}), which offload does not implement; "
+                "outputs would differ from the model's, so it refuses. Use the unwrapped model."
+            )
+    if kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{module_name} attends bidirectionally (is_causal=False); offload implements causal attention only")
+    window = kwargs.get("sliding_window")
+    if window is not None and tokens > window:
+        raise NotImplementedError(
+            f"{module_name} uses sliding-window attention (sliding_window={window}) and this call attends {tokens} "
+            "tokens; offload attends full attention, so it supports such layers only while the context fits the window"
+        )
+
+
+def _short(value) -> str:
+    return f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def offload_mask(
@@ -66,10 +116,48 @@ def offload_mask(
     """Hand the 2D padding mask [B, kv_length] (True = real token) through to the attention function.
 
     Without a registered mask function transformers drops the padding mask for custom attention.
+    The attention here is causal over every stored token, so a mask function that says otherwise
+    (chunked attention, a sliding window beyond its size, bidirectional spans, packed sequences)
+    is refused rather than ignored.
     """
+    problem = _mask_problem(mask_function, kv_offset + kv_length)
+    if problem is not None:
+        # Refused only if a layer attends with it: models also build masks they do not use
+        # (a decoder's cross-attention mask without an encoder).
+        refused = torch.zeros(0, dtype=torch.bool)
+        refused.offload_refusal = f"this model's attention mask {problem}"
+        return refused
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def _mask_problem(fn, tokens: int) -> str | None:
+    """None if `fn` (a transformers mask function, possibly and_masks of several) allows exactly
+    the causal pattern over `tokens` keys; else what it does instead."""
+    from transformers.masking_utils import causal_mask_function
+
+    if fn is None or fn is causal_mask_function:
+        return None
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    cells = inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
+    if name.startswith("and_masks."):
+        for part in cells.get("mask_functions", ()):
+            problem = _mask_problem(part, tokens)
+            if problem is not None:
+                return problem
+        return None
+    if name.startswith("padding_mask_function."):
+        return None  # the 2D padding mask, which the cache applies
+    if name.startswith("sliding_window_overlay."):
+        window = cells.get("sliding_window")
+        return None if window is not None and tokens <= window else (
+            f"uses sliding-window attention (sliding_window={window}) and the context reaches {tokens} tokens")
+    if name.startswith("chunked_overlay."):
+        chunk = cells.get("chunk_size")
+        return None if chunk is not None and tokens <= chunk else (
+            f"uses chunked attention (attention_chunk_size={chunk}) and the context reaches {tokens} tokens")
+    return f"is a custom pattern ({name}: bidirectional spans, packed sequences or another one)"
 
 
 def register() -> None:

@@ -52,6 +52,12 @@ def check_sliding_window(model_config, max_tokens: int) -> None:
             f"{max_tokens} tokens; offload attends full attention and supports sliding-window models only "
             f"while the context fits the window"
         )
+    chunk = getattr(text, "attention_chunk_size", None)
+    if chunk is not None and max_tokens > chunk:
+        raise ValueError(
+            f"this model uses chunked attention (attention_chunk_size={chunk}) and the context would reach "
+            f"{max_tokens} tokens; offload attends full attention and supports it only while the context fits one chunk"
+        )
 
 
 class OffloadLayer(CacheLayerMixin):
@@ -209,7 +215,9 @@ class OffloadCache(Cache):
         value_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scale: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the new queries over everything stored and the new tokens, then store them.
+        Returns out [B, H, T, D] float32 and lse [B, H, T] float32."""
         keys, values = self._staged.pop(layer_idx)
         if keys is not key_states:
             raise RuntimeError(f"layer {layer_idx}: the keys given to attention are not the ones staged by update()")
@@ -223,7 +231,7 @@ class OffloadCache(Cache):
         speculate = self.config.prefetch and q_len <= MAX_DECODE_QUERY
         if speculate:
             self._speculate_next(layer_idx, query)
-        out = self.store.attend(self.request, layer_idx, query, keys, values, valid, scale)
+        out, lse = self.store.attend(self.request, layer_idx, query, keys, values, valid, scale, return_lse=True)
         if speculate and layer_idx == len(self.layers) - 1:
             # The next step's first layer: its query now is the best guess for its query then.
             self.store.speculate(self.request, 0, self._last_query[0])
@@ -236,7 +244,7 @@ class OffloadCache(Cache):
                 self.tokens_prefilled += int(valid.sum())
             else:
                 self.decode_s += elapsed
-        return out
+        return out, lse
 
     def _speculate_next(self, layer_idx: int, query: torch.Tensor) -> None:
         """Issue layer l+1's likely pages now, so the copies overlap layer l's compute."""
@@ -270,9 +278,10 @@ class OffloadCache(Cache):
         if attention_mask is None:
             return torch.ones(bsz, q_len, dtype=torch.bool)
         if attention_mask.dim() != 2:
-            raise ValueError(
-                f"OffloadCache takes a 2D padding mask [batch, tokens]; got a {attention_mask.dim()}D mask "
-                f"of shape {tuple(attention_mask.shape)}"
+            raise NotImplementedError(
+                f"this model builds its own {attention_mask.dim()}D attention mask (shape {tuple(attention_mask.shape)}) "
+                "instead of transformers' mask functions (e.g. Doge's dynamic mask); offload takes a 2D padding mask "
+                "and causal attention, so it refuses rather than ignore the model's mask"
             )
         if attention_mask.shape != (bsz, seen + q_len):
             raise ValueError(

@@ -230,13 +230,13 @@ class KVStore:
     # ------------------------------------------------------------------ one layer's step
     @torch.inference_mode()
     def attend(self, request: Request, layer: int, query: torch.Tensor, new_keys: torch.Tensor,
-               new_values: torch.Tensor, new_valid: torch.Tensor, scale: float) -> torch.Tensor:
+               new_values: torch.Tensor, new_valid: torch.Tensor, scale: float, return_lse: bool = False):
         """Attend the new queries to everything stored plus the new tokens, then store them.
 
         query:      [B, H, T, D]   queries of the T new tokens
         new_keys:   [B, H_kv, T, D], new_values: [B, H_kv, T, D]
         new_valid:  [B, T] bool    False for padding tokens (never stored, rows give zeros)
-        Returns     [B, H, T, D] float32.
+        Returns     [B, H, T, D] float32 (and, with `return_lse`, the log-sum-exp [B, H, T] float32).
         """
         if self.active is not request:
             self.activate(request)
@@ -257,7 +257,7 @@ class KVStore:
                 self.residency.rebalance(table, b, appended.fresh)
             finish_tail(table, b, appended)
         request.track_peak()
-        return result.out
+        return (result.out, result.lse) if return_lse else result.out
 
     @torch.inference_mode()
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ class HostResult:
 @dataclass(slots=True)
 class RunResult:
     out: torch.Tensor  # [B, H, T, D] float32, zeros for padding rows
+    lse: torch.Tensor  # [B, H, T] float32, -inf for rows with no key
     page_mass: torch.Tensor  # [B, max_pages + 1] float32, attention mass per page (observed rows)
 
 
@@ -85,7 +86,7 @@ class SplitAttention:
         out = out.masked_fill((plan.new_pos < 0).to(out.device)[:, None, :, None], 0.0)
         mass = self._page_mass(table, plan, lse[:, :, lse.shape[2] - observe :], key_lse, key_pos,
                                host.page_lse if host is not None else None)
-        return RunResult(out, mass)
+        return RunResult(out, lse, mass)
 
     # ------------------------------------------------------------------ parts
     def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values):

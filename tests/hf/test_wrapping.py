@@ -48,13 +48,13 @@ def test_too_small_device_budget_fails_before_generation():
     model = tiny_model("llama-gqa")
     ids, mask = make_batch(3, 200)
     calls = []
-    hook = model.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        with OffloadedModel(model, device_budget="4KiB") as om:
+    with OffloadedModel(model, device_budget="4KiB") as om:  # (wrapping probes the model once)
+        hook = model.register_forward_hook(lambda *a: calls.append(1))
+        try:
             with pytest.raises(ValueError, match="OFFLOAD_DEVICE_BUDGET"):
                 om.generate(ids, attention_mask=mask, max_new_tokens=4)
-    finally:
-        hook.remove()
+        finally:
+            hook.remove()
     assert calls == []
 
 

@@ -1,0 +1,76 @@
+"""Attention features of current checkpoints: implemented ones are exact against the unwrapped
+model; the others are refused before any token, naming the feature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import OffloadedModel
+from offload.hf.compat import UnsupportedModel
+from tests.conftest import make_batch
+from tests.hf.families import tiny
+
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_learned_attention_sinks_are_exact(prefetch):
+    model = tiny("gpt_oss", "GptOssForCausalLM", sliding_window=4096)  # the window raised past the context
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)  # sinks that matter
+    ids, mask = make_batch(2, 150, seed=3)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
+        logits = model(ids, attention_mask=mask).logits
+    with OffloadedModel(model, page_size=8, sink_tokens=8, recent_tokens=16, prefetch=prefetch) as om:
+        om.config.device_budget = 2 * om.minimum_device_budget(2, 162)
+        got = om(ids, attention_mask=mask).logits
+        assert om.stats.pages_resident < om.stats.pages_total  # the host part is exercised
+        assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY), expected)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], logits[real], rtol=0, atol=1e-4)
+
+
+def test_soft_capping_is_refused_when_wrapping():
+    model = tiny("gemma2", "Gemma2ForCausalLM", attn_logit_softcapping=1.0, sliding_window=4096)
+    with pytest.raises(UnsupportedModel, match="soft-capping"):
+        OffloadedModel(model)
+    assert model.config._attn_implementation != "offload"  # nothing left wrapped
+
+
+def test_chunked_attention_is_exact_within_a_chunk_and_refused_beyond_before_any_token():
+    model = tiny("llama4_text", "Llama4ForCausalLM", attention_chunk_size=64)
+    short = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.generate(short, max_new_tokens=10, **GREEDY)
+    with OffloadedModel(model, page_size=8) as om:
+        assert torch.equal(om.generate(short, max_new_tokens=10, **GREEDY), expected)
+        calls = []
+        hook = model.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            with pytest.raises(ValueError, match="attention_chunk_size=64"):
+                om.generate(torch.randint(3, 128, (1, 100)), max_new_tokens=4, **GREEDY)
+        finally:
+            hook.remove()
+        assert calls == []
+
+
+def test_the_wrap_probe_refuses_a_divergence_the_config_does_not_declare():
+    model = tiny("llama", "LlamaForCausalLM")
+
+    def differs_under_offload(module, args, kwargs):
+        # Stands in for an attention modifier offload does not know: it acts only when offload attends.
+        if module.config._attn_implementation == "offload":
+            kwargs["hidden_states"] = kwargs["hidden_states"] * 1.5
+        return args, kwargs
+
+    hook = model.model.layers[1].self_attn.register_forward_pre_hook(differs_under_offload, with_kwargs=True)
+    try:
+        with pytest.raises(UnsupportedModel, match="differ from the model's own"):
+            OffloadedModel(model)
+    finally:
+        hook.remove()
+    assert model.config._attn_implementation != "offload"
+    OffloadedModel(model).unwrap()  # without the modifier it wraps
