@@ -55,10 +55,11 @@ def offload_attention(
             f"{refusal}; offload attends full causal attention over every stored token, so outputs would differ: "
             "it refuses"
         )
-    check_modifiers(type(module).__name__, kwargs, cache.get_seq_length(layer_idx) + query.shape[2])
+    check_modifiers(type(module).__name__, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
-    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale)
+    window = kwargs.get("sliding_window") or getattr(attention_mask, "offload_window", None)
+    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window)
     if sinks is not None:
         out = apply_sinks(out, lse, sinks)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
@@ -75,8 +76,8 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> to
 
 # Arguments of transformers' attention functions that change the result. Each is implemented
 # (sinks above) or refused here: none is ever ignored.
-def check_modifiers(module_name: str, kwargs: dict, tokens: int) -> None:
-    """tokens: keys this call attends (cached + new)."""
+def check_modifiers(module_name: str, kwargs: dict) -> None:
+    """Sliding windows are checked by the cache, against the window its store keeps for the layer."""
     refused = {
         "softcap": "attention logit soft-capping",
         "position_bias": "an additive position bias (T5/relative-position style)",
@@ -91,12 +92,6 @@ def check_modifiers(module_name: str, kwargs: dict, tokens: int) -> None:
             )
     if kwargs.get("is_causal") is False:
         raise NotImplementedError(f"{module_name} attends bidirectionally (is_causal=False); offload implements causal attention only")
-    window = kwargs.get("sliding_window")
-    if window is not None and tokens > window:
-        raise NotImplementedError(
-            f"{module_name} uses sliding-window attention (sliding_window={window}) and this call attends {tokens} "
-            "tokens; offload attends full attention, so it supports such layers only while the context fits the window"
-        )
 
 
 def _short(value) -> str:
@@ -127,9 +122,30 @@ def offload_mask(
         refused = torch.zeros(0, dtype=torch.bool)
         refused.offload_refusal = f"this model's attention mask {problem}"
         return refused
-    if attention_mask is None:
+    window = _mask_window(mask_function)
+    if attention_mask is None and window is None:
         return None
-    return attention_mask[:, -kv_length:].to(torch.bool)
+    if attention_mask is None:
+        mask = torch.ones(batch_size, kv_length, dtype=torch.bool)
+    else:
+        mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if window is not None:
+        mask.offload_window = window  # the layers given this mask attend a sliding window
+    return mask
+
+
+def _mask_window(fn) -> int | None:
+    """The sliding window of a transformers mask function (and_masks of an overlay and causal), or None."""
+    name = getattr(fn, "__qualname__", "")
+    if not inspect.isfunction(fn):
+        return None
+    cells = inspect.getclosurevars(fn).nonlocals
+    if name.startswith("sliding_window_overlay."):
+        return cells.get("sliding_window")
+    if name.startswith("and_masks."):
+        windows = [w for w in (_mask_window(part) for part in cells.get("mask_functions", ())) if w is not None]
+        return min(windows) if windows else None
+    return None
 
 
 def _mask_problem(fn, tokens: int) -> str | None:
@@ -150,9 +166,7 @@ def _mask_problem(fn, tokens: int) -> str | None:
     if name.startswith("padding_mask_function."):
         return None  # the 2D padding mask, which the cache applies
     if name.startswith("sliding_window_overlay."):
-        window = cells.get("sliding_window")
-        return None if window is not None and tokens <= window else (
-            f"uses sliding-window attention (sliding_window={window}) and the context reaches {tokens} tokens")
+        return None if isinstance(cells.get("sliding_window"), int) else f"has a sliding window of unknown size ({name})"
     if name.startswith("chunked_overlay."):
         chunk = cells.get("chunk_size")
         return None if chunk is not None and tokens <= chunk else (

@@ -37,21 +37,24 @@ def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -
     return KVLayout(text.num_hidden_layers, num_kv_heads, head_dim, page_size, dtype)
 
 
-def check_sliding_window(model_config, max_tokens: int) -> None:
-    """Sliding-window layers are attended in full here: fine while the context fits the window."""
+def layer_windows(model_config) -> list[int | None]:
+    """Per decoder layer: its sliding window, or None for full attention (from `layer_types` where
+    the config has them; otherwise every layer when `sliding_window` is set and in use)."""
     text = text_config(model_config)
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
-    uses_window = window is not None and (
-        layer_types is None and getattr(text, "use_sliding_window", True)
-        or layer_types is not None and "sliding_attention" in layer_types
-    )
-    if uses_window and max_tokens > window:
-        raise ValueError(
-            f"this model uses sliding-window attention (sliding_window={window}) and the context would reach "
-            f"{max_tokens} tokens; offload attends full attention and supports sliding-window models only "
-            f"while the context fits the window"
-        )
+    if not window:
+        return [None] * text.num_hidden_layers
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    uses = getattr(text, "use_sliding_window", True) is not False
+    return [window if uses else None] * text.num_hidden_layers
+
+
+def check_sliding_window(model_config, max_tokens: int) -> None:
+    """Chunked attention is attended in full here: fine while the context fits one chunk.
+    (Sliding windows are implemented: each sliding layer keeps and attends its window.)"""
+    text = text_config(model_config)
     chunk = getattr(text, "attention_chunk_size", None)
     if chunk is not None and max_tokens > chunk:
         raise ValueError(
@@ -215,6 +218,7 @@ class OffloadCache(Cache):
         value_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scale: float,
+        window: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the new queries over everything stored and the new tokens, then store them.
         Returns out [B, H, T, D] float32 and lse [B, H, T] float32."""
@@ -224,6 +228,7 @@ class OffloadCache(Cache):
         layer = self.layers[layer_idx]
         q_len = keys.shape[2]
         table = self.request.tables[layer_idx]
+        self._check_window(layer_idx, window, layer.seen + q_len)
         valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, table.length)
         if layer_idx == 0:
             ids = self.pending_input_ids
@@ -245,6 +250,19 @@ class OffloadCache(Cache):
             else:
                 self.decode_s += elapsed
         return out, lse
+
+    def _check_window(self, layer_idx: int, window: int | None, tokens: int) -> None:
+        """The window this call asks for must be the one the store keeps for the layer (they only
+        differ harmlessly while every key fits both)."""
+        kept = self.store.windows[layer_idx]
+        asked = window if window is not None and tokens > window else None
+        applied = kept if kept is not None and tokens > kept else None
+        if asked != applied:
+            raise NotImplementedError(
+                f"layer {layer_idx} attends with sliding_window={window} but the model's config declares "
+                f"{kept} for it (layer_types / sliding_window), and {tokens} tokens make the difference matter; "
+                "offload sizes each layer's store from the config, so it refuses rather than attend the wrong window"
+            )
 
     def _speculate_next(self, layer_idx: int, query: torch.Tensor) -> None:
         """Issue layer l+1's likely pages now, so the copies overlap layer l's compute."""
@@ -275,7 +293,7 @@ class OffloadCache(Cache):
     @staticmethod
     def _new_token_mask(attention_mask, bsz: int, q_len: int, seen: int, stored: list[int]) -> torch.Tensor:
         """[B, T] bool: which new tokens are real. Only left padding is supported."""
-        if attention_mask is None:
+        if attention_mask is None or attention_mask.numel() == 0:
             return torch.ones(bsz, q_len, dtype=torch.bool)
         if attention_mask.dim() != 2:
             raise NotImplementedError(

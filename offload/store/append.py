@@ -100,8 +100,9 @@ def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: in
     transfer.to_host(keys, values, host, host_ids)
     key_min, key_max = keys.amin(dim=1), keys.amax(dim=1)
     table.host_ids[b, first : first + n] = torch.tensor(host_ids, dtype=torch.long)
-    table.key_min[b, first : first + n] = key_min
-    table.key_max[b, first : first + n] = key_max
+    if table.key_min is not None:  # (sliding layers keep no device summaries)
+        table.key_min[b, first : first + n] = key_min
+        table.key_max[b, first : first + n] = key_max
     ids = torch.tensor(host_ids, dtype=torch.long)
     host.key_min[ids] = key_min.to(host.key_min.device)
     host.key_max[ids] = key_max.to(host.key_max.device)

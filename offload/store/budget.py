@@ -1,8 +1,10 @@
 """How a device budget is split for one batch, and the checks that refuse a batch before any token.
 
-Per layer, the device tier holds the page summaries of every page the batch may have and a pool
-of page slots; every sequence gets the same number of slots, at least its sinks, recent window
-and tail. The host tier must hold every complete page.
+A sliding-window layer (window W) holds exactly what its window needs: the pages of its last W - 1
+tokens and the tail, no page summaries (it selects nothing), whatever the context length. The
+rest of the budget is split evenly over the full-attention layers: per layer, the page summaries
+of every page the batch may have and a pool of page slots; every sequence gets the same number of
+slots, at least its sinks, recent window and tail. The host tier must hold every complete page.
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ from offload.store.layout import KVLayout
 from offload.store.page_table import ResidencyRules
 
 
+def window_slots_per_seq(window: int, page_size: int, max_tokens: int) -> int:
+    """Device slots one sequence needs in a sliding layer: the pages its last `window - 1` tokens
+    can span (a window may start inside a page), and the tail page."""
+    span = -(-(window - 1) // page_size) + 1 if window > 1 else 0
+    return min(span, max_tokens // page_size) + 1
+
+
+def window_bytes(layout: KVLayout, windows, batch_size: int, max_tokens: int) -> int:
+    """Device bytes of every sliding layer for this batch."""
+    return sum(batch_size * window_slots_per_seq(w, layout.page_size, max_tokens) * layout.page_bytes
+               for w in _windows(layout, windows, max_tokens) if w is not None)
+
+
 def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
     """Device slots one sequence needs in one layer: sinks + recent window + the tail page."""
     ps = config.page_size
@@ -21,30 +36,49 @@ def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
     return min(sink_pages + recent_pages, max_tokens // ps) + 1
 
 
-def device_slots_per_seq(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> int:
-    """Device page slots one sequence gets in each layer under `config.device_budget`."""
+def _windows(layout: KVLayout, windows, max_tokens: int) -> list:
+    """The windows that matter for contexts of `max_tokens`: one the context cannot outgrow is full attention."""
+    windows = list(windows) if windows is not None else [None] * layout.num_layers
+    return [w if w is not None and max_tokens > w else None for w in windows]
+
+
+def device_slots_per_seq(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
+                         windows=None) -> int:
+    """Device page slots one sequence gets in each full-attention layer under `config.device_budget`."""
+    windows = _windows(layout, windows, max_tokens)
+    num_full = sum(w is None for w in windows)
+    if num_full == 0:
+        return 0
     summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
-    per_layer = config.device_budget // layout.num_layers
+    per_layer = (config.device_budget - window_bytes(layout, windows, batch_size, max_tokens)) // num_full
     return max(0, per_layer - summary_bytes) // layout.page_bytes // batch_size
 
 
-def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> int:
+def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
+                          windows=None) -> int:
     """Smallest device budget (bytes) that `device_rules` accepts for this batch."""
+    windows = _windows(layout, windows, max_tokens)
     summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
     per_layer = summary_bytes + batch_size * min_slots_per_seq(config, max_tokens) * layout.page_bytes
-    return layout.num_layers * per_layer
+    return sum(w is None for w in windows) * per_layer + window_bytes(layout, windows, batch_size, max_tokens)
 
 
-def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int) -> ResidencyRules:
-    """The residency rules of a batch under the device budget; ValueError if the budget cannot hold it."""
+def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
+                 windows=None) -> list[ResidencyRules]:
+    """The residency rules of each layer for a batch under the device budget; ValueError if the
+    budget cannot hold it. `windows[layer]`: that layer's sliding window, or None (full attention)."""
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
     cfg, lay = config, layout
+    windows = _windows(lay, windows, max_tokens)
     need = min_slots_per_seq(cfg, max_tokens)
-    slots_per_seq = device_slots_per_seq(cfg, lay, batch_size, max_tokens)
-    if slots_per_seq < need:
+    slots_per_seq = device_slots_per_seq(cfg, lay, batch_size, max_tokens, windows)
+    if all(w is not None for w in windows):
+        need, slots_per_seq = 0, 0  # only sliding layers: what they need is all there is
+    over = cfg.device_budget < window_bytes(lay, windows, batch_size, max_tokens)
+    if slots_per_seq < need or over:
         summary_bytes = batch_size * lay.num_pages(max_tokens) * lay.summary_bytes
-        minimum = minimum_device_budget(cfg, lay, batch_size, max_tokens)
+        minimum = minimum_device_budget(cfg, lay, batch_size, max_tokens, windows)
         raise ValueError(
             f"device_budget (OFFLOAD_DEVICE_BUDGET)={cfg.device_budget} ({format_bytes(cfg.device_budget)}) is too small "
             f"for {lay.num_layers} layers x {batch_size} sequences of up to {max_tokens} tokens: each layer and sequence needs "
@@ -52,24 +86,30 @@ def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_t
             f"page_size={cfg.page_size}, sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens}) plus "
             f"{format_bytes(summary_bytes)} of page summaries per layer; the minimum is {minimum} bytes "
             f"({format_bytes(minimum)}). Raise the budget or lower sink_tokens / recent_tokens."
+            + (f" Sliding-window layers need {format_bytes(window_bytes(lay, windows, batch_size, max_tokens))} "
+               "for their windows." if any(w is not None for w in windows) else "")
         )
     useful = max_tokens // lay.page_size + 1  # more slots than pages would sit idle
     slots_per_seq = min(slots_per_seq, useful)
-    return ResidencyRules(
+    full = ResidencyRules(
         slots_per_seq=slots_per_seq,
         sink_pages=-(-cfg.sink_tokens // lay.page_size),
         recent_tokens=cfg.recent_tokens,
         promote_pages=cfg.promote_pages,
         sparse=cfg.mode == "sparse",
         # Default: select what the device can hold at once (complete-page slots beside the tail).
-        token_budget=cfg.token_budget if cfg.token_budget is not None else (slots_per_seq - 1) * lay.page_size,
+        token_budget=cfg.token_budget if cfg.token_budget is not None else max(0, slots_per_seq - 1) * lay.page_size,
         skip_misses=cfg.sparse_misses == "skip",
     )
+    return [full if w is None else ResidencyRules(
+        slots_per_seq=window_slots_per_seq(w, lay.page_size, max_tokens), sink_pages=0, recent_tokens=w - 1,
+        promote_pages=0, sparse=False, token_budget=w, window=w) for w in windows]
 
 
-def device_reserved_bytes(layout: KVLayout, batch_size: int, max_tokens: int, rules: ResidencyRules) -> int:
+def device_reserved_bytes(layout: KVLayout, batch_size: int, max_tokens: int, rules: list[ResidencyRules]) -> int:
     summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
-    return layout.num_layers * (summary_bytes + batch_size * rules.slots_per_seq * layout.page_bytes)
+    return sum((0 if r.window is not None else summary_bytes) + batch_size * r.slots_per_seq * layout.page_bytes
+               for r in rules)
 
 
 def host_pages_per_layer(config: OffloadConfig, layout: KVLayout) -> int:

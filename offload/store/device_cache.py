@@ -34,9 +34,9 @@ class DeviceCache:
                         kept[host_id] = slot
             self.kept.append(kept)
 
-    def take(self, capacity: int) -> list[tuple[PagePool, dict[int, int]]] | None:
-        """The pools and kept copies, if the pools have `capacity` slots; otherwise drop them."""
-        if self.pools is None or self.pools[0].capacity != capacity:
+    def take(self, capacities: list[int]) -> list[tuple[PagePool, dict[int, int]]] | None:
+        """The pools and kept copies, if each layer's pool has the slots `capacities` asks; otherwise drop them."""
+        if self.pools is None or [pool.capacity for pool in self.pools] != list(capacities):
             self.clear()
             return None
         taken = list(zip(self.pools, self.kept))

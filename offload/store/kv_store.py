@@ -56,9 +56,14 @@ class StoreClosed(RuntimeError):
 
 
 class KVStore:
-    def __init__(self, config: OffloadConfig, layout: KVLayout, device: torch.device | str) -> None:
+    def __init__(self, config: OffloadConfig, layout: KVLayout, device: torch.device | str,
+                 windows: list[int | None] | None = None) -> None:
         self.config = config
         self.layout = layout
+        # Per layer: its sliding window (it attends and keeps only that), or None (full attention).
+        self.windows = list(windows) if windows is not None else [None] * layout.num_layers
+        if len(self.windows) != layout.num_layers or any(w is not None and w < 1 for w in self.windows):
+            raise ValueError(f"windows must give each of {layout.num_layers} layers a window >= 1 or None; got {windows}")
         self.device = torch.device(device)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         host_max = budget.host_pages_per_layer(config, layout)
@@ -99,7 +104,7 @@ class KVStore:
         request and how many leading positions (padding included) need no forward pass."""
         self._check_open()
         self.release_dead()
-        budget.device_rules(self.config, self.layout, batch_size, max_tokens)  # refuse before touching anything
+        budget.device_rules(self.config, self.layout, batch_size, max_tokens, self.windows)  # refuse before anything
         request = Request(self, batch_size, max_tokens)
         self.requests.add(request)
         skip = 0
@@ -145,15 +150,15 @@ class KVStore:
             return
         if self.active is not None:
             self.park(self.active)
-        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens)
+        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens, self.windows)
         request.grow(max_tokens)
         max_pages = self.layout.num_pages(max_tokens)
-        capacity = request.batch_size * rules.slots_per_seq
-        reuse = self.device_cache.take(capacity)
+        capacities = [request.batch_size * r.slots_per_seq for r in rules]
+        reuse = self.device_cache.take(capacities)
         for layer, table in enumerate(request.tables):
             if reuse is None:
-                table.attach_device(PagePool(self.layout, capacity, self.device, name=f"device pool (layer {layer})"),
-                                    rules, max_pages)
+                pool = PagePool(self.layout, capacities[layer], self.device, name=f"device pool (layer {layer})")
+                table.attach_device(pool, rules[layer], max_pages)
             else:
                 pool, kept = reuse[layer]
                 wanted = set(table.host_ids[table.host_ids >= 0].tolist())
@@ -161,7 +166,7 @@ class KVStore:
                     pool.decref(kept.pop(host_id))
                 while pool.num_free < request.batch_size and kept:  # room for the tails first
                     pool.decref(kept.pop(next(iter(kept))))
-                table.attach_device(pool, rules, max_pages)
+                table.attach_device(pool, rules[layer], max_pages)
                 request.device_reused_pages += table.adopt_resident(kept)
                 for slot in kept.values():
                     pool.decref(slot)
@@ -221,9 +226,12 @@ class KVStore:
             ids = request.token_ids[b, : n * ps]
             unknown = (ids < 0).nonzero()
             n = int(unknown[0]) // ps if unknown.numel() else n
+            host_ids = torch.stack([t.host_ids[b, :n] for t in request.tables], dim=1)
+            freed = (host_ids < 0).any(dim=1).nonzero()  # a sliding layer freed what its window left
+            n = int(freed[0]) if freed.numel() else n
             if n == 0:
                 continue
-            host_ids = torch.stack([t.host_ids[b, :n] for t in request.tables], dim=1).tolist()
+            host_ids = host_ids[:n].tolist()
             added += self.tree.insert(ids[: n * ps].tolist(), host_ids)
         return added
 
@@ -243,27 +251,30 @@ class KVStore:
         table = request.tables[layer]
         if query.shape[0] != table.batch_size:
             raise ValueError(f"batch size {query.shape[0]} differs from the {table.batch_size} this cache was reserved for")
-        needed = None
-        if query.shape[2] <= MAX_DECODE_QUERY:
+        needed, decode = None, query.shape[2] <= MAX_DECODE_QUERY
+        if decode and table.rules.window is None:
             # Pages in flight count as on the device for recall; then they must arrive before use.
             needed = select_pages(table, self.selector, query)
             count_needed(table, needed)
         self.residency.complete_copies(table)
-        layer_plan = plan(table, new_valid, needed)
+        layer_plan = plan(table, new_valid, needed, decode)
         result = self.runner.run(layer_plan, table, query, new_keys, new_values, scale)
         table.scores = self.scorer.update(table.scores, result.page_mass)
         for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
             if new_valid[b].any():
                 self.residency.rebalance(table, b, appended.fresh)
             finish_tail(table, b, appended)
+            if table.rules.window is not None:
+                table.drop_out_of_window(b)
         request.track_peak()
         return (result.out, result.lse) if return_lse else result.out
 
     @torch.inference_mode()
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:
         """Prefetch the pages a predicted query [B, H, Q, D] of `layer` selects, before it runs."""
-        if self.active is request and predicted_query.shape[0] == request.batch_size:
-            self.prefetcher.speculate(request.tables[layer], predicted_query)
+        table = request.tables[layer]
+        if self.active is request and predicted_query.shape[0] == request.batch_size and table.rules.window is None:
+            self.prefetcher.speculate(table, predicted_query)
 
     # ------------------------------------------------------------------ state
     def host_used_bytes(self) -> int:

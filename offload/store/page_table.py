@@ -52,6 +52,12 @@ class ResidencyRules:
     sparse: bool
     token_budget: int
     skip_misses: bool = False  # sparse mode: needed pages not on the device are skipped, not read on the host
+    window: int | None = None  # sliding-window layer: a query sees its last `window` tokens only
+
+
+# A sliding layer keeps this many tokens beyond its window (host copies only), so that `crop`
+# (assisted decoding rejects a few candidate tokens) can move the window back.
+CROP_MARGIN = 64
 
 
 class PageTable:
@@ -75,6 +81,7 @@ class PageTable:
         self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
         self.last_used = torch.zeros(batch_size, max_pages, dtype=torch.float64)  # step of last selection
         self.step = 0
+        self.dropped = [0] * batch_size  # sliding layers: leading pages freed (out of the window)
         self.key_min: torch.Tensor | None = None  # [B, max_pages, H_kv, D] on the device
         self.key_max: torch.Tensor | None = None
         self.counters = LayerCounters()
@@ -111,11 +118,12 @@ class PageTable:
         self.device_pool, self.rules = device_pool, rules
         device = device_pool.device
         shape = (self.batch_size, self.max_pages, self.layout.num_kv_heads, self.layout.head_dim)
-        self.key_min = torch.zeros(shape, dtype=self.layout.dtype, device=device)
-        self.key_max = torch.zeros(shape, dtype=self.layout.dtype, device=device)
+        windowed = rules.window is not None  # a sliding layer selects nothing: no summaries
+        self.key_min = None if windowed else torch.zeros(shape, dtype=self.layout.dtype, device=device)
+        self.key_max = None if windowed else torch.zeros(shape, dtype=self.layout.dtype, device=device)
         for b in range(self.batch_size):
             n = self.num_complete(b)
-            if n:
+            if n and not windowed:
                 ids = self.host_ids[b, :n]
                 self.key_min[b, :n] = self.host_pool.key_min[ids].to(device)
                 self.key_max[b, :n] = self.host_pool.key_max[ids].to(device)
@@ -188,6 +196,18 @@ class PageTable:
             self.parked_tails[b] = tail
             self.length[b] += tail[0].shape[0]
 
+    def drop_out_of_window(self, b: int) -> None:
+        """Sliding layer: free (device and host) the pages no later query can see, beyond the crop margin."""
+        window = self.rules.window
+        first_kept = max(0, self.length[b] - (window - 1) - CROP_MARGIN) // self.layout.page_size
+        for p in range(self.dropped[b], min(first_kept, self.num_complete(b))):
+            if self.slots[b, p] >= 0:
+                self.device_pool.decref(int(self.slots[b, p]))
+                self.slots[b, p] = -1
+            self.host_pool.decref(int(self.host_ids[b, p]))
+            self.host_ids[b, p] = -1
+        self.dropped[b] = max(self.dropped[b], min(first_kept, self.num_complete(b)))
+
     def crop(self, b: int, new_length: int) -> None:
         """Keep sequence b's first `new_length` stored tokens (copies must be complete). A complete
         page cut in two becomes the tail: its kept tokens are copied, the shared page is untouched."""
@@ -195,6 +215,11 @@ class PageTable:
         old_length = self.length[b]
         if new_length >= old_length:
             return
+        if self.dropped[b] and new_length - (self.rules.window - 1) < self.dropped[b] * ps:
+            raise ValueError(
+                f"cannot crop sequence {b} back to {new_length} tokens: its sliding-window layer (window "
+                f"{self.rules.window}) kept only {CROP_MARGIN} tokens beyond the window and freed the rest"
+            )
         assert not self.inflight[b], "complete copies before cropping"
         keep_pages, cut = new_length // ps, new_length % ps
         pool = self.device_pool
@@ -253,12 +278,14 @@ class PageTable:
         self.host_ids, self.slots = new_host, new_slots
         order = idx.tolist()
         self.length = [self.length[i] for i in order]
+        self.dropped = [self.dropped[i] for i in order]
         self.issued = [set(self.issued[i]) for i in order]
         self.last_needed = [set(self.last_needed[i]) for i in order]
         self.scores = self.scores[idx]
         self.last_used = self.last_used[idx]
-        dev_idx = idx.to(self.key_min.device)
-        self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
+        if self.key_min is not None:
+            dev_idx = idx.to(self.key_min.device)
+            self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
 
     def release(self) -> None:
         """Drop every reference this table holds (copies must be complete)."""

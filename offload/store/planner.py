@@ -32,6 +32,10 @@ class LayerPlan:
     host_counts:  [B] long, entries of host_table used per sequence
     needed:       decode only: per sequence, the non-required pages the query selected
     observe:      query rows (the last ones) whose attention feeds page scores
+    window:       sliding layer: a query sees keys at positions > its own - window (else None)
+    gather_ids:   [B, n_gather] long, sliding layer: host ids of window pages not resident (copy
+                  failed or not yet back), read into the device part so the window mask applies
+    gather_pos:   [B, n_gather * page_size] long, their key positions (-1: no key)
     """
 
     decode: bool
@@ -43,6 +47,9 @@ class LayerPlan:
     host_counts: torch.Tensor
     needed: list[set[int]] | None
     observe: int
+    window: int | None = None
+    gather_ids: torch.Tensor | None = None
+    gather_pos: torch.Tensor | None = None
 
 
 def select_pages(table: PageTable, selector: PageSelector, query: torch.Tensor, token_budget: int | None = None) -> list[set[int]]:
@@ -86,28 +93,36 @@ def new_positions(table: PageTable, new_valid: torch.Tensor) -> torch.Tensor:
     return torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
 
 
-def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | None) -> LayerPlan:
-    """The plan of a step whose copies are complete. `needed` is None for prefill; in sparse mode
-    only required and needed pages are attended, otherwise every stored page is."""
+def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | None, decode: bool | None = None) -> LayerPlan:
+    """The plan of a step whose copies are complete. `needed` is None for prefill (and for sliding
+    layers); in sparse mode only required and needed pages are attended, otherwise every stored
+    page is. A sliding layer attends the pages its window reaches, all in the device part."""
     q_len = new_valid.shape[1]
-    decode = needed is not None
-    selected = needed if (decode and table.rules.sparse) else None
-    device_pages, host_pages = [], []
+    decode = needed is not None if decode is None else decode
+    selected = needed if (needed is not None and table.rules.sparse) else None
+    window = table.rules.window
+    ps = table.layout.page_size
+    device_pages, host_pages, gather_pages = [], [], []
     for b in range(table.batch_size):
         n = table.num_complete(b)
         resident = table.slots[b, :n] >= 0
+        if window is not None:
+            first = max(table.dropped[b], (table.length[b] - (window - 1)) // ps)  # the oldest page a new query sees
+            device_pages.append([p for p in resident.nonzero().flatten().tolist() if p >= first])
+            gather_pages.append([p for p in (~resident).nonzero().flatten().tolist() if p >= first])
+            host_pages.append([])
+            continue
         device_pages.append(_attended(table, b, resident.nonzero().flatten().tolist(), selected))
         host = (~resident).nonzero().flatten().tolist()
         if selected is not None and table.rules.skip_misses:
             table.counters.skipped_pages += len(_attended(table, b, host, selected))
             host = []
         host_pages.append(_attended(table, b, host, selected))
-    ps = table.layout.page_size
     page_idx = _pad(device_pages)
     slots = torch.where(page_idx >= 0, table.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
-    offsets = torch.arange(ps)
-    page_pos = torch.where(page_idx[:, :, None] >= 0, page_idx[:, :, None] * ps + offsets, -1).reshape(table.batch_size, -1)
+    page_pos = _positions(page_idx, ps)
     lengths = torch.tensor(table.length, dtype=torch.long)
+    offsets = torch.arange(ps)
     tail_pos = torch.where(offsets[None, :] < (lengths % ps)[:, None], ((lengths // ps) * ps)[:, None] + offsets, -1)
     tails = torch.tensor(table.tail_slot, dtype=torch.long)
     logical = _pad(host_pages)
@@ -122,7 +137,22 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
         host_counts=torch.tensor([len(p) for p in host_pages], dtype=torch.long),
         needed=needed,
         observe=min(q_len, OBSERVATION_WINDOW),
+        window=window,
+        **(_gather(table, gather_pages) if any(gather_pages) else {}),
     )
+
+
+def _positions(page_idx: torch.Tensor, ps: int) -> torch.Tensor:
+    """[B, n * page_size] key positions of the pages in page_idx [B, n] (-1 where none)."""
+    offsets = torch.arange(ps)
+    pos = torch.where(page_idx[:, :, None] >= 0, page_idx[:, :, None] * ps + offsets, -1)
+    return pos.reshape(page_idx.shape[0], -1)
+
+
+def _gather(table: PageTable, pages: list[list[int]]) -> dict:
+    idx = _pad(pages)
+    ids = torch.where(idx >= 0, table.host_ids.gather(1, idx.clamp(min=0)), torch.zeros_like(idx))
+    return {"gather_ids": ids, "gather_pos": _positions(idx, table.layout.page_size)}
 
 
 def _attended(table: PageTable, b: int, pages: list[int], selected: list[set[int]] | None) -> list[int]:

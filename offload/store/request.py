@@ -29,7 +29,7 @@ class Request:
         max_pages = layout.num_pages(max_tokens)
         self.tables = [PageTable(layout, batch_size, max_pages, pool) for pool in store.host_pools]
         self.token_ids = torch.full((batch_size, max_tokens), -1, dtype=torch.long)  # -1: unknown
-        self.rules: ResidencyRules | None = None
+        self.rules: list[ResidencyRules] | None = None  # per layer, while active
         self.device_reserved_bytes = 0
         self.device_peak_bytes = 0
         self.prefix_hit_tokens = 0
@@ -63,7 +63,7 @@ class Request:
             return 0
         layout = self.store.layout
         summaries = self.batch_size * self.tables[0].max_pages * layout.summary_bytes
-        return sum(t.device_pool.used_bytes + summaries for t in self.tables)
+        return sum(t.device_pool.used_bytes + (summaries if t.key_min is not None else 0) for t in self.tables)
 
     def track_peak(self) -> None:
         self.device_peak_bytes = max(self.device_peak_bytes, self.device_used_bytes())

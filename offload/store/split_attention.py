@@ -60,6 +60,8 @@ class SplitAttention:
         keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values)
         new_pos = plan.new_pos.to(key_pos.device)
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
+        if plan.window is not None:  # transformers' sliding window: kv_idx > q_idx - window
+            visible &= key_pos[:, None, :] > new_pos[:, :, None] - plan.window
         out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale)
         key_lse = scores[:, :, scores.shape[2] - observe :]  # a key's score is its own log-sum-exp
         table.counters.device_attn_s += time.perf_counter() - start
@@ -94,9 +96,15 @@ class SplitAttention:
         pool = table.device_pool
         slots = plan.device_slots.to(pool.device)
         shape = (table.batch_size, -1, table.layout.num_kv_heads, table.layout.head_dim)
-        keys = torch.cat([pool.keys[slots].reshape(shape), new_keys.transpose(1, 2)], dim=1)
-        values = torch.cat([pool.values[slots].reshape(shape), new_values.transpose(1, 2)], dim=1)
-        key_pos = torch.cat([plan.device_pos, plan.new_pos], dim=1).to(pool.device)
+        key_parts, value_parts, pos_parts = [pool.keys[slots].reshape(shape)], [pool.values[slots].reshape(shape)], [plan.device_pos]
+        if plan.gather_ids is not None:  # sliding layer: window pages read from the host, masked like the rest
+            host = table.host_pool
+            key_parts.append(host.keys[plan.gather_ids].reshape(shape).to(pool.device))
+            value_parts.append(host.values[plan.gather_ids].reshape(shape).to(pool.device))
+            pos_parts.append(plan.gather_pos)
+        keys = torch.cat([*key_parts, new_keys.transpose(1, 2)], dim=1)
+        values = torch.cat([*value_parts, new_values.transpose(1, 2)], dim=1)
+        key_pos = torch.cat([*pos_parts, plan.new_pos], dim=1).to(pool.device)
         return keys.transpose(1, 2), values.transpose(1, 2), key_pos
 
     def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None) -> HostResult:

@@ -103,6 +103,7 @@ def check(family: str, model_class: str, page_size: int = 16) -> Outcome:
 # Refusal messages -> the feature, in a few words (first match wins).
 REASONS = [
     ("does not route attention through", "attention not routed through transformers' AttentionInterface"),
+    ("attends with sliding_window", "a sliding window its config declares but its attention applies otherwise"),
     ("sliding-window", "sliding-window layers, context beyond the window"),
     ("chunked attention", "chunked attention, context beyond one chunk"),
     ("soft-capping", "attention logit soft-capping"),

@@ -85,15 +85,18 @@ def test_right_padding_is_rejected():
             om(ids, attention_mask=mask)
 
 
-def test_sliding_window_beyond_window_is_rejected():
+def test_sliding_window_beyond_the_window_is_exact():
     import transformers
 
     config = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config).eval()
-    with OffloadedModel(model) as om:
-        with pytest.raises(ValueError, match="sliding_window=8"):
-            om(torch.ones(1, 16, dtype=torch.long))
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with OffloadedModel(model, page_size=4) as om:
+        torch.testing.assert_close(om(ids).logits, expected, rtol=0, atol=1e-4)
 
 
 def test_forward_one_token_and_stats_string():
