@@ -27,7 +27,7 @@ import torch
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
 from offload.hf import compat
-from offload.hf.cache import OffloadCache, layer_windows, layout_from_model_config, text_config
+from offload.hf.cache import OffloadCache, layer_chunks, layer_windows, layout_from_model_config, text_config
 from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
@@ -94,7 +94,7 @@ class OffloadedModel:
         original = _WRAPPED[self.model][0]
         config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False)
         store = KVStore(config, layout_from_model_config(self.model.config, config.page_size, self._kv_dtype()),
-                        self.model.device, layer_windows(self.model.config))
+                        self.model.device, layer_windows(self.model.config), layer_chunks(self.model.config))
 
         def run_wrapped(ids: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -172,7 +172,8 @@ class OffloadedModel:
     def _store(self) -> KVStore:
         if self.store is None:
             layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
-            self.store = KVStore(self.config, layout, self.model.device, layer_windows(self.model.config))
+            self.store = KVStore(self.config, layout, self.model.device, layer_windows(self.model.config),
+                                 layer_chunks(self.model.config))
         return self.store
 
     def new_cache(self, batch_size: int | None = None, max_tokens: int = 0) -> OffloadCache:
@@ -190,14 +191,15 @@ class OffloadedModel:
         """Smallest `device_budget` in bytes that holds sinks, recent windows, tails and page
         summaries of every layer for this batch (what `generate` checks before it starts)."""
         layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
-        return budget.minimum_device_budget(self.config, layout, batch_size, max_tokens, layer_windows(self.model.config))
+        return budget.minimum_device_budget(self.config, layout, batch_size, max_tokens,
+                                            layer_windows(self.model.config), layer_chunks(self.model.config))
 
     def device_token_capacity(self, batch_size: int, max_tokens: int) -> int:
         """Tokens of complete pages the device budget holds per layer and sequence (beside the
         tail page): the largest `token_budget` whose pages can all be resident at once."""
         layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
         slots = min(budget.device_slots_per_seq(self.config, layout, batch_size, max_tokens,
-                                                layer_windows(self.model.config)),
+                                                layer_windows(self.model.config), layer_chunks(self.model.config)),
                     max_tokens // layout.page_size + 1)
         return max(0, slots - 1) * layout.page_size
 

@@ -59,7 +59,8 @@ def offload_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     window = kwargs.get("sliding_window") or getattr(attention_mask, "offload_window", None)
-    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window)
+    chunk = getattr(attention_mask, "offload_chunk", None)
+    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window, chunk=chunk)
     if sinks is not None:
         out = apply_sinks(out, lse, sinks)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
@@ -122,8 +123,9 @@ def offload_mask(
         refused = torch.zeros(0, dtype=torch.bool)
         refused.offload_refusal = f"this model's attention mask {problem}"
         return refused
-    window = _mask_window(mask_function)
-    if attention_mask is None and window is None:
+    window = _mask_span(mask_function, "sliding_window_overlay.", "sliding_window")
+    chunk = _mask_span(mask_function, "chunked_overlay.", "chunk_size")
+    if attention_mask is None and window is None and chunk is None:
         return None
     if attention_mask is None:
         mask = torch.ones(batch_size, kv_length, dtype=torch.bool)
@@ -131,20 +133,23 @@ def offload_mask(
         mask = attention_mask[:, -kv_length:].to(torch.bool)
     if window is not None:
         mask.offload_window = window  # the layers given this mask attend a sliding window
+    if chunk is not None:
+        mask.offload_chunk = chunk  # ... or their own chunk only
     return mask
 
 
-def _mask_window(fn) -> int | None:
-    """The sliding window of a transformers mask function (and_masks of an overlay and causal), or None."""
+def _mask_span(fn, overlay: str, field: str) -> int | None:
+    """The span of a transformers mask function's overlay (`sliding_window_overlay.` ->
+    sliding_window, `chunked_overlay.` -> chunk_size), looking inside and_masks; None if it has none."""
     name = getattr(fn, "__qualname__", "")
     if not inspect.isfunction(fn):
         return None
     cells = inspect.getclosurevars(fn).nonlocals
-    if name.startswith("sliding_window_overlay."):
-        return cells.get("sliding_window")
+    if name.startswith(overlay):
+        return cells.get(field)
     if name.startswith("and_masks."):
-        windows = [w for w in (_mask_window(part) for part in cells.get("mask_functions", ())) if w is not None]
-        return min(windows) if windows else None
+        spans = [w for w in (_mask_span(part, overlay, field) for part in cells.get("mask_functions", ())) if w is not None]
+        return min(spans) if spans else None
     return None
 
 
@@ -168,9 +173,7 @@ def _mask_problem(fn, tokens: int) -> str | None:
     if name.startswith("sliding_window_overlay."):
         return None if isinstance(cells.get("sliding_window"), int) else f"has a sliding window of unknown size ({name})"
     if name.startswith("chunked_overlay."):
-        chunk = cells.get("chunk_size")
-        return None if chunk is not None and tokens <= chunk else (
-            f"uses chunked attention (attention_chunk_size={chunk}) and the context reaches {tokens} tokens")
+        return None if isinstance(cells.get("chunk_size"), int) else f"has an attention chunk of unknown size ({name})"
     return f"is a custom pattern ({name}: bidirectional spans, packed sequences or another one)"
 
 

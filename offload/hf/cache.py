@@ -51,16 +51,19 @@ def layer_windows(model_config) -> list[int | None]:
     return [window if uses else None] * text.num_hidden_layers
 
 
-def check_sliding_window(model_config, max_tokens: int) -> None:
-    """Chunked attention is attended in full here: fine while the context fits one chunk.
-    (Sliding windows are implemented: each sliding layer keeps and attends its window.)"""
+def layer_chunks(model_config) -> list[int | None]:
+    """Per decoder layer: its attention chunk (chunked attention, Llama 4), or None."""
     text = text_config(model_config)
     chunk = getattr(text, "attention_chunk_size", None)
-    if chunk is not None and max_tokens > chunk:
-        raise ValueError(
-            f"this model uses chunked attention (attention_chunk_size={chunk}) and the context would reach "
-            f"{max_tokens} tokens; offload attends full attention and supports it only while the context fits one chunk"
-        )
+    layer_types = getattr(text, "layer_types", None)
+    if not chunk or layer_types is None:
+        return [None] * text.num_hidden_layers
+    return [chunk if t == "chunked_attention" else None for t in layer_types]
+
+
+def check_sliding_window(model_config, max_tokens: int) -> None:
+    """Nothing to refuse by length any more: sliding-window and chunked layers keep and attend
+    their own span at any context (kept for callers that check before opening a cache)."""
 
 
 class OffloadLayer(CacheLayerMixin):
@@ -219,6 +222,7 @@ class OffloadCache(Cache):
         attention_mask: torch.Tensor | None,
         scale: float,
         window: int | None = None,
+        chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the new queries over everything stored and the new tokens, then store them.
         Returns out [B, H, T, D] float32 and lse [B, H, T] float32."""
@@ -228,7 +232,7 @@ class OffloadCache(Cache):
         layer = self.layers[layer_idx]
         q_len = keys.shape[2]
         table = self.request.tables[layer_idx]
-        self._check_window(layer_idx, window, layer.seen + q_len)
+        self._check_window(layer_idx, window, layer.seen + q_len, chunk)
         valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, table.length)
         if layer_idx == 0:
             ids = self.pending_input_ids
@@ -251,18 +255,19 @@ class OffloadCache(Cache):
                 self.decode_s += elapsed
         return out, lse
 
-    def _check_window(self, layer_idx: int, window: int | None, tokens: int) -> None:
-        """The window this call asks for must be the one the store keeps for the layer (they only
-        differ harmlessly while every key fits both)."""
-        kept = self.store.windows[layer_idx]
-        asked = window if window is not None and tokens > window else None
-        applied = kept if kept is not None and tokens > kept else None
-        if asked != applied:
-            raise NotImplementedError(
-                f"layer {layer_idx} attends with sliding_window={window} but the model's config declares "
-                f"{kept} for it (layer_types / sliding_window), and {tokens} tokens make the difference matter; "
-                "offload sizes each layer's store from the config, so it refuses rather than attend the wrong window"
-            )
+    def _check_window(self, layer_idx: int, window: int | None, tokens: int, chunk: int | None = None) -> None:
+        """The window (chunk) this call asks for must be the one the store keeps for the layer
+        (they only differ harmlessly while every key fits both)."""
+        for kind, asked_for, kept in (("sliding_window", window, self.store.windows[layer_idx]),
+                                      ("attention_chunk_size", chunk, self.store.chunks[layer_idx])):
+            asked = asked_for if asked_for is not None and tokens > asked_for else None
+            applied = kept if kept is not None and tokens > kept else None
+            if asked != applied:
+                raise NotImplementedError(
+                    f"layer {layer_idx} attends with {kind}={asked_for} but the model's config declares {kept} for it "
+                    f"(layer_types / {kind}), and {tokens} tokens make the difference matter; offload sizes each layer's "
+                    "store from the config, so it refuses rather than attend the wrong span"
+                )
 
     def _speculate_next(self, layer_idx: int, query: torch.Tensor) -> None:
         """Issue layer l+1's likely pages now, so the copies overlap layer l's compute."""

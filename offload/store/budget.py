@@ -22,10 +22,10 @@ def window_slots_per_seq(window: int, page_size: int, max_tokens: int) -> int:
     return min(span, max_tokens // page_size) + 1
 
 
-def window_bytes(layout: KVLayout, windows, batch_size: int, max_tokens: int) -> int:
-    """Device bytes of every sliding layer for this batch."""
+def window_bytes(layout: KVLayout, windows, batch_size: int, max_tokens: int, chunks=None) -> int:
+    """Device bytes of every sliding or chunked layer for this batch."""
     return sum(batch_size * window_slots_per_seq(w, layout.page_size, max_tokens) * layout.page_bytes
-               for w in _windows(layout, windows, max_tokens) if w is not None)
+               for w in _windows(layout, windows, max_tokens, chunks) if w is not None)
 
 
 def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
@@ -36,16 +36,19 @@ def min_slots_per_seq(config: OffloadConfig, max_tokens: int) -> int:
     return min(sink_pages + recent_pages, max_tokens // ps) + 1
 
 
-def _windows(layout: KVLayout, windows, max_tokens: int) -> list:
-    """The windows that matter for contexts of `max_tokens`: one the context cannot outgrow is full attention."""
+def _windows(layout: KVLayout, windows, max_tokens: int, chunks=None) -> list:
+    """Per layer, the span a query can see (its window or chunk) where contexts of `max_tokens` can
+    outgrow it; None where the layer is (or acts as) full attention."""
     windows = list(windows) if windows is not None else [None] * layout.num_layers
-    return [w if w is not None and max_tokens > w else None for w in windows]
+    chunks = list(chunks) if chunks is not None else [None] * layout.num_layers
+    spans = [w if w is not None else c for w, c in zip(windows, chunks)]
+    return [s if s is not None and max_tokens > s else None for s in spans]
 
 
 def device_slots_per_seq(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
-                         windows=None) -> int:
+                         windows=None, chunks=None) -> int:
     """Device page slots one sequence gets in each full-attention layer under `config.device_budget`."""
-    windows = _windows(layout, windows, max_tokens)
+    windows = _windows(layout, windows, max_tokens, chunks)
     num_full = sum(w is None for w in windows)
     if num_full == 0:
         return 0
@@ -55,22 +58,25 @@ def device_slots_per_seq(config: OffloadConfig, layout: KVLayout, batch_size: in
 
 
 def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
-                          windows=None) -> int:
+                          windows=None, chunks=None) -> int:
     """Smallest device budget (bytes) that `device_rules` accepts for this batch."""
-    windows = _windows(layout, windows, max_tokens)
+    windows = _windows(layout, windows, max_tokens, chunks)
     summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
     per_layer = summary_bytes + batch_size * min_slots_per_seq(config, max_tokens) * layout.page_bytes
     return sum(w is None for w in windows) * per_layer + window_bytes(layout, windows, batch_size, max_tokens)
 
 
 def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
-                 windows=None) -> list[ResidencyRules]:
+                 windows=None, chunks=None) -> list[ResidencyRules]:
     """The residency rules of each layer for a batch under the device budget; ValueError if the
-    budget cannot hold it. `windows[layer]`: that layer's sliding window, or None (full attention)."""
+    budget cannot hold it. `windows[layer]` / `chunks[layer]`: that layer's sliding window or
+    attention chunk, or None (full attention)."""
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
     cfg, lay = config, layout
-    windows = _windows(lay, windows, max_tokens)
+    is_chunk = [w is None and c is not None for w, c in zip(windows or [None] * lay.num_layers,
+                                                            chunks or [None] * lay.num_layers)]
+    windows = _windows(lay, windows, max_tokens, chunks)
     need = min_slots_per_seq(cfg, max_tokens)
     slots_per_seq = device_slots_per_seq(cfg, lay, batch_size, max_tokens, windows)
     if all(w is not None for w in windows):
@@ -103,12 +109,13 @@ def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_t
     )
     return [full if w is None else ResidencyRules(
         slots_per_seq=window_slots_per_seq(w, lay.page_size, max_tokens), sink_pages=0, recent_tokens=w - 1,
-        promote_pages=0, sparse=False, token_budget=w, window=w) for w in windows]
+        promote_pages=0, sparse=False, token_budget=w, window=None if chunked else w, chunk=w if chunked else None)
+        for w, chunked in zip(windows, is_chunk)]
 
 
 def device_reserved_bytes(layout: KVLayout, batch_size: int, max_tokens: int, rules: list[ResidencyRules]) -> int:
     summary_bytes = batch_size * layout.num_pages(max_tokens) * layout.summary_bytes
-    return sum((0 if r.window is not None else summary_bytes) + batch_size * r.slots_per_seq * layout.page_bytes
+    return sum((0 if r.local else summary_bytes) + batch_size * r.slots_per_seq * layout.page_bytes
                for r in rules)
 
 

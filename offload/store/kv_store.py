@@ -57,13 +57,17 @@ class StoreClosed(RuntimeError):
 
 class KVStore:
     def __init__(self, config: OffloadConfig, layout: KVLayout, device: torch.device | str,
-                 windows: list[int | None] | None = None) -> None:
+                 windows: list[int | None] | None = None, chunks: list[int | None] | None = None) -> None:
         self.config = config
         self.layout = layout
         # Per layer: its sliding window (it attends and keeps only that), or None (full attention).
         self.windows = list(windows) if windows is not None else [None] * layout.num_layers
         if len(self.windows) != layout.num_layers or any(w is not None and w < 1 for w in self.windows):
             raise ValueError(f"windows must give each of {layout.num_layers} layers a window >= 1 or None; got {windows}")
+        # Per layer: its attention chunk (chunked attention, Llama 4), or None.
+        self.chunks = list(chunks) if chunks is not None else [None] * layout.num_layers
+        if len(self.chunks) != layout.num_layers or any(c is not None and c < 1 for c in self.chunks):
+            raise ValueError(f"chunks must give each of {layout.num_layers} layers a chunk >= 1 or None; got {chunks}")
         self.device = torch.device(device)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         host_max = budget.host_pages_per_layer(config, layout)
@@ -104,7 +108,7 @@ class KVStore:
         request and how many leading positions (padding included) need no forward pass."""
         self._check_open()
         self.release_dead()
-        budget.device_rules(self.config, self.layout, batch_size, max_tokens, self.windows)  # refuse before anything
+        budget.device_rules(self.config, self.layout, batch_size, max_tokens, self.windows, self.chunks)  # refuse before anything
         request = Request(self, batch_size, max_tokens)
         self.requests.add(request)
         skip = 0
@@ -150,7 +154,7 @@ class KVStore:
             return
         if self.active is not None:
             self.park(self.active)
-        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens, self.windows)
+        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens, self.windows, self.chunks)
         request.grow(max_tokens)
         max_pages = self.layout.num_pages(max_tokens)
         capacities = [request.batch_size * r.slots_per_seq for r in rules]
@@ -252,7 +256,7 @@ class KVStore:
         if query.shape[0] != table.batch_size:
             raise ValueError(f"batch size {query.shape[0]} differs from the {table.batch_size} this cache was reserved for")
         needed, decode = None, query.shape[2] <= MAX_DECODE_QUERY
-        if decode and table.rules.window is None:
+        if decode and not table.rules.local:
             # Pages in flight count as on the device for recall; then they must arrive before use.
             needed = select_pages(table, self.selector, query)
             count_needed(table, needed)
@@ -264,7 +268,7 @@ class KVStore:
             if new_valid[b].any():
                 self.residency.rebalance(table, b, appended.fresh)
             finish_tail(table, b, appended)
-            if table.rules.window is not None:
+            if table.rules.local:
                 table.drop_out_of_window(b)
         request.track_peak()
         return (result.out, result.lse) if return_lse else result.out
@@ -273,7 +277,7 @@ class KVStore:
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:
         """Prefetch the pages a predicted query [B, H, Q, D] of `layer` selects, before it runs."""
         table = request.tables[layer]
-        if self.active is request and predicted_query.shape[0] == request.batch_size and table.rules.window is None:
+        if self.active is request and predicted_query.shape[0] == request.batch_size and not table.rules.local:
             self.prefetcher.speculate(table, predicted_query)
 
     # ------------------------------------------------------------------ state

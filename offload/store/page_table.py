@@ -53,6 +53,12 @@ class ResidencyRules:
     token_budget: int
     skip_misses: bool = False  # sparse mode: needed pages not on the device are skipped, not read on the host
     window: int | None = None  # sliding-window layer: a query sees its last `window` tokens only
+    chunk: int | None = None  # chunked-attention layer: a query sees the tokens of its own chunk only
+
+    @property
+    def local(self) -> bool:
+        """A layer whose queries see a bounded span (window or chunk): it keeps only that span."""
+        return self.window is not None or self.chunk is not None
 
 
 # A sliding layer keeps this many tokens beyond its window (host copies only), so that `crop`
@@ -97,9 +103,19 @@ class PageTable:
     def slots_in_use(self, b: int) -> int:
         return len(self.resident_pages(b)) + len(self.inflight[b]) + (1 if self.tail_slot[b] >= 0 else 0)
 
+    def first_visible(self, b: int, length: int | None = None) -> int:
+        """Local layers: the oldest stored position the next query (at `length`) can see."""
+        length = self.length[b] if length is None else length
+        if self.rules.window is not None:
+            return max(0, length - (self.rules.window - 1))
+        return (length // self.rules.chunk) * self.rules.chunk
+
     def required_pages(self, b: int) -> set[int]:
-        """Complete pages that must stay resident: sinks and the recent window."""
+        """Complete pages that must stay resident: sinks and the recent window (a local layer:
+        the pages its next query can see)."""
         n = self.num_complete(b)
+        if self.rules.local:
+            return set(range(self.first_visible(b) // self.layout.page_size, n))
         required = set(range(min(self.rules.sink_pages, n)))
         if self.rules.recent_tokens > 0:
             first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
@@ -118,7 +134,7 @@ class PageTable:
         self.device_pool, self.rules = device_pool, rules
         device = device_pool.device
         shape = (self.batch_size, self.max_pages, self.layout.num_kv_heads, self.layout.head_dim)
-        windowed = rules.window is not None  # a sliding layer selects nothing: no summaries
+        windowed = rules.local  # a sliding or chunked layer selects nothing: no summaries
         self.key_min = None if windowed else torch.zeros(shape, dtype=self.layout.dtype, device=device)
         self.key_max = None if windowed else torch.zeros(shape, dtype=self.layout.dtype, device=device)
         for b in range(self.batch_size):
@@ -197,9 +213,8 @@ class PageTable:
             self.length[b] += tail[0].shape[0]
 
     def drop_out_of_window(self, b: int) -> None:
-        """Sliding layer: free (device and host) the pages no later query can see, beyond the crop margin."""
-        window = self.rules.window
-        first_kept = max(0, self.length[b] - (window - 1) - CROP_MARGIN) // self.layout.page_size
+        """Local layer: free (device and host) the pages no later query can see, beyond the crop margin."""
+        first_kept = max(0, self.first_visible(b) - CROP_MARGIN) // self.layout.page_size
         for p in range(self.dropped[b], min(first_kept, self.num_complete(b))):
             if self.slots[b, p] >= 0:
                 self.device_pool.decref(int(self.slots[b, p]))
@@ -215,10 +230,10 @@ class PageTable:
         old_length = self.length[b]
         if new_length >= old_length:
             return
-        if self.dropped[b] and new_length - (self.rules.window - 1) < self.dropped[b] * ps:
+        if self.dropped[b] and self.first_visible(b, new_length) < self.dropped[b] * ps:
             raise ValueError(
-                f"cannot crop sequence {b} back to {new_length} tokens: its sliding-window layer (window "
-                f"{self.rules.window}) kept only {CROP_MARGIN} tokens beyond the window and freed the rest"
+                f"cannot crop sequence {b} back to {new_length} tokens: its local layer (window {self.rules.window}, "
+                f"chunk {self.rules.chunk}) kept only {CROP_MARGIN} tokens beyond what it attends and freed the rest"
             )
         assert not self.inflight[b], "complete copies before cropping"
         keep_pages, cut = new_length // ps, new_length % ps

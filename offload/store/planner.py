@@ -33,6 +33,7 @@ class LayerPlan:
     needed:       decode only: per sequence, the non-required pages the query selected
     observe:      query rows (the last ones) whose attention feeds page scores
     window:       sliding layer: a query sees keys at positions > its own - window (else None)
+    chunk:        chunked layer: a query sees keys of its own chunk (position // chunk) only
     gather_ids:   [B, n_gather] long, sliding layer: host ids of window pages not resident (copy
                   failed or not yet back), read into the device part so the window mask applies
     gather_pos:   [B, n_gather * page_size] long, their key positions (-1: no key)
@@ -48,6 +49,7 @@ class LayerPlan:
     needed: list[set[int]] | None
     observe: int
     window: int | None = None
+    chunk: int | None = None
     gather_ids: torch.Tensor | None = None
     gather_pos: torch.Tensor | None = None
 
@@ -100,14 +102,13 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
     q_len = new_valid.shape[1]
     decode = needed is not None if decode is None else decode
     selected = needed if (needed is not None and table.rules.sparse) else None
-    window = table.rules.window
     ps = table.layout.page_size
     device_pages, host_pages, gather_pages = [], [], []
     for b in range(table.batch_size):
         n = table.num_complete(b)
         resident = table.slots[b, :n] >= 0
-        if window is not None:
-            first = max(table.dropped[b], (table.length[b] - (window - 1)) // ps)  # the oldest page a new query sees
+        if table.rules.local:
+            first = max(table.dropped[b], table.first_visible(b) // ps)  # the oldest page a new query sees
             device_pages.append([p for p in resident.nonzero().flatten().tolist() if p >= first])
             gather_pages.append([p for p in (~resident).nonzero().flatten().tolist() if p >= first])
             host_pages.append([])
@@ -137,7 +138,8 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
         host_counts=torch.tensor([len(p) for p in host_pages], dtype=torch.long),
         needed=needed,
         observe=min(q_len, OBSERVATION_WINDOW),
-        window=window,
+        window=table.rules.window,
+        chunk=table.rules.chunk,
         **(_gather(table, gather_pages) if any(gather_pages) else {}),
     )
 

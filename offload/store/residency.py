@@ -105,8 +105,8 @@ class Residency:
         # One slot stays for the tail; pages in flight keep theirs.
         assert rules.slots_per_seq - 1 >= len(required), "budget.device_rules guarantees sinks + recent window + tail fit"
         room = rules.slots_per_seq - 1 - len(required) - len(table.inflight[b])
-        if rules.window is not None:
-            room = 0  # a sliding layer keeps its window, nothing else
+        if rules.local:
+            room = 0  # a sliding or chunked layer keeps what its next query sees, nothing else
         others = [p for p in range(n) if p not in required and p not in table.inflight[b]]
         wanted = set(required)
         if others and room > 0:

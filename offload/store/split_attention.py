@@ -62,6 +62,9 @@ class SplitAttention:
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
         if plan.window is not None:  # transformers' sliding window: kv_idx > q_idx - window
             visible &= key_pos[:, None, :] > new_pos[:, :, None] - plan.window
+        if plan.chunk is not None:  # transformers' chunked attention: the same chunk of real positions
+            visible &= key_pos[:, None, :].div(plan.chunk, rounding_mode="floor") == new_pos[:, :, None].div(
+                plan.chunk, rounding_mode="floor")
         out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale)
         key_lse = scores[:, :, scores.shape[2] - observe :]  # a key's score is its own log-sum-exp
         table.counters.device_attn_s += time.perf_counter() - start
