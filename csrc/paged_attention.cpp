@@ -49,6 +49,7 @@ struct ItemArgs {
   float* part_l;
   int64_t heads_per_item, num_groups, num_splits;
   volatile int* error;
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: plain
 };
 
 typedef void (*ItemFn)(const ItemArgs&, int64_t, float*);
@@ -124,7 +125,7 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
                                            int64_t bsz, int64_t num_heads, int64_t q_len, int64_t head_dim, int64_t num_kv_heads,
                                            int64_t page_size, int64_t max_pages, int64_t num_pages_total, int causal,
                                            float* page_lse, float* out, float* lse, int64_t heads_per_item, int64_t num_groups,
-                                           int64_t num_splits, int threads, int isa) {
+                                           int64_t num_splits, int threads, int isa, float softcap) {
   const int best = best_isa();
   if (isa < 0) isa = best;
   if (isa > best) return 3;
@@ -146,7 +147,8 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
   volatile int error = 0;
   ItemArgs args{q_stored.data(), key_pages, value_pages, kind, page_table, num_pages, last_page_len, num_heads, q_len,
                 head_dim, num_kv_heads, page_size, max_pages, num_pages_total, causal, page_lse,
-                part_acc.data(), part_m.data(), part_l.data(), heads_per_item, num_groups, num_splits, &error};
+                part_acc.data(), part_m.data(), part_l.data(), heads_per_item, num_groups, num_splits, &error,
+                softcap};
   const ItemFn fn = item_fn(isa);
   const int64_t items = bsz * num_groups * num_splits;
   const float NEG_INF = -std::numeric_limits<float>::infinity();

@@ -425,6 +425,9 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
           acc[j] = a.part_acc + row[j] * D;
         }
         if (tmax > 0) scores<KIND>(nr, qr, kp, token_bytes, tmax, D, sbuf, S);
+        if (a.softcap > 0.f)  // logit soft-capping, on the scaled scores, before the softmax
+          for (int j = 0; j < nr; ++j)
+            for (int64_t t = 0; t < tl[j]; ++t) sbuf[j * S + t] = a.softcap * std::tanh(sbuf[j * S + t] / a.softcap);
         for (int j = 0; j < nr; ++j) {
           const int64_t h = kvh * G + (r0 + j) / Q, qi = (r0 + j) % Q;
           float* plse = a.page_lse ? a.page_lse + ((b * a.num_heads + h) * Q + qi) * a.max_pages + p : nullptr;

@@ -60,7 +60,8 @@ def offload_attention(
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     window = kwargs.get("sliding_window") or getattr(attention_mask, "offload_window", None)
     chunk = getattr(attention_mask, "offload_chunk", None)
-    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window, chunk=chunk)
+    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window, chunk=chunk,
+                            softcap=kwargs.get("softcap"))
     if sinks is not None:
         out = apply_sinks(out, lse, sinks)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
@@ -76,11 +77,10 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> to
 
 
 # Arguments of transformers' attention functions that change the result. Each is implemented
-# (sinks above) or refused here: none is ever ignored.
+# (sinks above; softcap, sliding_window in the cache) or refused here: none is ever ignored.
 def check_modifiers(module_name: str, kwargs: dict) -> None:
     """Sliding windows are checked by the cache, against the window its store keeps for the layer."""
     refused = {
-        "softcap": "attention logit soft-capping",
         "position_bias": "an additive position bias (T5/relative-position style)",
         "indices": "sparse attention over indexed tokens (DeepSeek sparse attention)",
         "block_indices": "block-sparse attention",

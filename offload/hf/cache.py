@@ -223,6 +223,7 @@ class OffloadCache(Cache):
         scale: float,
         window: int | None = None,
         chunk: int | None = None,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the new queries over everything stored and the new tokens, then store them.
         Returns out [B, H, T, D] float32 and lse [B, H, T] float32."""
@@ -240,7 +241,8 @@ class OffloadCache(Cache):
         speculate = self.config.prefetch and q_len <= MAX_DECODE_QUERY
         if speculate:
             self._speculate_next(layer_idx, query)
-        out, lse = self.store.attend(self.request, layer_idx, query, keys, values, valid, scale, return_lse=True)
+        out, lse = self.store.attend(self.request, layer_idx, query, keys, values, valid, scale, return_lse=True,
+                                     softcap=softcap)
         if speculate and layer_idx == len(self.layers) - 1:
             # The next step's first layer: its query now is the best guess for its query then.
             self.store.speculate(self.request, 0, self._last_query[0])

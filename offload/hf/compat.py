@@ -3,10 +3,9 @@
 Two checks, so that no model runs silently wrong:
 
 1. `config_problems`: features a model's config declares that the runtime does not implement
-   (attention logit soft-capping, multi-head latent attention, cross-layer KV sharing, recurrent
-   or convolutional layers beside attention, bidirectional attention). Each is named with what to
-   do. Sliding windows and attention chunks are checked per call instead, against the context
-   length (within one window or chunk they equal full attention).
+   (multi-head latent attention, cross-layer KV sharing, recurrent or convolutional layers beside
+   attention, bidirectional attention). Each is named with what to do. (Soft-capping, sinks,
+   sliding windows and attention chunks are implemented.)
 2. `probe`: a short forward pass through the wrapped model, compared with the same model
    unwrapped. Whatever the config does not say (a custom mask, an attention modifier, a cache the
    model manages itself) shows up as an error or a difference in the logits, and the wrapper
@@ -40,11 +39,6 @@ def config_problems(model) -> list[str]:
     """What the model's config declares that offload cannot run exactly (empty: nothing)."""
     text = _text_config(model.config)
     problems = []
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        problems.append(
-            f"attention logit soft-capping (attn_logit_softcapping={text.attn_logit_softcapping}) is not implemented "
-            "in offload's kernels"
-        )
     if getattr(text, "kv_lora_rank", None) is not None or (
         getattr(text, "v_head_dim", None) is not None and getattr(text, "qk_nope_head_dim", None) is not None
     ):

@@ -115,6 +115,7 @@ def paged_attention(
     kernel: str = "auto",
     validate: bool = True,
     threads: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend queries to paged KV; return (out [B, H, Q, D] float32, lse [B, H, Q] float32).
 
@@ -134,14 +135,19 @@ def paged_attention(
                    out-of-range page indices: C++ raises, Numba does not check)
     threads:       CPU threads for the compiled kernels (OffloadConfig.cpu_threads); None = every
                    core this process may run on. The torch kernel uses torch's own thread pool.
+    softcap:       attention logit soft-capping (Gemma 2): scaled scores become
+                   softcap * tanh(score / softcap) before the softmax; None or 0 = none.
+                   out, lse and page_lse are then those of the capped scores.
     Rows with no visible key give out = 0 and lse = -inf.
     """
     if validate:
         check_paged_inputs(query, key_pages, value_pages, page_table, num_pages, last_page_len)
+        if softcap is not None and not (softcap >= 0 and softcap == softcap and softcap != float("inf")):
+            raise ValueError(f"softcap must be a finite number >= 0 (or None); got {softcap!r}")
     fn = _KERNELS[resolve_kernel(kernel)]
     return fn(
         query, key_pages, value_pages, page_table, num_pages, last_page_len, scale,
-        causal=causal, page_lse_out=page_lse_out, threads=threads,
+        causal=causal, page_lse_out=page_lse_out, threads=threads, softcap=softcap,
     )
 
 

@@ -38,7 +38,7 @@ _lib.offload_cpu_best_isa.argtypes = []
 _lib.offload_paged_attention.restype = ctypes.c_int
 _lib.offload_paged_attention.argtypes = (
     [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int]
-    + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
 )
 
 BEST_ISA = int(_lib.offload_cpu_best_isa())
@@ -56,6 +56,7 @@ def paged_attention_cpp(
     page_lse_out: torch.Tensor | None = None,
     threads: int | None = None,
     isa: int = -1,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ paged kernel; contract in `offload.kernels.paged_attention`. threads: None = every core
     this process may use. isa: -1 the best this CPU has, or force 0 scalar / 1 AVX2 / 2 AVX-512."""
@@ -75,7 +76,7 @@ def paged_attention_cpp(
         table.ctypes.data, counts.ctypes.data, last.ctypes.data,
         bsz, num_heads, q_len, head_dim, num_kv_heads, page_size, table.shape[1], num_pages_total, int(bool(causal)),
         page_lse_out.data_ptr() if page_lse_out is not None else None, out.data_ptr(), lse.data_ptr(),
-        split.heads_per_item, split.num_head_groups, split.num_splits, int(threads), int(isa),
+        split.heads_per_item, split.num_head_groups, split.num_splits, int(threads), int(isa), float(softcap or 0.0),
     )
     if status:
         raise ValueError(f"C++ paged attention failed: {_ERRORS.get(status, f'status {status}')}")

@@ -59,17 +59,19 @@ def _widen_page(src, page, kvh, ntok, kind, bits, dst):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _attend_page(qrow, kbuf, vbuf, tlim, sbuf, acc, m_old, l_old):
+def _attend_page(qrow, kbuf, vbuf, tlim, sbuf, acc, m_old, l_old, softcap):
     """One query row against the first tlim keys of one page; online-softmax update.
 
-    qrow [D] (pre-scaled), kbuf/vbuf [S, D], acc [D] updated in place.
-    Returns (m_new, l_new, page_lse)."""
+    qrow [D] (pre-scaled), kbuf/vbuf [S, D], acc [D] updated in place; softcap > 0 caps the
+    scores to softcap * tanh(score / softcap) (Gemma 2). Returns (m_new, l_new, page_lse)."""
     head_dim = qrow.shape[0]
     mx = _NEG_INF
     for t in range(tlim):
         s = np.float32(0.0)
         for d in range(head_dim):
             s += qrow[d] * kbuf[t, d]
+        if softcap > 0.0:
+            s = np.float32(softcap * math.tanh(s / softcap))
         sbuf[t] = s
         if s > mx:
             mx = s
@@ -95,7 +97,7 @@ def _attend_page(qrow, kbuf, vbuf, tlim, sbuf, acc, m_old, l_old):
 @njit(nogil=True, parallel=True, cache=True, fastmath=_FASTMATH)
 def _paged_attention_nb(
     q, key_pages, value_pages, kind, page_table, num_pages, last_page_len, causal,
-    want_page_lse, page_lse, heads_per_item, num_groups, num_splits, out, lse,
+    want_page_lse, page_lse, heads_per_item, num_groups, num_splits, out, lse, softcap,
 ):
     """q [B, H, Q, D] float32, pre-scaled; key/value_pages [P, S, H_kv, D] float32 or uint16 bits;
     out [B, H, Q, D], lse [B, H, Q], page_lse [B, H, Q, max_pages] written in place."""
@@ -145,7 +147,7 @@ def _paged_attention_nb(
                             continue
                         m_new, l_new, plse = _attend_page(
                             q[b, h, qi], kbuf, vbuf, tlim, sbuf, part_acc[b, h, split, qi],
-                            part_m[b, h, split, qi], part_l[b, h, split, qi],
+                            part_m[b, h, split, qi], part_l[b, h, split, qi], softcap,
                         )
                         part_m[b, h, split, qi] = m_new
                         part_l[b, h, split, qi] = l_new
@@ -189,6 +191,7 @@ def paged_attention_numba(
     causal: bool = False,
     page_lse_out: torch.Tensor | None = None,
     threads: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Numba paged kernel; contract in `offload.kernels.paged_attention`. threads: None = every
     core this process may use (capped by Numba's pool size)."""
@@ -210,5 +213,6 @@ def paged_attention_numba(
         q, as_kv_array(key_pages), as_kv_array(value_pages), DTYPE_CODES[key_pages.dtype],
         table, counts, last, bool(causal), want, page_lse,
         split.heads_per_item, split.num_head_groups, split.num_splits, out.numpy(), lse.numpy(),
+        np.float32(softcap or 0.0),
     )
     return out, lse

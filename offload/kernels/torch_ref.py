@@ -12,19 +12,26 @@ def dense_attention(
     values: torch.Tensor,
     visible: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention with its log-sum-exp.
 
     query:   [B, H, Q, D]
     keys:    [B, H_kv, T, D], values: [B, H_kv, T, D]  (H a multiple of H_kv)
     visible: [B, Q, T] bool, True where query q may attend key t
+    softcap: if set, scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)
     Returns out [B, H, Q, D] float32 (zeros for rows with no visible key), lse [B, H, Q] float32 (-inf there).
     """
-    out, lse, _ = dense_attention_scores(query, keys, values, visible, scale)
+    out, lse, _ = dense_attention_scores(query, keys, values, visible, scale, softcap)
     return out, lse
 
 
-def dense_attention_scores(query, keys, values, visible, scale):
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logit soft-capping: softcap * tanh(scores / softcap); unchanged when softcap is None/0."""
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
+def dense_attention_scores(query, keys, values, visible, scale, softcap: float | None = None):
     """`dense_attention`, and the masked scores it computed: [B, H, Q, T] float32 (-inf where hidden).
 
     A key's score is its own log-sum-exp, so callers get per-key attention mass without a second q.k."""
@@ -39,7 +46,7 @@ def dense_attention_scores(query, keys, values, visible, scale):
     group = num_heads // num_kv_heads
     # Group query heads per KV head so K/V are read once per group, never repeated in memory.
     q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, T]
+    scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G*Q, T]
     scores = scores.view(bsz, num_kv_heads, group, q_len, kv_len)
     scores = scores.masked_fill(~visible[:, None, None, :, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
@@ -61,6 +68,7 @@ def paged_attention_torch(
     causal: bool = False,
     page_lse_out: torch.Tensor | None = None,
     threads: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paged kernel in plain torch: gather each sequence's pages, then `dense_attention`.
 
@@ -87,20 +95,20 @@ def paged_attention_torch(
             visible = key_pos[None, :] <= query_pos[:, None]
         else:
             visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
-        o, l = dense_attention(query[b : b + 1], k, v, visible.unsqueeze(0), scale)
+        o, l = dense_attention(query[b : b + 1], k, v, visible.unsqueeze(0), scale, softcap)
         out[b], lse[b] = o[0], l[0]
         if page_lse_out is not None:
-            page_lse_out[b, :, :, :n] = _page_lse(query[b], k[0], visible, scale, page_size, n)
+            page_lse_out[b, :, :, :n] = _page_lse(query[b], k[0], visible, scale, page_size, n, softcap)
     return out, lse
 
 
-def _page_lse(query, keys, visible, scale, page_size, num_pages):
+def _page_lse(query, keys, visible, scale, page_size, num_pages, softcap=None):
     """Per-page log-sum-exp of the scores: query [H, Q, D], keys [Hkv, T, D] -> [H, Q, num_pages]."""
     num_heads, q_len, _ = query.shape
     num_kv_heads, kv_len, _ = keys.shape
     group = num_heads // num_kv_heads
     q = query.float().reshape(num_kv_heads, group * q_len, -1)
-    scores = (torch.matmul(q, keys.float().transpose(-1, -2)) * scale).view(num_heads, q_len, kv_len)
+    scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap).view(num_heads, q_len, kv_len)
     scores = scores.masked_fill(~visible[None], float("-inf"))
     pad = num_pages * page_size - kv_len
     scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
@@ -111,16 +119,16 @@ def _page_lse(query, keys, visible, scale, page_size, num_pages):
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, softcap=None):
     """Every key visible. query [1, H, Q, D]; keys/values [1, H_kv, T, D] -> (out, lse) float32."""
     group = query.shape[1] // keys.shape[1]
-    if _FLASH_CPU is not None and query.device.type == "cpu":
+    if _FLASH_CPU is not None and query.device.type == "cpu" and not softcap:
         k = keys.float().repeat_interleave(group, dim=1)
         v = values.float().repeat_interleave(group, dim=1)
         out, lse = _FLASH_CPU(query.float(), k, v, 0.0, False, scale=scale)[:2]
         return out, lse
     visible = torch.ones(1, query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device)
-    return dense_attention(query, keys, values, visible, scale)
+    return dense_attention(query, keys, values, visible, scale, softcap)
 
 
 def paged_attention_blocked(
@@ -132,6 +140,7 @@ def paged_attention_blocked(
     last_page_len: torch.Tensor,
     scale: float,
     block_tokens: int = 8192,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal paged attention for long query blocks (chunked prefill): each sequence's pages
     are gathered in blocks of about `block_tokens` keys, attended with a fused, blocked kernel
@@ -158,7 +167,7 @@ def paged_attention_blocked(
                 count -= page_size - int(last_page_len[b])
             k = key_pages.index_select(0, block).reshape(-1, num_kv_heads, head_dim)[:count]
             v = value_pages.index_select(0, block).reshape(-1, num_kv_heads, head_dim)[:count]
-            o, l = _attend_block(query[b : b + 1], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], scale)
+            o, l = _attend_block(query[b : b + 1], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], scale, softcap)
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]
     return out, lse

@@ -242,12 +242,14 @@ class KVStore:
     # ------------------------------------------------------------------ one layer's step
     @torch.inference_mode()
     def attend(self, request: Request, layer: int, query: torch.Tensor, new_keys: torch.Tensor,
-               new_values: torch.Tensor, new_valid: torch.Tensor, scale: float, return_lse: bool = False):
+               new_values: torch.Tensor, new_valid: torch.Tensor, scale: float, return_lse: bool = False,
+               softcap: float | None = None):
         """Attend the new queries to everything stored plus the new tokens, then store them.
 
         query:      [B, H, T, D]   queries of the T new tokens
         new_keys:   [B, H_kv, T, D], new_values: [B, H_kv, T, D]
         new_valid:  [B, T] bool    False for padding tokens (never stored, rows give zeros)
+        softcap:    attention logit soft-capping (Gemma 2), or None
         Returns     [B, H, T, D] float32 (and, with `return_lse`, the log-sum-exp [B, H, T] float32).
         """
         if self.active is not request:
@@ -262,7 +264,7 @@ class KVStore:
             count_needed(table, needed)
         self.residency.complete_copies(table)
         layer_plan = plan(table, new_valid, needed, decode)
-        result = self.runner.run(layer_plan, table, query, new_keys, new_values, scale)
+        result = self.runner.run(layer_plan, table, query, new_keys, new_values, scale, softcap)
         table.scores = self.scorer.update(table.scores, result.page_mass)
         for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
             if new_valid[b].any():

@@ -46,13 +46,15 @@ class SplitAttention:
         self.cpu_threads = cpu_threads
         self.executor = executor
 
-    def run(self, plan: LayerPlan, table: PageTable, query, new_keys, new_values, scale: float) -> RunResult:
-        """query [B, H, T, D]; new_keys/new_values [B, H_kv, T, D] (the step's new tokens)."""
+    def run(self, plan: LayerPlan, table: PageTable, query, new_keys, new_values, scale: float,
+            softcap: float | None = None) -> RunResult:
+        """query [B, H, T, D]; new_keys/new_values [B, H_kv, T, D] (the step's new tokens).
+        softcap: attention logit soft-capping (Gemma 2), in both parts."""
         observe = plan.observe
         has_host = bool(plan.host_counts.any())
         future, host = None, None
         if has_host:
-            args = (query, table, plan, scale, observe)
+            args = (query, table, plan, scale, observe, None, softcap)
             future = self.executor.submit(self._host_part, *args) if self.executor else None
             host = self._host_part(*args) if future is None else None
 
@@ -65,7 +67,7 @@ class SplitAttention:
         if plan.chunk is not None:  # transformers' chunked attention: the same chunk of real positions
             visible &= key_pos[:, None, :].div(plan.chunk, rounding_mode="floor") == new_pos[:, :, None].div(
                 plan.chunk, rounding_mode="floor")
-        out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale)
+        out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale, softcap)
         key_lse = scores[:, :, scores.shape[2] - observe :]  # a key's score is its own log-sum-exp
         table.counters.device_attn_s += time.perf_counter() - start
 
@@ -75,7 +77,7 @@ class SplitAttention:
             if host.error is not None:
                 table.counters.failed_kernels += 1
                 log_once("kernel", f"the {self.cpu_kernel} host attention kernel failed", host.error)
-                host = self._host_part(query, table, plan, scale, observe, kernel="torch")
+                host = self._host_part(query, table, plan, scale, observe, "torch", softcap)
                 if host.error is not None:
                     raise host.error
             table.counters.host_attn_s += host.seconds
@@ -110,19 +112,20 @@ class SplitAttention:
         key_pos = torch.cat([*pos_parts, plan.new_pos], dim=1).to(pool.device)
         return keys.transpose(1, 2), values.transpose(1, 2), key_pos
 
-    def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None) -> HostResult:
+    def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None, softcap=None) -> HostResult:
         """Attend the host pages; also per-page lse for the observed rows. Never raises: errors are returned."""
         result = HostResult()
         start = time.perf_counter()
         try:
             with torch.inference_mode():  # per thread; this may run on the host worker
-                self._host_kernels(result, query, table, plan, scale, observe, kernel or self.cpu_kernel)
+                self._host_kernels(result, query, table, plan, scale, observe, kernel or self.cpu_kernel, softcap)
         except Exception as exc:  # reported to the caller, which falls back
             result.error = exc
         result.seconds = time.perf_counter() - start
         return result
 
-    def _host_kernels(self, result: HostResult, query, table: PageTable, plan: LayerPlan, scale, observe, kernel) -> None:
+    def _host_kernels(self, result: HostResult, query, table: PageTable, plan: LayerPlan, scale, observe, kernel,
+                      softcap) -> None:
         host_pool = table.host_pool
         q_host = query.to(host_pool.device)
         bsz, num_heads, q_len, _ = q_host.shape
@@ -132,12 +135,12 @@ class SplitAttention:
         page_lse = torch.full((bsz, num_heads, observe, plan.host_table.shape[1]), float("-inf"))
         if observe == q_len:
             result.out, result.lse = paged_attention(q_host, *pools, *args, kernel=kernel, page_lse_out=page_lse,
-                                                     validate=False, threads=self.cpu_threads)
+                                                     validate=False, threads=self.cpu_threads, softcap=softcap)
         else:
             # Prefill: many query rows per KV byte, compute-bound: blocked matmuls, not the decode kernel.
-            result.out, result.lse = paged_attention_blocked(q_host, *pools, *args)
+            result.out, result.lse = paged_attention_blocked(q_host, *pools, *args, softcap=softcap)
             paged_attention(q_host[:, :, -observe:], *pools, *args, kernel=kernel, page_lse_out=page_lse,
-                            validate=False, threads=self.cpu_threads)
+                            validate=False, threads=self.cpu_threads, softcap=softcap)
         result.page_lse = page_lse
 
     @staticmethod

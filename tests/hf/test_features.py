@@ -33,11 +33,21 @@ def test_learned_attention_sinks_are_exact(prefetch):
     torch.testing.assert_close(got[real], logits[real], rtol=0, atol=1e-4)
 
 
-def test_soft_capping_is_refused_when_wrapping():
-    model = tiny("gemma2", "Gemma2ForCausalLM", attn_logit_softcapping=1.0, sliding_window=4096)
-    with pytest.raises(UnsupportedModel, match="soft-capping"):
-        OffloadedModel(model)
-    assert model.config._attn_implementation != "offload"  # nothing left wrapped
+@pytest.mark.parametrize("cpu_kernel", ["torch", "auto"])
+def test_attention_logit_soft_capping_is_exact(cpu_kernel):
+    """Gemma 2 with soft-capping that matters (1.0), its sliding layers past their window too."""
+    model = tiny("gemma2", "Gemma2ForCausalLM", attn_logit_softcapping=1.0, sliding_window=64)
+    ids, mask = make_batch(2, 200, seed=6)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
+        logits = model(ids, attention_mask=mask).logits
+    with OffloadedModel(model, page_size=8, sink_tokens=8, recent_tokens=16, cpu_kernel=cpu_kernel) as om:
+        om.config.device_budget = 2 * om.minimum_device_budget(2, 212)
+        got = om(ids, attention_mask=mask).logits
+        assert om.stats.pages_resident < om.stats.pages_total  # the host part is exercised
+        assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY), expected)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], logits[real], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("length", [40, 300])  # within one chunk, and across five

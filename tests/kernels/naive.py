@@ -8,9 +8,10 @@ import math
 import torch
 
 
-def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, last_page_len, scale, causal=False):
+def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, last_page_len, scale, causal=False,
+                          softcap=None):
     """Returns out [B, H, Q, D], lse [B, H, Q], page_lse [B, H, Q, max_pages] (NaN past
-    num_pages), all float64."""
+    num_pages), all float64. softcap: scores become softcap * tanh(score / softcap)."""
     bsz, num_heads, q_len, head_dim = query.shape
     page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
     group = num_heads // num_kv_heads
@@ -30,6 +31,8 @@ def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, 
             for i in range(q_len):
                 visible = kv_len - q_len + i + 1 if causal else kv_len
                 scores = (k @ query[b, h, i].double()) * scale
+                if softcap:
+                    scores = softcap * torch.tanh(scores / softcap)
                 for p in range(n):
                     lo, hi = p * page_size, min((p + 1) * page_size, kv_len, max(visible, 0))
                     page_lse[b, h, i, p] = torch.logsumexp(scores[lo:hi], 0) if hi > lo else -math.inf

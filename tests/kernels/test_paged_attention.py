@@ -219,3 +219,47 @@ def test_numba_kernel_python_without_jit():
     proc = subprocess.run([sys.executable, "-c", _NO_JIT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+SOFTCAP_CASES = {  # name: (page_size, H, H_kv, Q, D, lengths, dtype, causal, softcap)
+    "page1-mha-fp32-cap1": (1, 4, 4, 1, 16, [5, 1], torch.float32, False, 1.0),
+    "page16-gqa4-bf16-causal-cap5": (16, 8, 2, 4, 32, [37, 16, 1, 20], torch.bfloat16, True, 5.0),
+    "page5-gqa2-fp16-cap0.5-empty-row": (5, 4, 2, 3, 8, [12, 0, 5], torch.float16, False, 0.5),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+def test_softcap_matches_the_naive_reference(variant, case):
+    """Attention logit soft-capping (Gemma 2) in every kernel: out, lse and per-page lse of the capped scores."""
+    page_size, heads, kv_heads, q_len, dim, lengths, dtype, causal, cap = SOFTCAP_CASES[case]
+    args = make_case(page_size, heads, kv_heads, q_len, dim, lengths, dtype, seed=7)
+    query = args[0] * 4.0  # scores well past the cap, so it matters
+    scale = dim**-0.5
+    page_lse = torch.full((len(lengths), heads, q_len, args[3].shape[1]), float("nan"))
+    out, lse = run(variant, query, *args[1:], scale, causal=causal, page_lse_out=page_lse, softcap=cap)
+    ref_out, ref_lse, ref_page = naive_paged_attention(query, *args[1:], scale, causal=causal, softcap=cap)
+    plain, _, _ = naive_paged_attention(query, *args[1:], scale, causal=causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+    listed = ~torch.isnan(ref_page)
+    torch.testing.assert_close(page_lse.double()[listed], ref_page[listed], atol=ATOL, rtol=RTOL)
+    assert (ref_out - plain).abs().max() > 1e-2  # the cap changed the result
+
+
+def test_blocked_prefill_kernel_applies_softcap():
+    from offload.kernels.torch_ref import paged_attention_blocked
+
+    args = make_case(4, 4, 2, 9, 16, [30, 7], torch.float32, seed=8)
+    query = args[0] * 4.0
+    out, lse = paged_attention_blocked(query, *args[1:], 0.25, block_tokens=8, softcap=2.0)
+    ref_out, ref_lse, _ = naive_paged_attention(query, *args[1:], 0.25, softcap=2.0)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_softcap_is_refused(bad):
+    args = make_case(4, 2, 1, 1, 8, [5], torch.float32)
+    with pytest.raises(ValueError, match="softcap"):
+        paged_attention(*args, 0.3, softcap=bad)
