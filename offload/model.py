@@ -27,7 +27,14 @@ import torch
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
 from offload.hf import compat
-from offload.hf.cache import OffloadCache, layer_chunks, layer_windows, layout_from_model_config, text_config
+from offload.hf.cache import (
+    OffloadCache,
+    has_layer_state,
+    layer_chunks,
+    layer_windows,
+    layout_from_model_config,
+    text_config,
+)
 from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
@@ -58,6 +65,9 @@ class OffloadedModel:
         compat.check_config(model)
         self.model = model
         self.config = config.replace(**overrides) if config is not None else OffloadConfig.from_env(**overrides)
+        # Recurrent and conv layers scan the prompt; chunking it changes their numerics (not their
+        # math), so such models prefill in one pass, as their own forward does.
+        self._chunked_prefill = not has_layer_state(model.config)
         self.store: KVStore | None = None
         self._lock = threading.RLock()  # one call at a time: the store serves one active request
         self._last_cache: weakref.ref[OffloadCache] | None = None
@@ -93,8 +103,7 @@ class OffloadedModel:
         """Refuse, now, a model whose outputs through offload would differ from its own (compat.probe)."""
         original = _WRAPPED[self.model][0]
         config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False)
-        store = KVStore(config, layout_from_model_config(self.model.config, config.page_size, self._kv_dtype()),
-                        self.model.device, layer_windows(self.model.config), layer_chunks(self.model.config))
+        store = self._new_store(config)
 
         def run_wrapped(ids: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -171,10 +180,14 @@ class OffloadedModel:
     # the store and caches ----------------------------------------------------------------------
     def _store(self) -> KVStore:
         if self.store is None:
-            layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
-            self.store = KVStore(self.config, layout, self.model.device, layer_windows(self.model.config),
-                                 layer_chunks(self.model.config))
+            self.store = self._new_store(self.config)
         return self.store
+
+    def _new_store(self, config: OffloadConfig) -> KVStore:
+        model_config = self.model.config
+        return KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype()),
+                       self.model.device, layer_windows(model_config), layer_chunks(model_config),
+                       reusable_prefixes=not has_layer_state(model_config))
 
     def new_cache(self, batch_size: int | None = None, max_tokens: int = 0) -> OffloadCache:
         """A fresh cache for up to `max_tokens` tokens per sequence (padding included).
@@ -252,8 +265,9 @@ class OffloadedModel:
         length = _input_shape(input_ids, embeds)[1]
         past = cache.get_seq_length()
         outputs, chunks = None, []
-        for start in range(0, length, self.config.prefill_chunk):
-            end = min(start + self.config.prefill_chunk, length)
+        step = self.config.prefill_chunk if self._chunked_prefill else max(1, length)
+        for start in range(0, length, step):
+            end = min(start + step, length)
             chunk_kwargs = dict(kwargs)
             if attention_mask is not None:
                 chunk_kwargs["attention_mask"] = attention_mask[:, : past + end]
@@ -307,7 +321,7 @@ class OffloadedModel:
             else:
                 cache = self._open_cache(input_ids, attention_mask, expand, max_tokens)
             self._track(cache)
-            if embeds is None:  # transformers' chunked prefill slices input_ids only
+            if embeds is None and self._chunked_prefill:  # transformers' chunked prefill slices input_ids only
                 kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
             start = time.perf_counter()
             out = self.model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)

@@ -29,36 +29,55 @@ def text_config(model_config):
     return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
 
+# transformers' cache layer types (cache_utils.DYNAMIC_LAYER_TYPE_MAPPING) offload's store serves,
+# and those whose state stays in transformers' own layer classes (recurrent, conv, no attention).
+STORE_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+STATE_KINDS = ("conv", "linear_attention", "dummy")
+
+
+def cache_layer_types(model_config) -> tuple[list[str], list[dict]]:
+    """Per decoder layer, transformers' cache layer type and its init kwargs (as DynamicCache builds them)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = text_config(model_config)
+    try:
+        return get_layer_types_and_kwargs(text)
+    except Exception:  # a config transformers' helper cannot read: full attention, as the config says
+        n = text.num_hidden_layers
+        return list(getattr(text, "layer_types", None) or ["full_attention"] * n), [{} for _ in range(n)]
+
+
+def attention_layers(model_config) -> list[int]:
+    """Decoder layers whose KV the store keeps (the others keep their state in the cache itself)."""
+    return [i for i, t in enumerate(cache_layer_types(model_config)[0]) if t in STORE_KINDS]
+
+
+def has_layer_state(model_config) -> bool:
+    """Layers with recurrent or conv state: their state after a prefix depends on all of it, so
+    prefixes cannot be reused from KV pages alone."""
+    return any(t in ("conv", "linear_attention") for t in cache_layer_types(model_config)[0])
+
+
 def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -> KVLayout:
     text = text_config(model_config)
     num_heads = text.num_attention_heads
     num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-    return KVLayout(text.num_hidden_layers, num_kv_heads, head_dim, page_size, dtype)
+    return KVLayout(len(attention_layers(model_config)), num_kv_heads, head_dim, page_size, dtype)
 
 
 def layer_windows(model_config) -> list[int | None]:
-    """Per decoder layer: its sliding window, or None for full attention (from `layer_types` where
-    the config has them; otherwise every layer when `sliding_window` is set and in use)."""
-    text = text_config(model_config)
-    window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None)
-    if not window:
-        return [None] * text.num_hidden_layers
-    if layer_types is not None:
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    uses = getattr(text, "use_sliding_window", True) is not False
-    return [window if uses else None] * text.num_hidden_layers
+    """Per store layer (attention layer): its sliding window, or None."""
+    types, kwargs = cache_layer_types(model_config)
+    return [kw.get("sliding_window") if t == "sliding_attention" else None
+            for t, kw in zip(types, kwargs) if t in STORE_KINDS]
 
 
 def layer_chunks(model_config) -> list[int | None]:
-    """Per decoder layer: its attention chunk (chunked attention, Llama 4), or None."""
-    text = text_config(model_config)
-    chunk = getattr(text, "attention_chunk_size", None)
-    layer_types = getattr(text, "layer_types", None)
-    if not chunk or layer_types is None:
-        return [None] * text.num_hidden_layers
-    return [chunk if t == "chunked_attention" else None for t in layer_types]
+    """Per store layer (attention layer): its attention chunk (chunked attention, Llama 4), or None."""
+    types, kwargs = cache_layer_types(model_config)
+    return [kw.get("sliding_window") if t == "chunked_attention" else None
+            for t, kw in zip(types, kwargs) if t in STORE_KINDS]
 
 
 def check_sliding_window(model_config, max_tokens: int) -> None:
@@ -131,8 +150,21 @@ class OffloadCache(Cache):
         self.model_config = model_config
         self.max_tokens = max_tokens
         self.request: Request | None = None
-        text = text_config(model_config)
-        super().__init__(layers=[OffloadLayer(self, i) for i in range(text.num_hidden_layers)])
+        # Attention layers are views of the store; recurrent, conv and attention-free layers keep
+        # their state in transformers' own layer classes, as DynamicCache would.
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+
+        types, kwargs = cache_layer_types(model_config)
+        self.store_index: dict[int, int] = {}  # decoder layer -> store layer
+        layers = []
+        for i, (kind, kw) in enumerate(zip(types, kwargs)):
+            if kind in STORE_KINDS:
+                self.store_index[i] = len(self.store_index)
+                layers.append(OffloadLayer(self, i))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
+        self.attention_idx = sorted(self.store_index)
+        super().__init__(layers=layers)
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_query: dict[int, torch.Tensor] = {}
         self.pending_input_ids: torch.Tensor | None = None  # set by OffloadedModel's forward hook
@@ -146,7 +178,11 @@ class OffloadCache(Cache):
 
     # transformers' Cache API ------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+        if layer_idx >= len(self.layers):
+            return 0
+        if layer_idx not in self.store_index:  # a state layer: the attention layers count positions
+            layer_idx = self.attention_idx[0]
+        return self.layers[layer_idx].seen
 
     @property
     def batch_size(self) -> int:
@@ -162,8 +198,8 @@ class OffloadCache(Cache):
             return 0
         self.request, skip = self.store.open(batch_size, self.max_tokens, rows, pads)
         weakref.finalize(self, self.store.release_later, self.request)
-        for layer in self.layers:
-            layer.seen = skip
+        for i in self.attention_idx:
+            self.layers[i].seen = skip
         return skip
 
     def reserve(self, batch_size: int) -> None:
@@ -198,13 +234,14 @@ class OffloadCache(Cache):
 
     # the two halves of a layer's step ----------------------------------------------------------
     def stage(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        first = layer_idx == self.attention_idx[0]
         if self.request is None:
             self.open(key_states.shape[0])
-        elif layer_idx == 0:
+        elif first:
             self._require_open()
             if self.store.active is not self.request:
                 self.store.activate(self.request)
-        if layer_idx == 0:
+        if first:
             self._forward_start = time.perf_counter()
         self._staged[layer_idx] = (key_states, value_states)
         set_active_cache(self)
@@ -232,22 +269,24 @@ class OffloadCache(Cache):
             raise RuntimeError(f"layer {layer_idx}: the keys given to attention are not the ones staged by update()")
         layer = self.layers[layer_idx]
         q_len = keys.shape[2]
-        table = self.request.tables[layer_idx]
-        self._check_window(layer_idx, window, layer.seen + q_len, chunk)
+        store_layer = self.store_index[layer_idx]
+        table = self.request.tables[store_layer]
+        self._check_window(store_layer, window, layer.seen + q_len, chunk)
         valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, table.length)
-        if layer_idx == 0:
+        last = layer_idx == self.attention_idx[-1]
+        if layer_idx == self.attention_idx[0]:
             ids = self.pending_input_ids
             self.request.record_tokens(valid, ids if ids is not None and ids.shape == valid.shape else None)
         speculate = self.config.prefetch and q_len <= MAX_DECODE_QUERY
         if speculate:
             self._speculate_next(layer_idx, query)
-        out, lse = self.store.attend(self.request, layer_idx, query, keys, values, valid, scale, return_lse=True,
+        out, lse = self.store.attend(self.request, store_layer, query, keys, values, valid, scale, return_lse=True,
                                      softcap=softcap)
-        if speculate and layer_idx == len(self.layers) - 1:
+        if speculate and last:
             # The next step's first layer: its query now is the best guess for its query then.
-            self.store.speculate(self.request, 0, self._last_query[0])
+            self.store.speculate(self.request, 0, self._last_query[self.attention_idx[0]])
         layer.seen += q_len
-        if layer_idx == len(self.layers) - 1:
+        if last:
             self.pending_input_ids = None
             elapsed = time.perf_counter() - self._forward_start
             if q_len > 1:
@@ -257,11 +296,12 @@ class OffloadCache(Cache):
                 self.decode_s += elapsed
         return out, lse
 
-    def _check_window(self, layer_idx: int, window: int | None, tokens: int, chunk: int | None = None) -> None:
+    def _check_window(self, store_layer: int, window: int | None, tokens: int, chunk: int | None = None) -> None:
         """The window (chunk) this call asks for must be the one the store keeps for the layer
         (they only differ harmlessly while every key fits both)."""
-        for kind, asked_for, kept in (("sliding_window", window, self.store.windows[layer_idx]),
-                                      ("attention_chunk_size", chunk, self.store.chunks[layer_idx])):
+        layer_idx = self.attention_idx[store_layer]
+        for kind, asked_for, kept in (("sliding_window", window, self.store.windows[store_layer]),
+                                      ("attention_chunk_size", chunk, self.store.chunks[store_layer])):
             asked = asked_for if asked_for is not None and tokens > asked_for else None
             applied = kept if kept is not None and tokens > kept else None
             if asked != applied:
@@ -274,24 +314,25 @@ class OffloadCache(Cache):
     def _speculate_next(self, layer_idx: int, query: torch.Tensor) -> None:
         """Issue layer l+1's likely pages now, so the copies overlap layer l's compute."""
         self._last_query[layer_idx] = query
-        nxt = layer_idx + 1
-        if nxt >= len(self.layers):
+        position = self.attention_idx.index(layer_idx) + 1
+        if position >= len(self.attention_idx):
             return
+        nxt = self.attention_idx[position]  # the next attention layer
         predicted = self.predictor.predict(layer_idx, nxt) if self.predictor is not None else None
         if predicted is None:
             predicted = self._last_query.get(nxt)  # no predictor: that layer's query one step ago
         if predicted is not None:
-            self.store.speculate(self.request, nxt, predicted)
+            self.store.speculate(self.request, position, predicted)
 
     def reorder_layer(self, layer_idx: int, beam_idx: torch.Tensor) -> None:
         if self.request is not None:
-            table = self.request.tables[layer_idx]
+            table = self.request.tables[self.store_index[layer_idx]]
             self.store.residency.complete_copies(table)
             table.select(beam_idx)
 
     def crop_layer(self, layer_idx: int, removed: int) -> None:
         """Drop the last `removed` positions of one layer (padding only ever leads, so they are stored tokens)."""
-        table = self.request.tables[layer_idx]
+        table = self.request.tables[self.store_index[layer_idx]]
         if table.on_device:
             self.store.residency.complete_copies(table)
         for b in range(table.batch_size):

@@ -3,9 +3,9 @@
 Two checks, so that no model runs silently wrong:
 
 1. `config_problems`: features a model's config declares that the runtime does not implement
-   (multi-head latent attention, cross-layer KV sharing, recurrent or convolutional layers beside
-   attention, bidirectional attention). Each is named with what to do. (Soft-capping, sinks,
-   sliding windows and attention chunks are implemented.)
+   (multi-head latent attention, cross-layer KV sharing, layers that mix attention with their own
+   state, bidirectional attention). Each is named with what to do. (Soft-capping, sinks, sliding
+   windows, attention chunks, and recurrent or conv layers beside attention are implemented.)
 2. `probe`: a short forward pass through the wrapped model, compared with the same model
    unwrapped. Whatever the config does not say (a custom mask, an attention modifier, a cache the
    model manages itself) shows up as an error or a difference in the logits, and the wrapper
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-# Layer types that are attention (possibly windowed or chunked, checked per call).
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+from offload.hf.cache import STATE_KINDS, STORE_KINDS, cache_layer_types
+
 PROBE_TOKENS = 24
 # Logits of the wrapped and the unwrapped model on the probe may differ by float rounding only:
 # this much relative to the logits' scale, in the model's dtype.
@@ -47,16 +47,18 @@ def config_problems(model) -> list[str]:
             f"{getattr(text, 'kv_lora_rank', None)}) is not supported by offload's page layout"
         )
     shared = getattr(text, "num_kv_shared_layers", None)
-    if shared:
-        problems.append(f"cross-layer KV sharing (num_kv_shared_layers={shared}) is not supported yet")
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types:
-        other = sorted({t for t in layer_types if t not in ATTENTION_LAYER_TYPES})
-        if other:
-            problems.append(
-                f"layers that are not attention ({', '.join(other)}: recurrent, convolutional or linear-attention "
-                "state) sit beside the attention layers, and offload does not keep such state"
-            )
+    modes = getattr(text, "kv_sharing_modes", None) or ()
+    if shared or "reuse" in modes:
+        problems.append(f"cross-layer KV sharing (num_kv_shared_layers={shared}, kv_sharing_modes) is not supported yet")
+    types = cache_layer_types(model.config)[0]
+    other = sorted({t for t in types if t not in STORE_KINDS and t not in STATE_KINDS})
+    if other:
+        problems.append(
+            f"cache layers of kind {', '.join(other)} (attention with its own state or compression) that offload's "
+            "store does not implement"
+        )
+    if not any(t in STORE_KINDS for t in types):
+        problems.append("no attention layer keeps a KV cache: there is nothing to offload")
     if getattr(text, "is_causal", True) is False:
         problems.append("the model attends bidirectionally (is_causal=False); offload implements causal attention")
     return problems

@@ -57,7 +57,8 @@ class StoreClosed(RuntimeError):
 
 class KVStore:
     def __init__(self, config: OffloadConfig, layout: KVLayout, device: torch.device | str,
-                 windows: list[int | None] | None = None, chunks: list[int | None] | None = None) -> None:
+                 windows: list[int | None] | None = None, chunks: list[int | None] | None = None,
+                 reusable_prefixes: bool = True) -> None:
         self.config = config
         self.layout = layout
         # Per layer: its sliding window (it attends and keeps only that), or None (full attention).
@@ -85,7 +86,8 @@ class KVStore:
         self.residency = Residency(self.transfer, make_eviction_order(config.device_eviction))
         self.prefetcher = Prefetcher(self.selector, self.residency)
         self.tree: PrefixTree | None = None
-        if config.prefix_cache:
+        # (a model with recurrent or conv layers cannot resume from KV pages alone: no prefix reuse)
+        if config.prefix_cache and reusable_prefixes:
             self.tree = PrefixTree(layout.page_size, self.host_pools, make_eviction_order(config.prefix_eviction))
             for pool in self.host_pools:
                 pool.reclaim = self.tree.evict
