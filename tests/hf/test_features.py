@@ -14,40 +14,36 @@ from tests.hf.families import tiny
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
+def assert_exact_with_most_pages_on_the_host(model, length, seed, **wrapper_kwargs):
+    """Batch 2 with left padding: logits within 1e-4 and 12 greedy tokens identical to the
+    unwrapped model, with the device holding twice its minimum (the host part is exercised)."""
+    ids, mask = make_batch(2, length, seed=seed)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
+        logits = model(ids, attention_mask=mask).logits
+    with OffloadedModel(model, page_size=8, sink_tokens=8, recent_tokens=16, **wrapper_kwargs) as om:
+        om.config.device_budget = 2 * om.minimum_device_budget(2, length + 12)
+        got = om(ids, attention_mask=mask).logits
+        assert om.stats.pages_resident < om.stats.pages_total
+        assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY), expected)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], logits[real], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_learned_attention_sinks_are_exact(prefetch):
     model = tiny("gpt_oss", "GptOssForCausalLM", sliding_window=4096)  # the window raised past the context
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.sinks.normal_(0.0, 2.0)  # sinks that matter
-    ids, mask = make_batch(2, 150, seed=3)
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
-        logits = model(ids, attention_mask=mask).logits
-    with OffloadedModel(model, page_size=8, sink_tokens=8, recent_tokens=16, prefetch=prefetch) as om:
-        om.config.device_budget = 2 * om.minimum_device_budget(2, 162)
-        got = om(ids, attention_mask=mask).logits
-        assert om.stats.pages_resident < om.stats.pages_total  # the host part is exercised
-        assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY), expected)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], logits[real], rtol=0, atol=1e-4)
+    assert_exact_with_most_pages_on_the_host(model, 150, seed=3, prefetch=prefetch)
 
 
 @pytest.mark.parametrize("cpu_kernel", ["torch", "auto"])
 def test_attention_logit_soft_capping_is_exact(cpu_kernel):
     """Gemma 2 with soft-capping that matters (1.0), its sliding layers past their window too."""
     model = tiny("gemma2", "Gemma2ForCausalLM", attn_logit_softcapping=1.0, sliding_window=64)
-    ids, mask = make_batch(2, 200, seed=6)
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
-        logits = model(ids, attention_mask=mask).logits
-    with OffloadedModel(model, page_size=8, sink_tokens=8, recent_tokens=16, cpu_kernel=cpu_kernel) as om:
-        om.config.device_budget = 2 * om.minimum_device_budget(2, 212)
-        got = om(ids, attention_mask=mask).logits
-        assert om.stats.pages_resident < om.stats.pages_total  # the host part is exercised
-        assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY), expected)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], logits[real], rtol=0, atol=1e-4)
+    assert_exact_with_most_pages_on_the_host(model, 200, seed=6, cpu_kernel=cpu_kernel)
 
 
 @pytest.mark.parametrize("length", [40, 300])  # within one chunk, and across five
