@@ -58,11 +58,23 @@ def has_layer_state(model_config) -> bool:
     return any(t in ("conv", "linear_attention") for t in cache_layer_types(model_config)[0])
 
 
+def is_latent_attention(model_config) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): the model caches compressed latents
+    and hands attention per-head keys and values of different head sizes, expanded per token."""
+    text = text_config(model_config)
+    return getattr(text, "kv_lora_rank", None) is not None and getattr(text, "v_head_dim", None) is not None
+
+
 def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -> KVLayout:
     text = text_config(model_config)
     num_heads = text.num_attention_heads
     num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    if is_latent_attention(model_config):
+        # The store keeps the expanded keys and values attention receives: one per query head, the
+        # shorter of the two zero-padded to the longer (q.k and the output are unchanged).
+        qk_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
+        num_kv_heads, head_dim = num_heads, max(qk_dim, text.v_head_dim)
     return KVLayout(len(attention_layers(model_config)), num_kv_heads, head_dim, page_size, dtype)
 
 
@@ -264,9 +276,15 @@ class OffloadCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the new queries over everything stored and the new tokens, then store them.
         Returns out [B, H, T, D] float32 and lse [B, H, T] float32."""
-        keys, values = self._staged.pop(layer_idx)
-        if keys is not key_states:
-            raise RuntimeError(f"layer {layer_idx}: the keys given to attention are not the ones staged by update()")
+        staged, _ = self._staged.pop(layer_idx)
+        if key_states is not staged and (key_states.shape[0] != staged.shape[0] or key_states.shape[2] != staged.shape[2]):
+            raise RuntimeError(
+                f"layer {layer_idx}: attention was given keys for {tuple(key_states.shape)} tokens, but update() stored "
+                f"{tuple(staged.shape)}; offload stores per token what attention receives, and these do not correspond"
+            )
+        # What attention receives is what the store keeps (multi-head latent attention caches latents
+        # in update() and expands them per token before attention).
+        query, keys, values, value_dim = self._fit_head_dim(query, key_states, value_states)
         layer = self.layers[layer_idx]
         q_len = keys.shape[2]
         store_layer = self.store_index[layer_idx]
@@ -286,6 +304,8 @@ class OffloadCache(Cache):
             # The next step's first layer: its query now is the best guess for its query then.
             self.store.speculate(self.request, 0, self._last_query[self.attention_idx[0]])
         layer.seen += q_len
+        if value_dim is not None:
+            out = out[..., :value_dim]
         if last:
             self.pending_input_ids = None
             elapsed = time.perf_counter() - self._forward_start
@@ -295,6 +315,22 @@ class OffloadCache(Cache):
             else:
                 self.decode_s += elapsed
         return out, lse
+
+    def _fit_head_dim(self, query, keys, values):
+        """Zero-pad query, keys and values to the store's head size (keys and values of different
+        sizes: multi-head latent attention). Returns them and the value size to cut the output back
+        to (None when nothing was padded)."""
+        dim = self.store.layout.head_dim
+        if keys.shape[-1] == dim and values.shape[-1] == dim:
+            return query, keys, values, None
+        if max(keys.shape[-1], values.shape[-1]) > dim or query.shape[-1] != keys.shape[-1]:
+            raise RuntimeError(
+                f"attention head sizes (query {query.shape[-1]}, keys {keys.shape[-1]}, values {values.shape[-1]}) do "
+                f"not fit the store's {dim}"
+            )
+        pad = torch.nn.functional.pad
+        return (pad(query, (0, dim - query.shape[-1])), pad(keys, (0, dim - keys.shape[-1])),
+                pad(values, (0, dim - values.shape[-1])), values.shape[-1])
 
     def _check_window(self, store_layer: int, window: int | None, tokens: int, chunk: int | None = None) -> None:
         """The window (chunk) this call asks for must be the one the store keeps for the layer

@@ -3,8 +3,8 @@
 Two checks, so that no model runs silently wrong:
 
 1. `config_problems`: features a model's config declares that the runtime does not implement
-   (multi-head latent attention, cross-layer KV sharing, layers that mix attention with their own
-   state, bidirectional attention). Each is named with what to do. (Soft-capping, sinks, sliding
+   (cross-layer KV sharing, layers that mix attention with their own state, bidirectional
+   attention). Each is named with what to do. (Soft-capping, sinks, sliding
    windows, attention chunks, and recurrent or conv layers beside attention are implemented.)
 2. `probe`: a short forward pass through the wrapped model, compared with the same model
    unwrapped. Whatever the config does not say (a custom mask, an attention modifier, a cache the
@@ -39,13 +39,6 @@ def config_problems(model) -> list[str]:
     """What the model's config declares that offload cannot run exactly (empty: nothing)."""
     text = _text_config(model.config)
     problems = []
-    if getattr(text, "kv_lora_rank", None) is not None or (
-        getattr(text, "v_head_dim", None) is not None and getattr(text, "qk_nope_head_dim", None) is not None
-    ):
-        problems.append(
-            "multi-head latent attention (keys and values of different head sizes, kv_lora_rank="
-            f"{getattr(text, 'kv_lora_rank', None)}) is not supported by offload's page layout"
-        )
     shared = getattr(text, "num_kv_shared_layers", None)
     modes = getattr(text, "kv_sharing_modes", None) or ()
     if shared or "reuse" in modes:

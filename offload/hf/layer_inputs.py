@@ -18,7 +18,7 @@ def decoder_layers(model: torch.nn.Module):
         return None
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
-        if not (hasattr(layer, "input_layernorm") and hasattr(attn, "q_proj") and hasattr(attn, "head_dim")):
+        if not (hasattr(layer, "input_layernorm") and callable(getattr(attn, "q_proj", None)) and hasattr(attn, "head_dim")):
             return None
         if not hasattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb"):
             return None

@@ -56,6 +56,8 @@ def tiny(family: str, model_class: str, **overrides):
         default = config_cls()
         accepted = set(inspect.signature(config_cls.__init__).parameters)
         kwargs = {k: v for k, v in {**SMALL, **overrides}.items() if hasattr(default, k) or k in accepted}
+        if "kv_lora_rank" in kwargs and "head_dim" in kwargs and "head_dim" not in overrides:
+            kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # latent attention: the rotary part's size
         config = config_cls(**kwargs)
         model_cls = getattr(transformers, model_class)
         with torch.device("meta"):  # size it first: a config these fields do not shrink stays huge

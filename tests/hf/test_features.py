@@ -80,3 +80,19 @@ def test_the_wrap_probe_refuses_a_divergence_the_config_does_not_declare():
         hook.remove()
     assert model.config._attn_implementation != "offload"
     OffloadedModel(model).unwrap()  # without the modifier it wraps
+
+
+@pytest.mark.parametrize("family,model_class", [("deepseek_v3", "DeepseekV3ForCausalLM"),
+                                                ("deepseek_v2", "DeepseekV2ForCausalLM")])
+def test_multi_head_latent_attention_is_exact(family, model_class):
+    """Keys (nope + rope) and values of different head sizes: the store keeps them padded to one size."""
+    model = tiny(family, model_class, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                 num_key_value_heads=4)  # keys 24, values 12
+    from offload.hf.cache import layout_from_model_config
+
+    text = model.config
+    layout = layout_from_model_config(text, 8, torch.float32)
+    assert text.qk_nope_head_dim + text.qk_rope_head_dim != text.v_head_dim
+    assert layout.num_kv_heads == text.num_attention_heads
+    assert layout.head_dim == max(text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim)
+    assert_exact_with_most_pages_on_the_host(model, 150, seed=8)
