@@ -42,7 +42,8 @@ def offload_attention(
     ref = getattr(_active, "cache", None)
     cache = ref() if ref is not None else None
     layer_idx = getattr(module, "layer_idx", None)
-    if cache is None or layer_idx is None or not cache.has_staged(layer_idx):
+    shared = cache is not None and layer_idx is not None and cache.is_consumer(layer_idx)
+    if cache is None or layer_idx is None or not (shared or cache.has_staged(layer_idx)):
         raise RuntimeError(
             "attn_implementation='offload' needs an OffloadCache as past_key_values; "
             "call the model through OffloadedModel (or pass OffloadedModel.new_cache(...))"
@@ -60,8 +61,12 @@ def offload_attention(
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     window = kwargs.get("sliding_window") or getattr(attention_mask, "offload_window", None)
     chunk = getattr(attention_mask, "offload_chunk", None)
-    out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window, chunk=chunk,
-                            softcap=kwargs.get("softcap"))
+    if shared:  # this layer reads another layer's KV (cross-layer sharing): attend it, store nothing
+        out, lse = cache.attend_shared(layer_idx, query, key, scale, window=window, chunk=chunk,
+                                       softcap=kwargs.get("softcap"))
+    else:
+        out, lse = cache.attend(layer_idx, query, key, value, attention_mask, scale, window=window, chunk=chunk,
+                                softcap=kwargs.get("softcap"))
     if sinks is not None:
         out = apply_sinks(out, lse, sinks)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None

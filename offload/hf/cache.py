@@ -20,7 +20,7 @@ from offload.hf.attention import set_active_cache
 from offload.stats import OffloadStats
 from offload.store.kv_store import KVStore
 from offload.store.layout import KVLayout
-from offload.store.planner import MAX_DECODE_QUERY
+from offload.store.planner import MAX_DECODE_QUERY, new_positions
 from offload.store.request import Request
 
 
@@ -56,6 +56,26 @@ def has_layer_state(model_config) -> bool:
     """Layers with recurrent or conv state: their state after a prefix depends on all of it, so
     prefixes cannot be reused from KV pages alone."""
     return any(t in ("conv", "linear_attention") for t in cache_layer_types(model_config)[0])
+
+
+def kv_sources(model_config) -> dict[int, int]:
+    """Cross-layer KV sharing (Gemma 3n, Gemma 4: `kv_sharing_modes`): each "reuse" layer -> the
+    layer whose KV it reads, the last "store" layer of the same layer type before it."""
+    text = text_config(model_config)
+    modes = getattr(text, "kv_sharing_modes", None)
+    if not modes:
+        return {}
+    types = getattr(text, "layer_types", None) or ["full_attention"] * len(modes)
+    last_store: dict[str, int] = {}
+    sources = {}
+    for i, (mode, kind) in enumerate(zip(modes, types)):
+        if mode == "store":
+            last_store[kind] = i
+        elif mode == "reuse":
+            if kind not in last_store:
+                raise ValueError(f"layer {i} reuses the KV of a {kind} layer, but no earlier {kind} layer stores one")
+            sources[i] = last_store[kind]
+    return sources
 
 
 def is_latent_attention(model_config) -> bool:
@@ -176,6 +196,8 @@ class OffloadCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         self.attention_idx = sorted(self.store_index)
+        self.kv_source = kv_sources(model_config)  # consumer layer -> producer layer (cross-layer KV sharing)
+        self._produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # producer -> (its new keys, their positions)
         super().__init__(layers=layers)
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_query: dict[int, torch.Tensor] = {}
@@ -292,6 +314,8 @@ class OffloadCache(Cache):
         self._check_window(store_layer, window, layer.seen + q_len, chunk)
         valid = self._new_token_mask(attention_mask, keys.shape[0], q_len, layer.seen, table.length)
         last = layer_idx == self.attention_idx[-1]
+        if layer_idx in self.kv_source.values():  # a later layer reads these keys: remember where they went
+            self._produced[layer_idx] = (key_states, new_positions(table, valid))
         if layer_idx == self.attention_idx[0]:
             ids = self.pending_input_ids
             self.request.record_tokens(valid, ids if ids is not None and ids.shape == valid.shape else None)
@@ -299,7 +323,7 @@ class OffloadCache(Cache):
         if speculate:
             self._speculate_next(layer_idx, query)
         out, lse = self.store.attend(self.request, store_layer, query, keys, values, valid, scale, return_lse=True,
-                                     softcap=softcap)
+                                     softcap=softcap, has_readers=layer_idx in self._produced)
         if speculate and last:
             # The next step's first layer: its query now is the best guess for its query then.
             self.store.speculate(self.request, 0, self._last_query[self.attention_idx[0]])
@@ -315,6 +339,27 @@ class OffloadCache(Cache):
             else:
                 self.decode_s += elapsed
         return out, lse
+
+    def is_consumer(self, layer_idx: int) -> bool:
+        return layer_idx in self.kv_source
+
+    def attend_shared(self, layer_idx: int, query: torch.Tensor, key_states: torch.Tensor, scale: float,
+                      window: int | None = None, chunk: int | None = None,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of a layer that reads another layer's KV (cross-layer sharing): over the
+        producer's stored pages, at the positions the producer stored its new tokens, appending
+        nothing. Returns out [B, H, T, D] and lse [B, H, T] float32."""
+        producer = self.kv_source[layer_idx]
+        produced = self._produced.get(producer)
+        if produced is None or produced[0] is not key_states:
+            raise RuntimeError(
+                f"layer {layer_idx} shares layer {producer}'s KV, but the keys it attends are not the ones layer "
+                f"{producer} stored in this forward pass"
+            )
+        store_layer = self.store_index[producer]
+        positions = produced[1]
+        self._check_window(store_layer, window, self.layers[producer].seen, chunk)
+        return self.store.attend_stored(self.request, store_layer, query, positions, scale, softcap)
 
     def _fit_head_dim(self, query, keys, values):
         """Zero-pad query, keys and values to the store's head size (keys and values of different

@@ -40,9 +40,9 @@ def config_problems(model) -> list[str]:
     text = _text_config(model.config)
     problems = []
     shared = getattr(text, "num_kv_shared_layers", None)
-    modes = getattr(text, "kv_sharing_modes", None) or ()
-    if shared or "reuse" in modes:
-        problems.append(f"cross-layer KV sharing (num_kv_shared_layers={shared}, kv_sharing_modes) is not supported yet")
+    if shared and not getattr(text, "kv_sharing_modes", None):
+        problems.append(f"cross-layer KV sharing (num_kv_shared_layers={shared}) without kv_sharing_modes to say which "
+                        "layer reads which")
     types = cache_layer_types(model.config)[0]
     other = sorted({t for t in types if t not in STORE_KINDS and t not in STATE_KINDS})
     if other:

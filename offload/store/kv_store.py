@@ -245,13 +245,15 @@ class KVStore:
     @torch.inference_mode()
     def attend(self, request: Request, layer: int, query: torch.Tensor, new_keys: torch.Tensor,
                new_values: torch.Tensor, new_valid: torch.Tensor, scale: float, return_lse: bool = False,
-               softcap: float | None = None):
+               softcap: float | None = None, has_readers: bool = False):
         """Attend the new queries to everything stored plus the new tokens, then store them.
 
         query:      [B, H, T, D]   queries of the T new tokens
         new_keys:   [B, H_kv, T, D], new_values: [B, H_kv, T, D]
         new_valid:  [B, T] bool    False for padding tokens (never stored, rows give zeros)
         softcap:    attention logit soft-capping (Gemma 2), or None
+        has_readers: later layers read this layer's KV in this step (`attend_stored`): a local
+                    layer keeps what this step's queries see until the next step
         Returns     [B, H, T, D] float32 (and, with `return_lse`, the log-sum-exp [B, H, T] float32).
         """
         if self.active is not request:
@@ -268,14 +270,33 @@ class KVStore:
         layer_plan = plan(table, new_valid, needed, decode)
         result = self.runner.run(layer_plan, table, query, new_keys, new_values, scale, softcap)
         table.scores = self.scorer.update(table.scores, result.page_mass)
+        old_lengths = list(table.length)
         for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
             if new_valid[b].any():
                 self.residency.rebalance(table, b, appended.fresh)
             finish_tail(table, b, appended)
             if table.rules.local:
-                table.drop_out_of_window(b)
+                table.drop_out_of_window(b, old_lengths[b] if has_readers else None)
         request.track_peak()
         return (result.out, result.lse) if return_lse else result.out
+
+    @torch.inference_mode()
+    def attend_stored(self, request: Request, layer: int, query: torch.Tensor, query_pos: torch.Tensor, scale: float,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of queries over what `layer` stores, appending nothing: cross-layer KV sharing,
+        where a consumer layer reads its producer's KV after the producer stored the new tokens.
+
+        query [B, H, T, D]; query_pos [B, T] the queries' stored positions (-1: padding).
+        Exact in every mode (the consumer's queries select nothing). Returns (out, lse)."""
+        if self.active is not request:
+            self.activate(request)
+        table = request.tables[layer]
+        self.residency.complete_copies(table)
+        valid = query_pos >= 0
+        layer_plan = plan(table, valid, None, query.shape[2] <= MAX_DECODE_QUERY, new_pos=query_pos)
+        empty = query.new_zeros(query.shape[0], self.layout.num_kv_heads, 0, self.layout.head_dim)
+        result = self.runner.run(layer_plan, table, query, empty, empty, scale, softcap)
+        return result.out, result.lse
 
     @torch.inference_mode()
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:

@@ -212,9 +212,10 @@ class PageTable:
             self.parked_tails[b] = tail
             self.length[b] += tail[0].shape[0]
 
-    def drop_out_of_window(self, b: int) -> None:
-        """Local layer: free (device and host) the pages no later query can see, beyond the crop margin."""
-        first_kept = max(0, self.first_visible(b) - CROP_MARGIN) // self.layout.page_size
+    def drop_out_of_window(self, b: int, length: int | None = None) -> None:
+        """Local layer: free (device and host) the pages no query from position `length` on (default:
+        the next one) can see, beyond the crop margin."""
+        first_kept = max(0, self.first_visible(b, length) - CROP_MARGIN) // self.layout.page_size
         for p in range(self.dropped[b], min(first_kept, self.num_complete(b))):
             if self.slots[b, p] >= 0:
                 self.device_pool.decref(int(self.slots[b, p]))

@@ -95,10 +95,13 @@ def new_positions(table: PageTable, new_valid: torch.Tensor) -> torch.Tensor:
     return torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
 
 
-def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | None, decode: bool | None = None) -> LayerPlan:
+def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | None, decode: bool | None = None,
+         new_pos: torch.Tensor | None = None) -> LayerPlan:
     """The plan of a step whose copies are complete. `needed` is None for prefill (and for sliding
     layers); in sparse mode only required and needed pages are attended, otherwise every stored
-    page is. A sliding layer attends the pages its window reaches, all in the device part."""
+    page is. A sliding layer attends the pages its window reaches, all in the device part.
+    `new_pos` [B, T]: the queries' positions when they are not the next ones (a layer reading
+    another layer's KV after that layer stored the new tokens)."""
     q_len = new_valid.shape[1]
     decode = needed is not None if decode is None else decode
     selected = needed if (needed is not None and table.rules.sparse) else None
@@ -107,14 +110,23 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
     for b in range(table.batch_size):
         n = table.num_complete(b)
         resident = table.slots[b, :n] >= 0
+        # The earliest query of this step: the next position, or (a reader of another layer's KV,
+        # whose new tokens are already stored) the earliest position given.
+        real = new_pos[b][new_pos[b] >= 0] if new_pos is not None else None
+        earliest = int(real.min()) if real is not None and real.numel() else table.length[b]
         if table.rules.local:
-            first = max(table.dropped[b], table.first_visible(b) // ps)  # the oldest page a new query sees
+            first = max(table.dropped[b], table.first_visible(b, earliest) // ps)  # the oldest page it sees
             device_pages.append([p for p in resident.nonzero().flatten().tolist() if p >= first])
             gather_pages.append([p for p in (~resident).nonzero().flatten().tolist() if p >= first])
             host_pages.append([])
             continue
         device_pages.append(_attended(table, b, resident.nonzero().flatten().tolist(), selected))
         host = (~resident).nonzero().flatten().tolist()
+        # Host kernels see every key of their pages: pages reaching the queries' own positions
+        # (already stored for a reader) are read into the device part, where keys are masked causally.
+        late = [p for p in host if (p + 1) * ps > earliest]
+        gather_pages.append(late)
+        host = [p for p in host if (p + 1) * ps <= earliest]
         if selected is not None and table.rules.skip_misses:
             table.counters.skipped_pages += len(_attended(table, b, host, selected))
             host = []
@@ -130,7 +142,7 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
     host_table = torch.where(logical >= 0, table.host_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
     return LayerPlan(
         decode=decode,
-        new_pos=new_positions(table, new_valid),
+        new_pos=new_positions(table, new_valid) if new_pos is None else new_pos,
         device_slots=torch.cat([slots, tails[:, None]], dim=1),
         device_pos=torch.cat([page_pos, tail_pos], dim=1),
         host_table=host_table,

@@ -109,7 +109,9 @@ class SplitAttention:
             pos_parts.append(plan.gather_pos)
         keys = torch.cat([*key_parts, new_keys.transpose(1, 2)], dim=1)
         values = torch.cat([*value_parts, new_values.transpose(1, 2)], dim=1)
-        key_pos = torch.cat([*pos_parts, plan.new_pos], dim=1).to(pool.device)
+        if new_keys.shape[2]:  # (a layer reading stored KV only brings queries, no new keys)
+            pos_parts.append(plan.new_pos)
+        key_pos = torch.cat(pos_parts, dim=1).to(pool.device)
         return keys.transpose(1, 2), values.transpose(1, 2), key_pos
 
     def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None, softcap=None) -> HostResult:

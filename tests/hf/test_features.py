@@ -96,3 +96,17 @@ def test_multi_head_latent_attention_is_exact(family, model_class):
     assert layout.num_kv_heads == text.num_attention_heads
     assert layout.head_dim == max(text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim)
     assert_exact_with_most_pages_on_the_host(model, 150, seed=8)
+
+
+@pytest.mark.parametrize("layer_types", [
+    ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],  # windows past the context
+    ["full_attention"] * 4,
+])
+def test_cross_layer_kv_sharing_keeps_one_copy_and_is_exact(layer_types):
+    """Gemma 3n: the last two layers read the KV of the last earlier layer of their type."""
+    model = tiny("gemma3n_text", "Gemma3nForCausalLM", num_hidden_layers=4, num_kv_shared_layers=2,
+                 layer_types=layer_types, sliding_window=32)
+    assert model.config.kv_sharing_modes[2:] == ["reuse", "reuse"]
+    with OffloadedModel(model, page_size=8) as om:
+        assert om._store().layout.num_layers == 2  # the readers store nothing
+    assert_exact_with_most_pages_on_the_host(model, 150, seed=9, prefill_chunk=48)
