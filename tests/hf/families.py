@@ -26,7 +26,7 @@ SMALL = dict(
     linear_value_head_dim=16, mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
     ssm_state_size=8, expert_interval=1, attn_layer_period=2, attn_layer_offset=1, is_decoder=True,
     vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    rotary_dim=8,
+    rotary_dim=8, full_attention_interval=2,
 )
 PROMPT, NEW = 200, 24
 MAX_PARAMS = 5_000_000

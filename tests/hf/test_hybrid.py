@@ -17,6 +17,10 @@ HYBRIDS = [
     ("jamba", "JambaForCausalLM", {}),  # mamba + attention
     ("lfm2", "Lfm2ForCausalLM", {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"]}),
     ("nemotron_h", "NemotronHForCausalLM", {}),  # mamba + attention + MLP-only layers
+    ("qwen3_next", "Qwen3NextForCausalLM",  # gated delta-net + attention
+     {"num_hidden_layers": 4, "layer_types": ["linear_attention", "full_attention"] * 2}),
+    ("qwen3_5_text", "Qwen3_5ForCausalLM",
+     {"num_hidden_layers": 4, "layer_types": ["linear_attention", "full_attention"] * 2}),
 ]
 
 
