@@ -2,21 +2,23 @@
 
     offload bench quality [--model embedded|PATH] [--text FILE] [--context 2048] ...
     offload bench prefix  [--quick]   # time to first token with and without prefix reuse, 200-request soak
-    offload bench decode  [ARGS...]   # runs bench/bench_decode.py from the source tree
-    offload bench kernels [ARGS...]   # runs bench/bench_cpu_attention.py from the source tree
+    offload bench decode  [--quick]   # end-to-end decode against whole-layer offload, emulated link
+    offload bench kernels [--quick]   # CPU paged-attention kernels against the read bandwidth
 
-Results go to bench/results/ (JSON, Markdown and, for the sweep, a PNG plot).
+Every benchmark ships with the package (offload/benchmarks/), so these run from an installed
+wheel too. Results go to bench/results/ under the current directory (JSON, Markdown and, for
+the sweep, a PNG plot); `--out` changes it.
 """
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
 import sys
 from pathlib import Path
 
-SOURCE_BENCH = Path(__file__).resolve().parents[1] / "bench"
-SPEED_SCRIPTS = {"decode": "bench_decode.py", "kernels": "bench_cpu_attention.py"}
+# subcommand -> module in offload.benchmarks with main(argv)
+BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels"}
 
 
 def _floats(text: str) -> list[float]:
@@ -102,23 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # `offload bench ...` through the console script
         argv = argv[1:]
-    commands = ["quality", "prefix", *SPEED_SCRIPTS]
+    commands = ["quality", *BENCHMARKS]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
     if command == "quality":
         quality(rest)
-    elif command == "prefix":
-        from offload.benchmarks import prefix
-
-        prefix.main(rest)
-    elif command in SPEED_SCRIPTS:
-        script = SOURCE_BENCH / SPEED_SCRIPTS[command]
-        if not script.exists():
-            raise SystemExit(f"offload bench {command} runs {script}, which is part of the source tree, not the package")
-        sys.argv = [str(script), *rest]
-        runpy.run_path(str(script), run_name="__main__")
+    elif command in BENCHMARKS:
+        importlib.import_module(f"offload.benchmarks.{BENCHMARKS[command]}").main(rest)
     else:
         raise SystemExit(f"unknown command {command!r}; expected one of {', '.join(commands)}")
 

@@ -1,0 +1,251 @@
+"""End-to-end decode benchmark: whole-layer offload vs offload's tiered KV, on an emulated link.
+
+    offload bench decode            # 8k and 32k prompts, 256 new tokens
+    offload bench decode --quick    # an 8k prompt, 32 new tokens
+    (python bench/bench_decode.py from a source tree runs the same)
+
+A Llama-like layout (32 query heads, 8 KV heads, head_dim 128; a small hidden size and few
+layers keep the CPU compute small, random weights), decoded greedily after a long prompt, with
+every host<->device copy taking bytes / 25 GB/s (a PCIe 4.0 x16 link). `token_budget` is left at
+its default: what the device budget can hold. Configurations, all in
+one run, all with the same decode loop:
+
+  (a) whole-layer offload: transformers' DynamicCache with every layer's full KV copied in each
+      step, the next layer's copy overlapping the current layer (what `offloading=True` does)
+  (b) offload exact, no prefetch    (c) offload exact + prefetch    (d) offload sparse + prefetch
+
+The device budget is 10% of the KV cache at the final length. Reported per configuration:
+tokens/s, stall share of decode time, h2d bytes per token and its ratio to (a), prefetch recall,
+mass coverage and greedy-token agreement with (a). Results: bench/results/decode.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from offload import OffloadedModel
+from offload.store.transfer import TransferEngine
+
+RESULTS = Path("bench/results")  # relative to where it runs: the package may be installed anywhere
+
+
+def build_model(num_layers: int, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=65536,
+        rope_theta=500000.0,
+    )
+    return LlamaForCausalLM(config).eval().to(dtype)
+
+
+def kv_bytes_per_token_layer(model) -> int:
+    cfg = model.config
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * next(model.parameters()).element_size()
+
+
+class WholeLayerOffload:
+    """Emulates transformers' offloaded DynamicCache: before layer l runs, its whole KV must have
+    crossed the link; layer l+1's copy starts when layer l starts (one layer of overlap)."""
+
+    def __init__(self, model, link_gbps: float) -> None:
+        self.model = model
+        self.engine = TransferEngine(link_gbps)
+        self.layers = model.model.layers
+        self.tokens = 0  # tokens in the cache
+        self.h2d_bytes = 0
+        self.stall_s = 0.0
+        self.active = False
+        self._copies: dict[int, threading.Thread] = {}
+        self._handles = [layer.register_forward_pre_hook(self._before, with_kwargs=False)
+                         for layer in self.layers]
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+
+    def _copy(self, layer_idx: int) -> None:
+        num_bytes = self.tokens * kv_bytes_per_token_layer(self.model)
+        self.h2d_bytes += num_bytes
+        thread = threading.Thread(target=self.engine._link_wait, args=(num_bytes,))
+        thread.start()
+        self._copies[layer_idx] = thread
+
+    def _before(self, module, args) -> None:
+        if not self.active:
+            return
+        idx = self._index[id(module)]
+        if idx == 0 and 0 not in self._copies:
+            self._copy(0)  # nothing to overlap the first layer's copy with
+        start = time.perf_counter()
+        self._copies.pop(idx).join()
+        self.stall_s += time.perf_counter() - start
+        if idx + 1 < len(self.layers):
+            self._copy(idx + 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def decode_loop(step, first_token: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """Greedy decode with `step(token) -> logits`; returns tokens and seconds."""
+    tokens, token = [], first_token
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = step(token)
+        token = logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+    return tokens, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def run_baseline(model, prompt, new_tokens, link_gbps):
+    cache = DynamicCache(config=model.config)
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    first = logits[:, -1:].argmax(-1)
+    emu = WholeLayerOffload(model, link_gbps)
+    emu.active = True
+
+    def step(token):
+        emu.tokens = cache.get_seq_length()
+        return model(token, past_key_values=cache, use_cache=True).logits
+
+    try:
+        tokens, seconds = decode_loop(step, first, new_tokens)
+    finally:
+        emu.remove()
+    return {
+        "tokens": [int(first)] + tokens[:-1], "decode_s": seconds, "tokens_per_s": new_tokens / seconds,
+        "stall_share": emu.stall_s / seconds, "h2d_bytes_per_token": emu.h2d_bytes / new_tokens,
+        "prefetch_recall": None, "mass_coverage": None,
+    }
+
+
+@torch.inference_mode()
+def run_offload(model, prompt, new_tokens, budget, link_gbps, **config):
+    om = OffloadedModel(model, device_budget=budget, emulate_link_gbps=link_gbps, **config)
+    try:
+        cache = om.new_cache(1, prompt.shape[1] + new_tokens)
+        logits = om(prompt, past_key_values=cache).logits
+        first = logits[:, -1:].argmax(-1)
+        before = cache.stats()
+        decode_start = cache.decode_s
+
+        def step(token):
+            return om(token, past_key_values=cache).logits
+
+        tokens, seconds = decode_loop(step, first, new_tokens)
+        after = cache.stats()
+        stall = after.stall_s - before.stall_s
+        needed = after.needed_pages - before.needed_pages
+        on_device = after.needed_on_device - before.needed_on_device
+        rows = after.mass_rows - before.mass_rows
+        assert cache.decode_s > decode_start
+        result = {
+            "tokens": [int(first)] + tokens[:-1], "decode_s": seconds, "tokens_per_s": new_tokens / seconds,
+            "stall_share": stall / seconds,
+            "h2d_bytes_per_token": (after.h2d_bytes - before.h2d_bytes) / new_tokens,
+            "prefetch_recall": on_device / needed if needed else 1.0,
+            "prefetch_precision": after.prefetch_precision,
+            "mass_coverage": (after.mass_device - before.mass_device) / rows if rows else 1.0,
+            "device_peak_bytes": after.device_peak_bytes, "device_budget_bytes": after.device_budget_bytes,
+        }
+        cache.release()
+        return result
+    finally:
+        om.unwrap()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="offload bench decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="an 8k prompt, 32 new tokens")
+    parser.add_argument("--contexts", type=int, nargs="*", help="prompt lengths (default 8192 32768)")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--link-gbps", type=float, default=25.0)
+    parser.add_argument("--budget-fraction", type=float, default=0.10)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d to run (a always runs: the baseline)")
+    parser.add_argument("--out", default=str(RESULTS / "decode"))
+    args = parser.parse_args(argv)
+    contexts = args.contexts or ([8192] if args.quick else [8192, 32768])
+    new_tokens = args.new_tokens or (32 if args.quick else 256)
+    torch.set_num_threads(torch.get_num_threads())
+    model = build_model(args.layers, getattr(torch, args.dtype))
+    rows = []
+    for context in contexts:
+        torch.manual_seed(context)
+        prompt = torch.randint(3, model.config.vocab_size, (1, context))
+        total = context + new_tokens
+        kv_total = total * kv_bytes_per_token_layer(model) * args.layers
+        budget = int(args.budget_fraction * kv_total)
+        common = dict(page_size=args.page_size)
+        configs = {
+            "(a) whole-layer offload": lambda: run_baseline(model, prompt, new_tokens, args.link_gbps),
+            "(b) exact, no prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                          mode="exact", prefetch=False, **common),
+            "(c) exact + prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                        mode="exact", prefetch=True, **common),
+            "(d) sparse + prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                         mode="sparse", prefetch=True, sparse_misses="skip", **common),
+        }
+        wanted = set(args.configs.split(",")) | {"a"}
+        configs = {name: run for name, run in configs.items() if name[1] in wanted}
+        baseline, baseline_tokens = None, None
+        for name, run in configs.items():
+            print(f"context {context}: {name} ...", flush=True)
+            result = run()
+            baseline = baseline or result
+            baseline_tokens = baseline_tokens or result["tokens"]
+            agree = sum(a == b for a, b in zip(result["tokens"], baseline_tokens)) / new_tokens
+            result.update(
+                config=name, context=context, new_tokens=new_tokens, kv_total_bytes=kv_total, device_budget=budget,
+                h2d_ratio_to_a=result["h2d_bytes_per_token"] / baseline["h2d_bytes_per_token"],
+                speedup_vs_a=result["tokens_per_s"] / baseline["tokens_per_s"], token_agreement_with_a=agree,
+            )
+            result.pop("tokens")
+            rows.append(result)
+            print(f"   {result['tokens_per_s']:.2f} tok/s, stall {100 * result['stall_share']:.1f}%, "
+                  f"h2d/token {result['h2d_bytes_per_token'] / 2**20:.2f} MiB ({result['h2d_ratio_to_a']:.3f} of a), "
+                  f"recall {result['prefetch_recall']}, coverage {result['mass_coverage']}", flush=True)
+    meta = {
+        "command": "offload bench decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_threads": torch.get_num_threads(),
+        "link_gbps": args.link_gbps, "budget_fraction": args.budget_fraction, "layers": args.layers,
+        "dtype": args.dtype, "page_size": args.page_size, "load_avg": list(__import__("os").getloadavg()),
+        "layout": "32 query heads, 8 KV heads, head_dim 128, hidden 512, random weights",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"Decode benchmark (`{meta['command']}`): {meta['layout']}, {args.layers} layers, {args.dtype}, "
+        f"emulated {args.link_gbps:g} GB/s link, device budget {100 * args.budget_fraction:.0f}% of the KV cache, "
+        f"page size {args.page_size}; load average {meta['load_avg'][0]:.1f} on {meta['cpu_threads']} threads.",
+        "",
+        "| context | configuration | tokens/s | × (a) | stall share | h2d / token | ÷ (a) | recall | mass coverage | tokens = (a) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        recall = "—" if r["prefetch_recall"] is None else f"{r['prefetch_recall']:.3f}"
+        coverage = "—" if r["mass_coverage"] is None else f"{r['mass_coverage']:.3f}"
+        lines.append(
+            f"| {r['context']} | {r['config']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_a']:.2f} | "
+            f"{100 * r['stall_share']:.1f}% | {r['h2d_bytes_per_token'] / 2**20:.3f} MiB | {r['h2d_ratio_to_a']:.4f} | "
+            f"{recall} | {coverage} | {100 * r['token_agreement_with_a']:.0f}% |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Benchmark: paged host-part attention on the CPU against the machine's read bandwidth and
+against plain torch on the same inputs.
+
+For each point (context length, KV dtype, Q, batch) with a Llama-3-8B-like layout (32 query
+heads, 8 KV heads, head_dim 128, pages of 16 tokens scattered in a shared pool):
+  - our kernels (cpp, numba): median time, KV bytes read per second, share of the measured
+    read bandwidth;
+  - torch SDPA on contiguous K/V with enable_gqa=True, and the best plain-torch formulation
+    (queries grouped per KV head: matmul + softmax + matmul), same inputs; speedups over both.
+The read bandwidth is measured in the same run: a multithreaded torch.sum over a buffer far
+larger than the last-level cache. Attention is non-causal (the runtime's host part).
+
+    offload bench kernels            # full sweep (1k..128k, 3 dtypes, Q 1/4/16, B 1/4)
+    offload bench kernels --quick    # a short sweep
+Writes bench/results/cpu_attention.json and bench/results/cpu_attention.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from offload.config import OffloadConfig
+from offload.kernels import available_kernels, paged_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RESULTS = Path("bench/results")  # relative to where it runs: the package may be installed anywhere
+MAX_PAGED_BYTES = 2 << 30  # skip points whose paged KV is larger (shared 2-core boxes)
+MAX_BASELINE_BYTES = 1 << 30  # torch baselines need a contiguous copy (and SDPA more): cap them
+
+
+def median_time_s(fn, min_reps: int = 5, budget_s: float = 1.0) -> float:
+    fn()  # warm-up (JIT, page faults, thread pools)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth_gbps(threads: int, buffer_bytes: int = 1 << 30) -> float:
+    """Multithreaded sum over a buffer ~30x the last-level cache: the memory read limit."""
+    buf = torch.ones(buffer_bytes // 4, dtype=torch.float32)
+    torch.set_num_threads(threads)
+    t = median_time_s(lambda: buf.sum(), min_reps=7)
+    return buffer_bytes / t / 1e9
+
+
+def make_inputs(ctx: int, dtype: torch.dtype, q_len: int, bsz: int, gen: torch.Generator):
+    pages_per_seq = ctx // PAGE_SIZE
+    total = bsz * pages_per_seq
+    shape = (total, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_pages = torch.randn(shape, generator=gen).to(dtype)
+    value_pages = torch.randn(shape, generator=gen).to(dtype)
+    page_table = torch.randperm(total, generator=gen).view(bsz, pages_per_seq)  # scattered pages
+    num_pages = torch.full((bsz,), pages_per_seq)
+    last = torch.full((bsz,), PAGE_SIZE)
+    query = torch.randn(bsz, NUM_HEADS, q_len, HEAD_DIM, generator=gen)
+    return query, key_pages, value_pages, page_table, num_pages, last
+
+
+def contiguous_kv(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, T, D] copy of the paged KV, the layout the torch baselines need."""
+    bsz, n = page_table.shape
+    return pages[page_table.reshape(-1)].view(bsz, n * PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+
+
+def grouped_matmul(query, keys, values, scale):
+    """Best plain-torch formulation: queries grouped per KV head, K/V read once per group."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    q = query.reshape(bsz, NUM_KV_HEADS, (num_heads // NUM_KV_HEADS) * q_len, head_dim).to(keys.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(bsz, num_heads, q_len, head_dim)
+
+
+def bench_point(ctx, dtype_name, q_len, bsz, threads, bandwidth, kernels, gen):
+    dtype = DTYPES[dtype_name]
+    kv_bytes = 2 * bsz * ctx * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize  # K and V, read once
+    row = {"ctx": ctx, "dtype": dtype_name, "q": q_len, "batch": bsz, "kv_mib": kv_bytes / 2**20}
+    if kv_bytes > MAX_PAGED_BYTES:
+        row["skipped"] = f"paged KV {kv_bytes / 2**30:.1f} GiB > {MAX_PAGED_BYTES / 2**30:.0f} GiB cap"
+        return row
+    query, kp, vp, table, counts, last = make_inputs(ctx, dtype, q_len, bsz, gen)
+    scale = HEAD_DIM**-0.5
+    for name in kernels:
+        t = median_time_s(lambda: paged_attention(query, kp, vp, table, counts, last, scale, kernel=name, threads=threads))
+        row[f"{name}_ms"] = t * 1e3
+        row[f"{name}_gbps"] = kv_bytes / t / 1e9
+        row[f"{name}_bw_frac"] = kv_bytes / t / 1e9 / bandwidth
+    if kv_bytes <= MAX_BASELINE_BYTES:
+        keys, values = contiguous_kv(kp, table), contiguous_kv(vp, table)
+        del kp, vp
+        q = query.to(dtype)
+        t_sdpa = median_time_s(lambda: F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True))
+        t_mm = median_time_s(lambda: grouped_matmul(query, keys, values, scale))
+        row.update(sdpa_ms=t_sdpa * 1e3, sdpa_gbps=kv_bytes / t_sdpa / 1e9,
+                   matmul_ms=t_mm * 1e3, matmul_gbps=kv_bytes / t_mm / 1e9)
+        best = kernels[0]
+        row["speedup_vs_sdpa"] = t_sdpa / (row[f"{best}_ms"] / 1e3)
+        row["speedup_vs_matmul"] = t_mm / (row[f"{best}_ms"] / 1e3)
+    else:
+        row["baselines_skipped"] = f"contiguous copy {kv_bytes / 2**30:.1f} GiB > {MAX_BASELINE_BYTES / 2**30:.0f} GiB cap"
+    return row
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(v, spec):
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown(meta, rows, kernels) -> str:
+    best = kernels[0]
+    lines = [
+        "# CPU paged attention",
+        "",
+        f"Machine: {meta['machine']}, {meta['threads']} threads; measured read bandwidth "
+        f"**{meta['read_bandwidth_gbps']:.1f} GB/s** (torch.sum over 1 GiB). Layout: {NUM_HEADS} query heads, "
+        f"{NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, pages of {PAGE_SIZE} tokens scattered, non-causal. "
+        f"Load average at the end: {meta['load_average_1m_at_end']:.1f}. Command: `{meta['command']}`. Medians; GB/s = K+V bytes read / time; speedups are {best} over torch.",
+        "",
+        "| ctx | dtype | Q | B | KV MiB | " + " | ".join(f"{k} ms | {k} GB/s" for k in kernels)
+        + f" | {best} % of BW | SDPA ms (GB/s) | grouped matmul ms (GB/s) | x SDPA | x matmul |",
+        "|" + "---|" * (5 + 2 * len(kernels) + 5),
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['ctx']} | {r['dtype']} | {r['q']} | {r['batch']} | {r['kv_mib']:.0f} | skipped: {r['skipped']} |")
+            continue
+        cells = [str(r["ctx"]), r["dtype"], str(r["q"]), str(r["batch"]), f"{r['kv_mib']:.0f}"]
+        for k in kernels:
+            cells += [fmt(r.get(f"{k}_ms"), ".2f"), fmt(r.get(f"{k}_gbps"), ".1f")]
+        cells.append(fmt(100 * r[f"{best}_bw_frac"], ".0f") + "%")
+        if "sdpa_ms" in r:
+            cells += [f"{r['sdpa_ms']:.2f} ({r['sdpa_gbps']:.1f})", f"{r['matmul_ms']:.2f} ({r['matmul_gbps']:.1f})",
+                      f"{r['speedup_vs_sdpa']:.1f}x", f"{r['speedup_vs_matmul']:.1f}x"]
+        else:
+            cells += ["skipped (memory)"] * 2 + ["—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="offload bench kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short sweep: 1k/32k, bf16/fp32, Q 1 and 16, B 1")
+    parser.add_argument("--threads", type=int, default=None, help="default: OffloadConfig().cpu_threads (OFFLOAD_CPU_THREADS)")
+    parser.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=None,
+                        help="comma-separated context lengths instead of the sweep's (Q 1, B 1, bf16 and fp32)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_attention")
+    args = parser.parse_args(argv)
+    if args.contexts is not None and (not args.contexts or min(args.contexts) < 1):
+        parser.error(f"--contexts takes positive lengths; got {args.contexts}")
+    threads = args.threads or OffloadConfig().cpu_threads
+    torch.set_num_threads(threads)
+    if args.contexts is not None:
+        points = [(c, d, 1, 1) for c in args.contexts for d in ("bf16", "fp32")]
+    elif args.quick:
+        points = [(c, d, q, 1) for c in (1024, 32768) for d in ("bf16", "fp32") for q in (1, 16)]
+    else:
+        points = [(c, d, q, b) for c in (1024, 4096, 32768, 131072) for d in DTYPES for q in (1, 4, 16) for b in (1, 4)]
+    kernels = [k for k in available_kernels() if k != "torch"] or ["torch"]
+    bandwidth = read_bandwidth_gbps(threads)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s with {threads} threads; kernels: {', '.join(kernels)}", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for ctx, dtype_name, q_len, bsz in points:
+        row = bench_point(ctx, dtype_name, q_len, bsz, threads, bandwidth, kernels, gen)
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    meta = {
+        "machine": f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores",
+        "load_average_1m_at_end": os.getloadavg()[0],  # other work on the box skews multithreaded timings
+        "threads": threads,
+        "read_bandwidth_gbps": bandwidth,
+        "torch": torch.__version__,
+        "kernels": kernels,
+        "command": "offload bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(meta, rows, kernels)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

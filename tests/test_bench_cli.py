@@ -1,0 +1,43 @@
+"""`offload bench` runs from the installed package, not the source tree: every subcommand is
+started from an empty directory and writes its results there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = {
+    "decode": ["--contexts", "2048", "--new-tokens", "2", "--layers", "1", "--budget-fraction", "0.5",
+               "--configs", "a,b", "--out", "results/decode"],
+    "kernels": ["--contexts", "256", "--threads", "1", "--out", "results/cpu"],
+}
+
+
+def _run(tmp_path, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "offload.bench", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality"])
+def test_every_subcommand_has_help_outside_the_source_tree(tmp_path, command):
+    run = _run(tmp_path, command, "--help")
+    assert run.returncode == 0, run.stderr
+    assert f"offload bench {command}" in run.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_speed_benchmarks_run_outside_the_source_tree(tmp_path, command):
+    run = _run(tmp_path, command, *COMMANDS[command])
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / COMMANDS[command][-1]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data and out.with_suffix(".md").exists()
+    assert "source tree" not in run.stdout + run.stderr
+
+
+def test_unknown_subcommand_is_named(tmp_path):
+    run = _run(tmp_path, "speed")
+    assert run.returncode != 0 and "unknown command 'speed'" in run.stderr
