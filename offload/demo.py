@@ -49,7 +49,7 @@ def load(path: str | None):
 def fit_prompt(model, prompt_tokens: int, new_tokens: int) -> int:
     """The prompt length to use: at most what the model has positions for (and, while offload
     supports sliding-window layers only within their window, at most the window)."""
-    from offload.hf.cache import text_config
+    from offload.hf.layers import text_config
 
     text = text_config(model.config)
     limits = {"max_position_embeddings": getattr(text, "max_position_embeddings", None)}

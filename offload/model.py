@@ -27,14 +27,8 @@ import torch
 from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
 from offload.hf import compat
-from offload.hf.cache import (
-    OffloadCache,
-    has_layer_state,
-    layer_chunks,
-    layer_windows,
-    layout_from_model_config,
-    text_config,
-)
+from offload.hf.cache import OffloadCache
+from offload.hf.layers import has_layer_state, layer_chunks, layer_windows, layout_from_model_config, text_config
 from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats

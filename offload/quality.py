@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from offload import OffloadedModel
-from offload.hf.cache import layout_from_model_config
+from offload.hf.layers import layout_from_model_config
 
 DEFAULT_BUDGETS = (1.0, 2.0, 5.0, 10.0, 25.0, 100.0)
 TASK_TAIL_TOKENS = 16  # a task sample is its context plus at most this many question/answer tokens

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.hf.cache import STATE_KINDS, STORE_KINDS, cache_layer_types
+from offload.hf.layers import STATE_KINDS, STORE_KINDS, cache_layer_types
 
 PROBE_TOKENS = 24
 # Logits of the wrapped and the unwrapped model on the probe may differ by float rounding only:

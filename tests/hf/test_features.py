@@ -88,7 +88,7 @@ def test_multi_head_latent_attention_is_exact(family, model_class):
     """Keys (nope + rope) and values of different head sizes: the store keeps them padded to one size."""
     model = tiny(family, model_class, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                  num_key_value_heads=4)  # keys 24, values 12
-    from offload.hf.cache import layout_from_model_config
+    from offload.hf.layers import layout_from_model_config
 
     text = model.config
     layout = layout_from_model_config(text, 8, torch.float32)

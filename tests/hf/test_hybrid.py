@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from offload import OffloadedModel
-from offload.hf.cache import cache_layer_types
+from offload.hf.layers import cache_layer_types
 from tests.conftest import make_batch
 from tests.hf.families import tiny
 

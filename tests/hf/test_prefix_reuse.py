@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from offload import OffloadedModel
-from offload.hf.cache import layout_from_model_config
+from offload.hf.layers import layout_from_model_config
 from tests.conftest import make_batch, tiny_model
 
 PS = 8

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from offload import OffloadedModel
-from offload.hf.cache import layer_windows
+from offload.hf.layers import layer_windows
 from offload.store.page_table import CROP_MARGIN
 from tests.conftest import make_batch
 from tests.hf.families import tiny
