@@ -40,6 +40,15 @@ def _bytes(name: str, raw: str) -> int:
     return parse_bytes(raw, name)
 
 
+def _bool_or_auto(name: str, raw: str) -> bool | None:
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        return _bool(name, raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a boolean or auto; expected one of auto, 1, 0, true, false, yes, no, on, off") from None
+
+
 def _str(name: str, raw: str) -> str:
     return raw.strip().lower()
 
@@ -78,8 +87,8 @@ ENV_VARS: dict[str, EnvVar] = {
                "Without CUDA: make each host<->device copy take bytes / (this many GB/s). 0 copies at memory speed.", "25"),
         EnvVar("OFFLOAD_PREFILL_CHUNK", "prefill_chunk", _int,
                "Prompt tokens per prefill forward pass, so prefill stays within the device budget.", "512"),
-        EnvVar("OFFLOAD_PREFETCH", "prefetch", _bool,
-               "Speculative prefetch: predict the next layer's query and copy its likely pages ahead (0 disables).", "0"),
+        EnvVar("OFFLOAD_PREFETCH", "prefetch", _bool_or_auto,
+               "Speculative prefetch: predict the next layer's query and copy its likely pages ahead. `auto`: in sparse mode only (exact mode reads every non-resident page on the host anyway); 1 forces it, 0 disables it.", "1"),
         EnvVar("OFFLOAD_SPARSE_MISSES", "sparse_misses", _str,
                "Sparse mode: needed pages not on the device are read on the `host` (default) or `skip`ped (counted).", "skip"),
         EnvVar("OFFLOAD_PROMOTE_PAGES", "promote_pages", _int,

@@ -105,3 +105,15 @@ def test_readme_documents_every_variable():
     for var in ENV_VARS:
         assert f"`{var}`" in readme, f"{var} is missing from the README's table"
     assert env_table_markdown() in readme, "README's OFFLOAD_* table is stale: paste offload.config.env_table_markdown()"
+
+
+@pytest.mark.parametrize("mode,prefetch,speculates", [
+    ("exact", None, False), ("sparse", None, True), ("exact", True, True), ("sparse", False, False),
+])
+def test_prefetch_defaults_to_sparse_mode_only(mode, prefetch, speculates):
+    assert OffloadConfig.from_env({}, mode=mode, prefetch=prefetch).speculates is speculates
+
+
+def test_prefetch_env_accepts_auto():
+    assert OffloadConfig.from_env({"OFFLOAD_PREFETCH": "auto"}).prefetch is None
+    assert OffloadConfig.from_env({"OFFLOAD_PREFETCH": "1"}).prefetch is True

@@ -224,7 +224,7 @@ class OffloadCache(Cache):
         if layer_idx == self.attention_idx[0]:
             ids = self.pending_input_ids
             self.request.record_tokens(valid, ids if ids is not None and ids.shape == valid.shape else None)
-        speculate = self.config.prefetch and q_len <= MAX_DECODE_QUERY
+        speculate = self.config.speculates and q_len <= MAX_DECODE_QUERY
         if speculate:
             self._speculate_next(layer_idx, query)
         out, lse = self.store.attend(self.request, store_layer, query, keys, values, valid, scale, return_lse=True,

@@ -90,3 +90,14 @@ def test_sparse_skip_counts_skipped_pages(case):
     assert out.shape[1] == ids.shape[1] + NEW or out.shape[1] < ids.shape[1] + NEW
     assert stats.skipped_pages > 0
     assert stats.mass_coverage == pytest.approx(1.0, abs=1e-5)  # nothing read on the host
+
+
+@pytest.mark.parametrize("mode", ["exact", "sparse"])
+def test_by_default_only_sparse_mode_speculates(case, mode):
+    model, ids, mask, ref = case
+    out, stats = _run(model, ids, mask, mode=mode)  # prefetch left at its default
+    if mode == "exact":
+        assert torch.equal(out, ref)
+        assert stats.prefetch_issued_pages == 0
+    else:
+        assert stats.prefetch_issued_pages > 0

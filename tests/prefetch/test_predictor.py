@@ -50,7 +50,7 @@ def test_a_layout_the_predictor_cannot_mirror_disables_prediction_only(caplog):
     ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with OffloadedModel(model, page_size=4, sink_tokens=4, recent_tokens=8, token_budget=16) as om:
+    with OffloadedModel(model, page_size=4, sink_tokens=4, recent_tokens=8, token_budget=16, prefetch=True) as om:
         om.config.device_budget = 2 * om.minimum_device_budget(1, 46)
         om._predictor.layers = [None] * len(om._predictor.layers)  # nothing it can call
         with caplog.at_level("WARNING", logger="offload"):
