@@ -44,6 +44,11 @@ class OffloadStats:
         return self.h2d_bytes / self.tokens_generated if self.tokens_generated else 0.0
 
     @property
+    def link_gbps(self) -> float:
+        """Achieved link bandwidth: bytes copied either way / time the (emulated) link was busy, in GB/s."""
+        return (self.h2d_bytes + self.d2h_bytes) / self.link_s / 1e9 if self.link_s > 0 else 0.0
+
+    @property
     def prefetch_recall(self) -> float:
         """Needed pages already resident or in flight when the layer ran / needed pages."""
         return self.needed_on_device / self.needed_pages if self.needed_pages else 1.0
@@ -65,6 +70,7 @@ class OffloadStats:
     def as_dict(self) -> dict:
         data = asdict(self)
         data["h2d_bytes_per_token"] = self.h2d_bytes_per_token
+        data["link_gbps"] = self.link_gbps
         data["tokens_per_s"] = self.tokens_per_s
         data["prefetch_recall"] = self.prefetch_recall
         data["prefetch_precision"] = self.prefetch_precision
@@ -80,7 +86,8 @@ class OffloadStats:
             f"  host tier   : {format_bytes(self.host_bytes)}",
             f"  pages       : {self.pages_resident} of {self.pages_total} complete pages resident on the device",
             f"  moved       : h2d {format_bytes(self.h2d_bytes)} ({format_bytes(self.h2d_bytes_per_token)}/token), "
-            f"d2h {format_bytes(self.d2h_bytes)}, link time {self.link_s:.3f} s",
+            f"d2h {format_bytes(self.d2h_bytes)}, link time {self.link_s:.3f} s"
+            + (f" ({self.link_gbps:.1f} GB/s achieved)" if self.link_s > 0 else ""),
             f"  prefetch    : recall {self.prefetch_recall:.3f} ({self.needed_on_device}/{self.needed_pages} needed pages on the "
             f"device), precision {self.prefetch_precision:.3f} ({self.prefetch_hit_pages}/{self.prefetch_issued_pages}), "
             f"mass coverage {self.mass_coverage:.3f}, stall {self.stall_s:.3f} s"

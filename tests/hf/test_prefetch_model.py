@@ -101,3 +101,11 @@ def test_by_default_only_sparse_mode_speculates(case, mode):
         assert stats.prefetch_issued_pages == 0
     else:
         assert stats.prefetch_issued_pages > 0
+
+
+def test_stats_report_the_achieved_link_bandwidth(case):
+    model, ids, mask, _ = case
+    _, stats = _run(model, ids, mask, prefetch=True, emulate_link_gbps=2.0)
+    assert stats.link_s > 0
+    assert 0 < stats.link_gbps <= 2.0 + 1e-6  # never above the emulated link (a copy waits bytes / bandwidth)
+    assert "GB/s achieved" in str(stats) and stats.as_dict()["link_gbps"] == stats.link_gbps
