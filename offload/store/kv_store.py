@@ -131,14 +131,18 @@ class KVStore:
         ps = self.layout.page_size
         # Every sequence must forward at least its last token (its logits start generation).
         paths = [self.tree.match(row, max(0, len(row) - 1) // ps) for row in rows]
-        skip = min(pad + len(path) * ps for pad, path in zip(pads, paths))
-        for b, (row, pad, path) in enumerate(zip(rows, pads, paths)):
+        # Then the leading tokens of a cached next page that this prompt shares (token granularity).
+        partials = [self.tree.match_partial(row, path, max(0, len(row) - 1 - len(path) * ps))
+                    for row, path in zip(rows, paths)]
+        skip = min(pad + len(path) * ps + k for pad, path, (_, k) in zip(pads, paths, partials))
+        for b, (row, pad, path, (partial, _)) in enumerate(zip(rows, pads, paths, partials)):
             reuse = max(0, skip - pad)
             full, cut = divmod(reuse, ps)
+            cut_page = path[full] if full < len(path) else partial  # holds the cut tokens (reuse <= what matched)
             for layer, table in enumerate(request.tables):
                 tail = None
                 if cut:
-                    host, host_id = table.host_pool, path[full].host_ids[layer]
+                    host, host_id = table.host_pool, cut_page.host_ids[layer]
                     tail = (host.keys[host_id, :cut].clone(), host.values[host_id, :cut].clone())
                 table.attach_pages(b, [node.host_ids[layer] for node in path[:full]], tail)
             request.token_ids[b, :reuse] = torch.tensor(list(row[:reuse]), dtype=torch.long)

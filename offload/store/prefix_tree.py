@@ -65,6 +65,24 @@ class PrefixTree:
             path.append(node)
         return path
 
+    def match_partial(self, tokens: Sequence[int], path: list[PrefixNode], limit: int) -> tuple[PrefixNode | None, int]:
+        """After the whole pages `path` of `tokens`, the cached next page sharing the most leading
+        tokens with what follows (at most `limit` of them, fewer than a page): (that page, how many).
+        Its first tokens can be copied into a private tail instead of forwarded again."""
+        node = path[-1] if path else self.root
+        start = len(path) * self.page_size
+        rest = tuple(tokens[start : start + min(limit, self.page_size - 1)])
+        best, best_len = None, 0
+        for key, child in node.children.items():
+            n = 0
+            while n < len(rest) and key[n] == rest[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = child, n
+        if best is not None:
+            best.last_access = self.clock
+        return best, best_len
+
     def insert(self, tokens: Sequence[int], host_ids: Sequence[Sequence[int]]) -> int:
         """Cache the pages of `tokens` (whole pages only); host_ids[p][layer] is page p's host copy
         per layer. Pages already cached keep their copy; new ones take a reference. Returns how

@@ -110,3 +110,15 @@ def test_evicting_a_cached_page_drops_its_device_copy():
         assert store.tree.evict(8) == 8
         assert pool.num_used == 0 and store.device_cache.kept[0] == {}
         store.close()
+
+
+def test_partial_match_finds_the_cached_page_sharing_the_most_leading_tokens():
+    tree, pools = _tree()
+    ids, _ = _store_pages(tree, pools, [1, 2, 3, 4, 5, 6])  # pages (1, 2), (3, 4), (5, 6)
+    tokens = [1, 2, 3, 9, 9]
+    path = tree.match(tokens, max_pages=2)
+    assert [n.host_ids for n in path] == ids[:1]  # (3, 9) is no cached page
+    node, shared = tree.match_partial(tokens, path, limit=3)
+    assert node.host_ids == ids[1] and shared == 1  # token 3 of page (3, 4)
+    assert tree.match_partial(tokens, path, limit=0) == (None, 0)
+    assert tree.match_partial([7, 7], [], limit=1) == (None, 0)
