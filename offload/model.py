@@ -96,7 +96,9 @@ class OffloadedModel:
     def _probe(self) -> None:
         """Refuse, now, a model whose outputs through offload would differ from its own (compat.probe)."""
         original = _WRAPPED[self.model][0]
-        config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False)
+        # Exact mode whatever the user's: the probe compares against the unwrapped model.
+        config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False, mode="exact",
+                                     token_budget=None)
         store = self._new_store(config)
 
         def run_wrapped(ids: torch.Tensor) -> torch.Tensor:
@@ -248,6 +250,10 @@ class OffloadedModel:
                 else:
                     cache.resume(cache.get_seq_length() + length)
             self._track(cache)
+            if kwargs.get("position_ids") is not None or (attention_mask is not None and not bool(attention_mask.all())):
+                # The model's own positions here count padding (or are the caller's): such pages are not
+                # keyed by token ids alone, so they never enter the prefix cache.
+                cache.positions_from_mask = False
             outputs = self._forward(cache, input_ids, attention_mask, **kwargs)
             self._last_stats = cache.stats()  # answers once the caller drops the cache
             return outputs
@@ -304,12 +310,18 @@ class OffloadedModel:
                 kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1,
             )
             batch_size = prompt_batch * expand
-            max_tokens = prompt_len + max_new_tokens
+            # Assisted and prompt-lookup decoding verify candidates past the last kept token.
+            lookahead = kwargs.get("prompt_lookup_num_tokens", generation_config.prompt_lookup_num_tokens) or 0
+            if kwargs.get("assistant_model") is not None:
+                lookahead = max(lookahead, kwargs.get("num_assistant_tokens", generation_config.num_assistant_tokens) or 20)
+            max_tokens = prompt_len + max_new_tokens + (lookahead + 1 if lookahead else 0)
             if attention_mask is None:  # generate derives positions from it; a prefix hit slices by it
                 attention_mask = torch.ones(prompt_batch, prompt_len, dtype=torch.long, device=self.model.device)
             if past_key_values is not None:
                 cache = self._continued_cache(past_key_values, batch_size, max_tokens)
-            elif embeds is not None:  # no token ids: nothing to match or cache by
+            elif embeds is not None or lookahead:
+                # Embeddings: no token ids to match by. Assisted decoding: its first forward ignores a
+                # cache that already holds the prompt's start, so nothing may be skipped.
                 cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
                 cache.open(batch_size)
             else:
@@ -324,7 +336,8 @@ class OffloadedModel:
             returned_prompt = input_ids.shape[1] if input_ids is not None else 0  # embeds: new tokens only
             cache.generated_tokens = (sequences.shape[1] - returned_prompt) * sequences.shape[0]
             cache.generate_s = elapsed
-            self.store.cache_prefix(cache.request)
+            if cache.positions_from_mask:
+                self.store.cache_prefix(cache.request)
             self._last_stats = cache.stats()  # before parking: the residency the run ended with
             cache.park(keep_cached=True)  # pages stay for a continuation; device copies of cached ones too
             return out

@@ -109,6 +109,9 @@ class OffloadCache(Cache):
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_query: dict[int, torch.Tensor] = {}
         self.pending_input_ids: torch.Tensor | None = None  # set by OffloadedModel's forward hook
+        # True while every stored token sits at its index among the real tokens (generate's
+        # positions): only then may its pages enter the prefix cache.
+        self.positions_from_mask = True
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.tokens_prefilled = 0
@@ -315,6 +318,8 @@ class OffloadCache(Cache):
             table = self.request.tables[self.store_index[layer_idx]]
             self.store.residency.complete_copies(table)
             table.select(beam_idx)
+            if layer_idx == self.attention_idx[0]:  # the token ids follow their pages (once per reorder)
+                self.request.token_ids = self.request.token_ids[beam_idx.long().cpu()]
 
     def crop_layer(self, layer_idx: int, removed: int) -> None:
         """Drop the last `removed` positions of one layer (padding only ever leads, so they are stored tokens)."""

@@ -54,6 +54,9 @@ class Request:
     def record_tokens(self, new_valid: torch.Tensor, input_ids: torch.Tensor | None) -> None:
         """Remember the ids of the tokens the first layer is about to store (before its append)."""
         pos = new_positions(self.tables[0], new_valid)
+        last = int(pos.max()) if pos.numel() else -1
+        if last >= self.token_ids.shape[1]:
+            self.grow(last + 1)  # (append refuses clearly if the pages run out)
         ids = input_ids.to("cpu") if input_ids is not None else torch.full_like(pos, -1)
         rows, cols = (pos >= 0).nonzero(as_tuple=True)
         self.token_ids[rows, pos[rows, cols]] = ids[rows, cols]

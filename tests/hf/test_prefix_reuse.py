@@ -3,6 +3,7 @@ unwrapped model, with fewer tokens forwarded, exact reference counts and every p
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -16,6 +17,7 @@ from tests.conftest import make_batch, tiny_model
 PS = 8
 NEW = 5
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+PLAIN = dict(do_sample=False, pad_token_id=0)
 
 
 def _tokens(n, seed):
@@ -253,3 +255,61 @@ def test_a_prefix_hit_of_the_same_shape_finds_its_pages_still_on_the_device():
         assert stats.device_peak_bytes <= stats.device_budget_bytes
         om.generate(torch.cat([doc, _tokens(90, seed=63)], 1), **GREEDY)  # another shape: copies dropped
         assert om.stats.prefix_device_pages == 0
+
+
+def _leaf_paths(tree):
+    paths, stack = [], [(tree.root, [])]
+    while stack:
+        node, toks = stack.pop()
+        if not node.children and toks:
+            paths.append(toks)
+        stack.extend((child, toks + list(key)) for key, child in node.children.items())
+    return paths
+
+
+def test_beam_search_pages_enter_the_tree_under_their_own_tokens():
+    """Beams reorder pages and their token ids together: every cached path gives exact reuse."""
+    model = tiny_model("llama-gqa")
+    reference = copy.deepcopy(model)
+    prompt = _tokens(7, seed=5)
+    om = OffloadedModel(model, page_size=2, sink_tokens=2, recent_tokens=4, device_budget="256KiB")
+    try:
+        om.generate(prompt, max_new_tokens=10, num_beams=4, num_return_sequences=4, **PLAIN)
+        paths = _leaf_paths(om.store.tree)
+        assert len(paths) > 1
+        for path in paths:
+            ids = torch.tensor([path + [5, 6, 7]])
+            with torch.no_grad():
+                expected = reference.generate(ids, max_new_tokens=3, **PLAIN)
+            assert torch.equal(om.generate(ids, max_new_tokens=3, **PLAIN), expected)
+            assert om.stats.prefix_hit_tokens == len(path)
+    finally:
+        om.unwrap()
+
+
+def test_assisted_decoding_after_a_prefix_hit_is_exact():
+    """Prompt lookup's first forward ignores a cache that already holds the prompt's start: no skip then."""
+    model = tiny_model("llama-gqa")
+    reference = copy.deepcopy(model)
+    doc = _tokens(11, seed=1)
+    kwargs = dict(max_new_tokens=4, prompt_lookup_num_tokens=3, output_scores=True, return_dict_in_generate=True,
+                  **PLAIN)
+    with torch.no_grad():
+        expected = reference.generate(doc[:, :3], **kwargs)
+    with _wrap(model) as om:
+        om.generate(torch.cat([doc, _tokens(5, seed=4)], 1), **PLAIN, max_new_tokens=4)
+        got = om.generate(doc[:, :3], **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(got.scores, expected.scores)) < 1e-4
+
+
+def test_pages_of_a_padded_plain_forward_never_enter_the_tree():
+    """om(ids, mask) positions count padding (the model's own forward); generate's do not."""
+    model = tiny_model("llama-gqa")
+    ids, mask = make_batch(2, 30, seed=12)
+    with _wrap(model) as om:
+        cache = om(ids, attention_mask=mask).past_key_values
+        more = torch.cat([ids, torch.full((2, 1), 7)], 1)
+        om.generate(more, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                    past_key_values=cache, max_new_tokens=2, **PLAIN)
+        assert om.store.tree.num_pages == 0

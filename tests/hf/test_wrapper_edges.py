@@ -151,3 +151,22 @@ def test_demo_fits_the_prompt_to_a_model_with_few_positions(tmp_path, capsys):
     main([str(tmp_path), "--new-tokens", "4", "--budget-fraction", "0.3"])  # default prompt: 4096 tokens
     out = capsys.readouterr().out
     assert "shortened to 252 tokens" in out and "identical tokens" in out
+
+
+def test_prompt_lookup_verifying_past_the_requested_length_runs():
+    model = tiny_model("llama-gqa")
+    ids = torch.tensor([[98, 17, 127, 121, 16, 66, 119, 94, 12, 60, 126, 101, 115, 54]])
+    kwargs = dict(max_new_tokens=4, prompt_lookup_num_tokens=3, **GREEDY)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    for page_size in (1, 4, 16):
+        with OffloadedModel(model, page_size=page_size, sink_tokens=page_size, recent_tokens=2 * page_size) as om:
+            assert torch.equal(om.generate(ids, **kwargs), expected)
+
+
+def test_sparse_mode_wraps_whatever_its_token_budget():
+    """The wrap-time probe compares exact attention; the user's sparse settings must not fail it."""
+    model = tiny_model("llama-mha")
+    with OffloadedModel(model, page_size=4, mode="sparse", token_budget=7) as om:
+        assert om.config.mode == "sparse"
+        om.generate(_ids(), max_new_tokens=3, **GREEDY)
