@@ -34,6 +34,7 @@ from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
 from offload.store import budget
 from offload.store.kv_store import KVStore
+from offload.store.page_table import CROP_MARGIN
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(OffloadConfig)}
 # model -> [its attention implementation before the first wrapper, live wrappers]: wrappers of one
@@ -315,6 +316,12 @@ class OffloadedModel:
             if kwargs.get("assistant_model") is not None:
                 lookahead = max(lookahead, kwargs.get("num_assistant_tokens", generation_config.num_assistant_tokens) or 20)
             max_tokens = prompt_len + max_new_tokens + (lookahead + 1 if lookahead else 0)
+            if lookahead and past_key_values is not None:
+                raise ValueError(
+                    "assisted and prompt-lookup decoding re-forward the whole prompt on their first step, so they "
+                    "cannot continue a cache (transformers' own caches give wrong results there too); call generate "
+                    "without past_key_values"
+                )
             if attention_mask is None:  # generate derives positions from it; a prefix hit slices by it
                 attention_mask = torch.ones(prompt_batch, prompt_len, dtype=torch.long, device=self.model.device)
             if past_key_values is not None:
@@ -323,7 +330,10 @@ class OffloadedModel:
                 # Embeddings: no token ids to match by. Assisted decoding: its first forward ignores a
                 # cache that already holds the prompt's start, so nothing may be skipped.
                 cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
-                cache.open(batch_size)
+                # A rejected lookahead is cropped: sliding and chunked layers keep that much beyond their span
+                # (an assistant model's lookahead can grow up to the new tokens).
+                margin = max_new_tokens + lookahead + 1 if kwargs.get("assistant_model") is not None else lookahead + 1
+                cache.open(batch_size, crop_margin=CROP_MARGIN + margin)
             else:
                 cache = self._open_cache(input_ids, attention_mask, expand, max_tokens)
             self._track(cache)

@@ -132,14 +132,16 @@ class OffloadCache(Cache):
         return self.request.batch_size if self.request is not None else -1
 
     # lifetime ----------------------------------------------------------------------------
-    def open(self, batch_size: int, rows=None, pads=None) -> int:
+    def open(self, batch_size: int, rows=None, pads=None, crop_margin: int | None = None) -> int:
         """Open this cache's request in the store (budgets are checked here); with `rows`/`pads`,
-        from the longest cached prefix. Returns how many leading positions are already stored."""
+        from the longest cached prefix. `crop_margin`: tokens sliding and chunked layers keep for
+        `crop` beyond what they attend (assisted decoding: its lookahead). Returns how many
+        leading positions are already stored."""
         if self.request is not None:
             if self.request.batch_size != batch_size:
                 raise ValueError(f"this cache was reserved for batch size {self.request.batch_size}, got {batch_size}")
             return 0
-        self.request, skip = self.store.open(batch_size, self.max_tokens, rows, pads)
+        self.request, skip = self.store.open(batch_size, self.max_tokens, rows, pads, crop_margin)
         weakref.finalize(self, self.store.release_later, self.request)
         for i in self.attention_idx:
             self.layers[i].seen = skip

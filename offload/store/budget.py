@@ -12,7 +12,7 @@ from __future__ import annotations
 from offload.config import OffloadConfig
 from offload.sizes import format_bytes
 from offload.store.layout import KVLayout
-from offload.store.page_table import ResidencyRules
+from offload.store.page_table import CROP_MARGIN, ResidencyRules
 
 
 def window_slots_per_seq(window: int, page_size: int, max_tokens: int) -> int:
@@ -67,7 +67,7 @@ def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: i
 
 
 def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
-                 windows=None, chunks=None) -> list[ResidencyRules]:
+                 windows=None, chunks=None, crop_margin: int = CROP_MARGIN) -> list[ResidencyRules]:
     """The residency rules of each layer for a batch under the device budget; ValueError if the
     budget cannot hold it. `windows[layer]` / `chunks[layer]`: that layer's sliding window or
     attention chunk, or None (full attention)."""
@@ -109,7 +109,8 @@ def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_t
     )
     return [full if w is None else ResidencyRules(
         slots_per_seq=window_slots_per_seq(w, lay.page_size, max_tokens), sink_pages=0, recent_tokens=w - 1,
-        promote_pages=0, sparse=False, token_budget=w, window=None if chunked else w, chunk=w if chunked else None)
+        promote_pages=0, sparse=False, token_budget=w, window=None if chunked else w, chunk=w if chunked else None,
+        crop_margin=crop_margin)
         for w, chunked in zip(windows, is_chunk)]
 
 

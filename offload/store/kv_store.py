@@ -103,7 +103,7 @@ class KVStore:
     # ------------------------------------------------------------------ requests
     @torch.inference_mode()  # tensors made under it can only be changed under it
     def open(self, batch_size: int, max_tokens: int, rows: Sequence[Sequence[int]] | None = None,
-             pads: Sequence[int] | None = None) -> tuple[Request, int]:
+             pads: Sequence[int] | None = None, crop_margin: int | None = None) -> tuple[Request, int]:
         """A request for `batch_size` sequences of up to `max_tokens` tokens (padding included),
         active on the device. With `rows` (each sequence's real token ids) and `pads` (its left
         padding), it starts from the longest cached prefix every sequence can share: returns the
@@ -112,6 +112,8 @@ class KVStore:
         self.release_dead()
         budget.device_rules(self.config, self.layout, batch_size, max_tokens, self.windows, self.chunks)  # refuse before anything
         request = Request(self, batch_size, max_tokens)
+        if crop_margin is not None:
+            request.crop_margin = max(request.crop_margin, crop_margin)
         self.requests.add(request)
         skip = 0
         if rows is not None and self.tree is not None:
@@ -160,7 +162,8 @@ class KVStore:
             return
         if self.active is not None:
             self.park(self.active)
-        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens, self.windows, self.chunks)
+        rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens, self.windows, self.chunks,
+                                    request.crop_margin)
         request.grow(max_tokens)
         max_pages = self.layout.num_pages(max_tokens)
         capacities = [request.batch_size * r.slots_per_seq for r in rules]

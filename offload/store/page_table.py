@@ -54,6 +54,7 @@ class ResidencyRules:
     skip_misses: bool = False  # sparse mode: needed pages not on the device are skipped, not read on the host
     window: int | None = None  # sliding-window layer: a query sees its last `window` tokens only
     chunk: int | None = None  # chunked-attention layer: a query sees the tokens of its own chunk only
+    crop_margin: int = 64  # local layers: tokens kept beyond what they attend, so `crop` can go back that far
 
     @property
     def local(self) -> bool:
@@ -61,8 +62,9 @@ class ResidencyRules:
         return self.window is not None or self.chunk is not None
 
 
-# A sliding layer keeps this many tokens beyond its window (host copies only), so that `crop`
-# (assisted decoding rejects a few candidate tokens) can move the window back.
+# A sliding layer keeps at least this many tokens beyond its window (host copies only), so that
+# `crop` (assisted decoding rejects candidate tokens) can move the window back; a call that may
+# crop more (a longer lookahead) raises its rules' crop_margin.
 CROP_MARGIN = 64
 
 
@@ -215,7 +217,7 @@ class PageTable:
     def drop_out_of_window(self, b: int, length: int | None = None) -> None:
         """Local layer: free (device and host) the pages no query from position `length` on (default:
         the next one) can see, beyond the crop margin."""
-        first_kept = max(0, self.first_visible(b, length) - CROP_MARGIN) // self.layout.page_size
+        first_kept = max(0, self.first_visible(b, length) - self.rules.crop_margin) // self.layout.page_size
         for p in range(self.dropped[b], min(first_kept, self.num_complete(b))):
             if self.slots[b, p] >= 0:
                 self.device_pool.decref(int(self.slots[b, p]))
@@ -234,7 +236,8 @@ class PageTable:
         if self.dropped[b] and self.first_visible(b, new_length) < self.dropped[b] * ps:
             raise ValueError(
                 f"cannot crop sequence {b} back to {new_length} tokens: its local layer (window {self.rules.window}, "
-                f"chunk {self.rules.chunk}) kept only {CROP_MARGIN} tokens beyond what it attends and freed the rest"
+                f"chunk {self.rules.chunk}) kept only {self.rules.crop_margin} tokens beyond what it attends and freed "
+                "the rest"
             )
         assert not self.inflight[b], "complete copies before cropping"
         keep_pages, cut = new_length // ps, new_length % ps

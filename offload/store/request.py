@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from offload.stats import OffloadStats
-from offload.store.page_table import PageTable, ResidencyRules
+from offload.store.page_table import CROP_MARGIN, PageTable, ResidencyRules
 from offload.store.planner import new_positions
 
 # PageTable counters summed into OffloadStats.
@@ -34,6 +34,7 @@ class Request:
         self.device_peak_bytes = 0
         self.prefix_hit_tokens = 0
         self.device_reused_pages = 0  # shared pages whose device copy a previous request left
+        self.crop_margin = CROP_MARGIN  # local layers keep this many tokens for crop (raised for long lookaheads)
         self.released = False
         self._transfer_start = dataclasses.replace(store.transfer.counters)
 

@@ -83,3 +83,15 @@ def test_beam_search_with_sliding_layers_matches():
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, **GREEDY)
     with OffloadedModel(model, page_size=8) as om:
         assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, **GREEDY), expected)
+
+
+def test_prompt_lookup_with_a_lookahead_past_the_crop_margin_is_exact():
+    """A long lookahead raises what sliding layers keep for crop, so a rejected candidate run can be undone."""
+    model = tiny("mistral", "MistralForCausalLM", sliding_window=WINDOW)
+    ids = torch.randint(3, 128, (1, 13), generator=torch.Generator().manual_seed(0)).repeat(1, 24)[:, :300]
+    kwargs = dict(max_new_tokens=60, prompt_lookup_num_tokens=100, **GREEDY)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    with OffloadedModel(model, page_size=8, sink_tokens=8, recent_tokens=16, prefill_chunk=48) as om:
+        om.config.device_budget = 4 * om.minimum_device_budget(1, 500)
+        assert torch.equal(om.generate(ids, **kwargs), expected)

@@ -170,3 +170,11 @@ def test_sparse_mode_wraps_whatever_its_token_budget():
     with OffloadedModel(model, page_size=4, mode="sparse", token_budget=7) as om:
         assert om.config.mode == "sparse"
         om.generate(_ids(), max_new_tokens=3, **GREEDY)
+
+
+def test_assisted_decoding_refuses_to_continue_a_cache_up_front():
+    with OffloadedModel(tiny_model("llama-gqa")) as om:
+        first = om.generate(_ids(40), max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+        with pytest.raises(ValueError, match="without past_key_values"):
+            om.generate(torch.cat([first.sequences, _ids(5, seed=2)], 1), past_key_values=first.past_key_values,
+                        max_new_tokens=3, prompt_lookup_num_tokens=4, **GREEDY)
