@@ -329,7 +329,7 @@ class OffloadedModel:
             elif embeds is not None or lookahead:
                 # Embeddings: no token ids to match by. Assisted decoding: its first forward ignores a
                 # cache that already holds the prompt's start, so nothing may be skipped.
-                cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
+                cache = self.new_cache(max_tokens=max_tokens)
                 # A rejected lookahead is cropped: sliding and chunked layers keep that much beyond their span
                 # (an assistant model's lookahead can grow up to the new tokens).
                 margin = max_new_tokens + lookahead + 1 if kwargs.get("assistant_model") is not None else lookahead + 1
@@ -388,7 +388,7 @@ class OffloadedModel:
 
     def _open_cache(self, input_ids, attention_mask, expand: int, max_tokens: int) -> OffloadCache:
         """A cache for this call, starting from the longest prompt prefix already stored."""
-        cache = OffloadCache(self._store(), self.model.config, max_tokens, self._predictor)
+        cache = self.new_cache(max_tokens=max_tokens)
         if self.store.tree is None:  # prefix cache off
             cache.open(input_ids.shape[0] * expand)
             return cache
@@ -430,7 +430,7 @@ class OffloadedModel:
             mask[b, length - len(prefix):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses: index among real tokens
         device = self.model.device
-        cache = OffloadCache(self._store(), self.model.config, length, self._predictor)
+        cache = self.new_cache(max_tokens=length)
         try:
             cache.open(len(distinct))
         except ValueError:

@@ -147,10 +147,6 @@ class OffloadCache(Cache):
             self.layers[i].seen = skip
         return skip
 
-    def reserve(self, batch_size: int) -> None:
-        """Size the store for this batch; raises ValueError if a budget cannot hold it."""
-        self.open(batch_size)
-
     def resume(self, max_tokens: int) -> None:
         """Continue this cache for up to `max_tokens` tokens per sequence (its device memory back)."""
         self._require_open()

@@ -42,10 +42,6 @@ class Request:
     def on_device(self) -> bool:
         return self.tables[0].on_device
 
-    def lengths(self) -> list[int]:
-        """Stored tokens per sequence (every layer holds the same after a whole forward)."""
-        return list(self.tables[-1].length)
-
     def grow(self, max_tokens: int) -> None:
         if max_tokens > self.token_ids.shape[1]:
             extra = torch.full((self.batch_size, max_tokens - self.token_ids.shape[1]), -1, dtype=torch.long)
