@@ -62,6 +62,12 @@ class OffloadConfig:
     scorer: str = "attention_mass"
     device_eviction: str = "criticality"
     prefix_eviction: str = "lru"
+    policy: str = "quest"
+    policy_effect: str = "demote"
+    observation_window: int = 32
+    pyramid_beta: float = 20.0
+    sparq_rank: int = 0  # 0: head_dim / 8
+    fastgen_recovery: float = 0.95
 
     def __post_init__(self) -> None:
         self.device_budget = parse_bytes(self.device_budget, _name("device_budget"))
@@ -98,6 +104,24 @@ class OffloadConfig:
         self._check_policy("scorer", policies.SCORERS)
         self._check_policy("device_eviction", policies.EVICTION_ORDERS)
         self._check_policy("prefix_eviction", policies.EVICTION_ORDERS)
+        self._check_policy("policy", policies.POLICIES)
+        if isinstance(self.policy_effect, str):
+            self.policy_effect = self.policy_effect.lower()
+        if self.policy_effect not in policies.EFFECTS:
+            raise ValueError(f"{_name('policy_effect')}={self.policy_effect!r} is not an effect; expected one of "
+                             f"{', '.join(policies.EFFECTS)}")
+        if self.policy_effect == "drop":
+            if self.mode != "sparse":
+                raise ValueError(f"{_name('policy_effect')}='drop' frees pages for good, which exact mode cannot do; "
+                                 f"use mode='sparse' (OFFLOAD_MODE=sparse) or policy_effect='demote'")
+            if not policies.POLICIES[self.policy].evicts:
+                evicting = sorted(n for n, c in policies.POLICIES.items() if c.evicts)
+                raise ValueError(f"{_name('policy_effect')}='drop': policy {self.policy!r} selects per query and "
+                                 f"never evicts; use policy_effect='demote' or one of {', '.join(evicting)}")
+        self._check_int("observation_window", minimum=1)
+        self._check_int("sparq_rank", minimum=0)
+        self._check_float("pyramid_beta", minimum=1.0)
+        self._check_float("fastgen_recovery", minimum=0.0, maximum=1.0)
         if isinstance(self.sparse_misses, str):
             self.sparse_misses = self.sparse_misses.lower()
         if self.sparse_misses not in SPARSE_MISSES:

@@ -105,6 +105,18 @@ ENV_VARS: dict[str, EnvVar] = {
                "Which cached pages leave the device first (`criticality`, `lru`).", "criticality"),
         EnvVar("OFFLOAD_PREFIX_EVICTION", "prefix_eviction", _str,
                "Which cached prefix pages leave the host first when the host budget needs room (`lru`, `criticality`).", "lru"),
+        EnvVar("OFFLOAD_POLICY", "policy", _str,
+               "KV policy: which pages a decode query attends within the token budget (`quest`, `window`, `streaming`, `h2o`, `tova`, `snapkv`, `pyramidkv`, `fastgen`, `sparq`, `oracle`; docs/policies.md). In exact mode it only decides residency.", "tova"),
+        EnvVar("OFFLOAD_POLICY_EFFECT", "policy_effect", _str,
+               "What an eviction policy does to pages it leaves out: `demote` (off the device and out of attention, home copy kept, may return) or `drop` (freed in every tier; sparse mode only).", "drop"),
+        EnvVar("OFFLOAD_OBSERVATION_WINDOW", "observation_window", _int,
+               "`snapkv` / `pyramidkv`: the prompt's last tokens whose attention votes for the pages kept (always kept themselves).", "32"),
+        EnvVar("OFFLOAD_PYRAMID_BETA", "pyramid_beta", _float,
+               "`pyramidkv`: the top layer's budget beyond the window is (budget - window) / beta; >= 1.", "20"),
+        EnvVar("OFFLOAD_SPARQ_RANK", "sparq_rank", _int,
+               "`sparq`: query components used to approximate attention (0: head_dim / 8).", "4"),
+        EnvVar("OFFLOAD_FASTGEN_RECOVERY", "fastgen_recovery", _float,
+               "`fastgen`: share of a head's prompt attention its profile must recover, in [0, 1].", "0.9"),
     ]
 }
 

@@ -99,7 +99,7 @@ class OffloadedModel:
         original = _WRAPPED[self.model][0]
         # Exact mode whatever the user's: the probe compares against the unwrapped model.
         config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False, mode="exact",
-                                     token_budget=None)
+                                     token_budget=None, policy_effect="demote")
         store = self._new_store(config)
 
         def run_wrapped(ids: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,15 @@ class OffloadStats:
     failed_kernels: int = 0  # host-kernel failures recovered by the torch kernel
     mass_device: float = 0.0  # sum over decode query rows and heads of the device part's share of attention mass
     mass_rows: int = 0
+    dropped_pages: int = 0  # policy_effect="drop": complete pages freed for good (all layers)
+    dropped_bytes: int = 0  # ... their bytes: how much the KV footprint shrank
+    kv_bytes: int = 0  # bytes of the complete pages this request holds now (all layers and sequences)
+    gathered_bytes: int = 0  # host pages read into the device part (per-head selections)
+    policy_read_bytes: int = 0  # keys a policy read to choose pages (SparQ, the oracle)
+    oracle_pages: int = 0  # measured runs (KVStore.measure): the oracle's top pages, per KV head and step
+    oracle_hits: int = 0  # ... of which the policy kept
+    mass_missed: float = 0.0  # measured runs: exact attention mass outside the kept pages
+    mass_measured_rows: int = 0
     tokens_generated: int = 0
     tokens_prefilled: int = 0  # tokens forwarded through the model in prefill (prefix hits excluded)
     prefix_hit_tokens: int = 0  # prompt tokens reused from the prefix cache instead of prefilled
@@ -42,6 +51,13 @@ class OffloadStats:
     @property
     def h2d_bytes_per_token(self) -> float:
         return self.h2d_bytes / self.tokens_generated if self.tokens_generated else 0.0
+
+    @property
+    def moved_bytes_per_token(self) -> float:
+        """Every byte a decode step brought to the device part or read to choose pages, per token:
+        page copies, pages read into the device part and keys a policy read."""
+        moved = self.h2d_bytes + self.gathered_bytes + self.policy_read_bytes
+        return moved / self.tokens_generated if self.tokens_generated else 0.0
 
     @property
     def link_gbps(self) -> float:
@@ -64,17 +80,30 @@ class OffloadStats:
         return self.mass_device / self.mass_rows if self.mass_rows else 1.0
 
     @property
+    def oracle_recall(self) -> float:
+        """Measured runs: share of the oracle's top pages (same budget, per KV head) the policy kept."""
+        return self.oracle_hits / self.oracle_pages if self.oracle_pages else 1.0
+
+    @property
+    def mass_captured(self) -> float:
+        """Measured runs: share of the exact attention mass on the pages the policy kept (and the tail)."""
+        return 1.0 - self.mass_missed / self.mass_measured_rows if self.mass_measured_rows else 1.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_generated / self.decode_s if self.decode_s > 0 else 0.0
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["h2d_bytes_per_token"] = self.h2d_bytes_per_token
+        data["moved_bytes_per_token"] = self.moved_bytes_per_token
         data["link_gbps"] = self.link_gbps
         data["tokens_per_s"] = self.tokens_per_s
         data["prefetch_recall"] = self.prefetch_recall
         data["prefetch_precision"] = self.prefetch_precision
         data["mass_coverage"] = self.mass_coverage
+        data["oracle_recall"] = self.oracle_recall
+        data["mass_captured"] = self.mass_captured
         return data
 
     def __str__(self) -> str:
@@ -87,7 +116,9 @@ class OffloadStats:
             f"  pages       : {self.pages_resident} of {self.pages_total} complete pages resident on the device",
             f"  moved       : h2d {format_bytes(self.h2d_bytes)} ({format_bytes(self.h2d_bytes_per_token)}/token), "
             f"d2h {format_bytes(self.d2h_bytes)}, link time {self.link_s:.3f} s"
-            + (f" ({self.link_gbps:.1f} GB/s achieved)" if self.link_s > 0 else ""),
+            + (f" ({self.link_gbps:.1f} GB/s achieved)" if self.link_s > 0 else "")
+            + (f", gathered {format_bytes(self.gathered_bytes)}" if self.gathered_bytes else "")
+            + (f", read by the policy {format_bytes(self.policy_read_bytes)}" if self.policy_read_bytes else ""),
             f"  prefetch    : recall {self.prefetch_recall:.3f} ({self.needed_on_device}/{self.needed_pages} needed pages on the "
             f"device), precision {self.prefetch_precision:.3f} ({self.prefetch_hit_pages}/{self.prefetch_issued_pages}), "
             f"mass coverage {self.mass_coverage:.3f}, stall {self.stall_s:.3f} s"
@@ -95,6 +126,9 @@ class OffloadStats:
             f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s"
             + (f" ({self.failed_copies} failed copies, {self.failed_kernels} failed kernels recovered)"
                if self.failed_copies or self.failed_kernels else ""),
+            f"  KV held     : {format_bytes(self.kv_bytes)} in complete pages"
+            + (f" ({self.dropped_pages} pages, {format_bytes(self.dropped_bytes)} dropped by the policy)"
+               if self.dropped_pages else ""),
             f"  prefix cache: {self.prefix_hit_tokens} prompt tokens reused ({self.prefix_device_pages} pages already on "
             f"the device), {self.prefix_cached_pages} pages cached",
             f"  tokens      : {self.tokens_prefilled} prefilled, {self.tokens_generated} generated"

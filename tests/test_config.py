@@ -30,6 +30,12 @@ BAD_VALUES = {
     "OFFLOAD_SCORER": ["h3o"],
     "OFFLOAD_DEVICE_EVICTION": ["fifo", "lfu"],
     "OFFLOAD_PREFIX_EVICTION": ["random"],
+    "OFFLOAD_POLICY": ["h3o", "kvpress"],
+    "OFFLOAD_POLICY_EFFECT": ["evict", "1"],
+    "OFFLOAD_OBSERVATION_WINDOW": ["0", "-1", "wide"],
+    "OFFLOAD_PYRAMID_BETA": ["0.5", "steep", "nan"],
+    "OFFLOAD_SPARQ_RANK": ["-1", "r"],
+    "OFFLOAD_FASTGEN_RECOVERY": ["-0.1", "1.5", "most"],
 }
 
 

@@ -18,7 +18,7 @@ def dense_attention(
 
     query:   [B, H, Q, D]
     keys:    [B, H_kv, T, D], values: [B, H_kv, T, D]  (H a multiple of H_kv)
-    visible: [B, Q, T] bool, True where query q may attend key t
+    visible: [B, Q, T] bool, True where query q may attend key t ([B, H_kv, Q, T]: per KV head)
     softcap: if set, scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)
     Returns out [B, H, Q, D] float32 (zeros for rows with no visible key), lse [B, H, Q] float32 (-inf there).
     """
@@ -48,7 +48,9 @@ def dense_attention_scores(query, keys, values, visible, scale, softcap: float |
     q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)
     scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G*Q, T]
     scores = scores.view(bsz, num_kv_heads, group, q_len, kv_len)
-    scores = scores.masked_fill(~visible[:, None, None, :, :], float("-inf"))
+    # visible [B, Q, T] (every head) or [B, H_kv, Q, T] (per KV head)
+    mask = visible[:, None, None, :, :] if visible.dim() == 3 else visible[:, :, None, :, :]
+    scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
     finite = torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))

@@ -79,3 +79,139 @@ def keep_order(order: EvictionOrder, candidates: EvictionCandidates) -> list[int
     priority = order.priority(candidates).tolist()
     position = candidates.position.tolist()
     return sorted(range(len(priority)), key=lambda i: (-priority[i], -position[i]))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV policies: which complete pages a layer attends at a decode step (and, with effect="drop",
+# which it keeps at all). One policy per file; `offload.policies.POLICIES` maps names to classes.
+
+
+@dataclass(slots=True)
+class StepView:
+    """What a policy sees for one sequence of one layer at one decode step. Pages are complete
+    pages 0..num_pages-1 (the tail page, still filling, is always attended). Masses are per KV
+    head, summed over the query heads of its group and the observed query rows.
+
+    budget:       tokens this layer may attend, the tail's included (`budget_pages` complete pages)
+    alive:        [P] bool, the page exists (effect="drop" frees pages for good)
+    query:        [H, Q, D] the step's queries
+    key_min/max:  [P, H_kv, D] page summaries (None on layers without them)
+    acc_mass:     [H_kv, P] attention mass summed over every step so far, never decayed
+    last_mass:    [H_kv, P] the mass of the last step that attended the page
+    prompt_mass:  [H_kv, P] the prompt's observation window: the last prefill step's observed rows
+    prompt_length: tokens stored when the prompt ended (-1: no prompt seen)
+    state:        per sequence, a policy's own memory (emptied when a new prompt is stored)
+    read_keys:    callable(pages [n] long) -> keys [n, page_size, H_kv, D] float32 from their tier
+    tail_keys:    [t, H_kv, D] float32, the keys of the tail page (always attended)
+    charge:       callable(bytes): a policy that reads keys reports the bytes it read
+    mean_values:  callable() -> [H_kv, D], the mean of every stored value (SparQ)
+    """
+
+    layer: int
+    num_layers: int
+    num_pages: int
+    length: int
+    page_size: int
+    budget: int
+    sink_pages: int
+    recent_tokens: int
+    alive: torch.Tensor
+    query: torch.Tensor
+    key_min: torch.Tensor | None
+    key_max: torch.Tensor | None
+    acc_mass: torch.Tensor
+    last_mass: torch.Tensor
+    prompt_mass: torch.Tensor
+    prompt_length: int
+    state: dict
+    scale: float
+    read_keys: object = None
+    tail_keys: torch.Tensor | None = None
+    charge: object = None
+    mean_values: object = None
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.acc_mass.shape[0]
+
+    @property
+    def budget_pages(self) -> int:
+        """Complete pages that fit the budget beside the tail's tokens."""
+        return max(0, (self.budget - self.length % self.page_size) // self.page_size)
+
+    def shared(self, keep: torch.Tensor) -> torch.Tensor:
+        """[P] bool -> [H_kv, P]: the same pages for every KV head."""
+        return keep[None, :].expand(self.num_kv_heads, -1).clone()
+
+
+@dataclass(slots=True)
+class Interpolation:
+    """SparQ's mean-value interpolation: out = alpha * attention(kept) + (1 - alpha) * mean(V).
+
+    alpha: [H, Q] the approximate attention mass of the attended keys; mean_values [H_kv, D]."""
+
+    alpha: torch.Tensor
+    mean_values: torch.Tensor
+
+
+class KVPolicy:
+    """Chooses, per KV head, the complete pages a decode query attends.
+
+    `evicts`: an eviction policy (its choice may be final: effect="drop" frees what it leaves);
+    a query-aware selector (False) re-chooses from every page each step and never drops.
+    `keep` returns [H_kv, P] bool with at most `view.budget_pages` pages per head, each alive."""
+
+    name = "base"
+    evicts = True
+    per_head = False  # True: heads may keep different pages (attended through the device part)
+    reads_keys = False  # True: `keep` reads keys (not only summaries and observed mass)
+    speculates = False  # True: speculative prefetch (the `selector`'s pages for a predicted query) serves it
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def keep(self, view: StepView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def interpolation(self) -> "Interpolation | None":
+        """After `keep`: an output correction to apply (SparQ), or None."""
+        return None
+
+
+def newest(view: StepView, k: int) -> torch.Tensor:
+    """[P] bool: the k newest alive pages."""
+    keep = torch.zeros(view.num_pages, dtype=torch.bool)
+    alive = view.alive.nonzero().flatten()
+    if k > 0 and alive.numel():
+        keep[alive[-k:]] = True
+    return keep
+
+
+def recency(view: StepView) -> torch.Tensor:
+    """[P] float: a score that ranks newer pages first."""
+    return torch.arange(view.num_pages, dtype=torch.float32)
+
+
+def sinks(view: StepView, k: int) -> torch.Tensor:
+    """[P] bool: the first k pages, where alive."""
+    keep = torch.zeros(view.num_pages, dtype=torch.bool)
+    keep[: max(0, k)] = True
+    return keep & view.alive
+
+
+def fill(keep: torch.Tensor, score: torch.Tensor, k: int, alive: torch.Tensor) -> torch.Tensor:
+    """Add, per row of keep [R, P] (or [P]), the k highest-scoring alive pages not kept yet
+    (ties: the newer page). Returns a new tensor."""
+    squeeze = keep.dim() == 1
+    keep, score = (keep[None], score[None]) if squeeze else (keep, score)
+    keep = keep.clone()
+    if k > 0:
+        num_pages = keep.shape[1]
+        # A tiny ramp breaks ties towards newer pages, deterministically.
+        ranked = score.double() + torch.arange(num_pages, dtype=torch.float64) * 1e-12
+        ranked = ranked.masked_fill(keep | ~alive[None, :], float("-inf"))
+        top = ranked.topk(min(k, num_pages), dim=1)
+        finite = torch.isfinite(top.values)
+        rows = torch.arange(keep.shape[0])[:, None].expand_as(top.indices)
+        keep[rows[finite], top.indices[finite]] = True
+    return keep[0] if squeeze else keep

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.policies.base import PageSelector
+from offload.policies.base import KVPolicy, PageSelector, StepView, fill, recency, sinks
 
 
 def page_upper_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
@@ -29,3 +29,26 @@ class QuestSelector(PageSelector):
 
     def score(self, query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
         return page_upper_bounds(query, key_min, key_max)
+
+
+class QuestPolicy(KVPolicy):
+    """Quest: the sinks and the recent window, then the pages with the highest upper bound of
+    q.k, computed from page summaries alone (nothing is read). One selection for every head (the
+    bound is maximised over heads), re-made every step: a selector, never dropping."""
+
+    name = "quest"
+    evicts = False
+    speculates = True
+
+    def keep(self, view: StepView) -> torch.Tensor:
+        k = view.budget_pages
+        required = sinks(view, min(view.sink_pages, k))
+        if view.recent_tokens > 0:  # the recent window, newest first, within the budget
+            first = max(0, (view.length - view.recent_tokens) // view.page_size)
+            window = view.alive & (torch.arange(view.num_pages) >= first)
+            required = fill(required, recency(view), k - int(required.sum()), window)
+        rest = k - int(required.sum())
+        if rest <= 0 or view.key_min is None:
+            return view.shared(required)
+        bound = page_upper_bounds(view.query[None], view.key_min[None], view.key_max[None])[0].cpu()
+        return view.shared(fill(required, bound, rest, view.alive))

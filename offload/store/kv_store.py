@@ -25,13 +25,14 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.kernels import resolve_kernel
-from offload.policies import make_eviction_order, make_scorer, make_selector
+from offload.policies import make_eviction_order, make_policy, make_scorer, make_selector
 from offload.prefetch.prefetcher import Prefetcher
 from offload.store import budget
 from offload.store.append import append, finish_tail
 from offload.store.device_cache import DeviceCache
 from offload.store.layout import KVLayout
-from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan, select_pages
+from offload.store import selection
+from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan
 from offload.store.pools import PagePool
 from offload.store.prefix_tree import PrefixTree
 from offload.store.request import Request
@@ -82,6 +83,9 @@ class KVStore:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-host")
         self.runner = SplitAttention(resolve_kernel(config.cpu_kernel), config.cpu_threads, self.executor)
         self.selector = make_selector(config.selector)
+        self.policy = make_policy(config)
+        self.drops = config.policy_effect == "drop"
+        self.measure = False  # benchmarks: compare each decode choice with exact attention (reads every key)
         self.scorer = make_scorer(config.scorer, config.score_decay)
         self.residency = Residency(self.transfer, make_eviction_order(config.device_eviction))
         self.prefetcher = Prefetcher(self.selector, self.residency)
@@ -268,15 +272,23 @@ class KVStore:
         table = request.tables[layer]
         if query.shape[0] != table.batch_size:
             raise ValueError(f"batch size {query.shape[0]} differs from the {table.batch_size} this cache was reserved for")
-        needed, decode = None, query.shape[2] <= MAX_DECODE_QUERY
+        chosen, decode = None, query.shape[2] <= MAX_DECODE_QUERY
         if decode and not table.rules.local:
             # Pages in flight count as on the device for recall; then they must arrive before use.
-            needed = select_pages(table, self.selector, query)
-            count_needed(table, needed)
+            chosen = selection.select(table, self.policy, query, layer, self.layout.num_layers, scale, self.measure)
+            count_needed(table, chosen.needed)
         self.residency.complete_copies(table)
-        layer_plan = plan(table, new_valid, needed, decode)
+        if chosen is not None and self.drops:
+            selection.drop_unkept(table, chosen)
+        layer_plan = plan(table, new_valid, chosen.attend if chosen else None, decode,
+                          head_keep=chosen.head_keep if chosen else None)
         result = self.runner.run(layer_plan, table, query, new_keys, new_values, scale, softcap)
+        out, lse = result.out, result.lse
+        if chosen is not None and table.rules.sparse and any(i is not None for i in chosen.interpolation):
+            out, lse = selection.interpolate(out, lse, chosen, new_valid)
         table.scores = self.scorer.update(table.scores, result.page_mass)
+        selection.observe(table, result.head_mass, decode)
+        table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()
         old_lengths = list(table.length)
         for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
             if new_valid[b].any():
@@ -285,7 +297,7 @@ class KVStore:
             if table.rules.local:
                 table.drop_out_of_window(b, old_lengths[b] if has_readers else None)
         request.track_peak()
-        return (result.out, result.lse) if return_lse else result.out
+        return (out, lse) if return_lse else out
 
     @torch.inference_mode()
     def attend_stored(self, request: Request, layer: int, query: torch.Tensor, query_pos: torch.Tensor, scale: float,
@@ -309,7 +321,8 @@ class KVStore:
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:
         """Prefetch the pages a predicted query [B, H, Q, D] of `layer` selects, before it runs."""
         table = request.tables[layer]
-        if self.active is request and predicted_query.shape[0] == request.batch_size and not table.rules.local:
+        if (self.active is request and predicted_query.shape[0] == request.batch_size and not table.rules.local
+                and self.policy.speculates):
             self.prefetcher.speculate(table, predicted_query)
 
     # ------------------------------------------------------------------ state

@@ -39,6 +39,13 @@ class LayerCounters:
     failed_kernels: int = 0
     mass_device: float = 0.0  # summed over decode rows: share of attention mass on the device part
     mass_rows: int = 0
+    dropped_pages: int = 0  # effect="drop": pages this request freed for good
+    gathered_bytes: int = 0  # host pages read into the device part (per-head selections)
+    policy_read_bytes: int = 0  # keys a policy read to choose pages (SparQ's components, the oracle's keys)
+    oracle_pages: int = 0  # measured runs: the oracle's top pages at the policy's budget, per KV head
+    oracle_hits: int = 0  # ... of which the policy kept
+    mass_missed: float = 0.0  # measured runs: exact attention mass on pages the policy left out
+    mass_measured_rows: int = 0  # query rows (x heads) measured
 
 
 @dataclass(slots=True)
@@ -93,10 +100,38 @@ class PageTable:
         self.key_min: torch.Tensor | None = None  # [B, max_pages, H_kv, D] on the device
         self.key_max: torch.Tensor | None = None
         self.counters = LayerCounters()
+        # What KV policies read (offload.policies): attention mass per KV head and page (the extra
+        # column collects keys of no page), the prompt's observation, each sequence's own state.
+        mass_shape = (batch_size, layout.num_kv_heads, max_pages + 1)
+        self.acc_mass = torch.zeros(mass_shape, dtype=torch.float32)
+        self.last_mass = torch.zeros(mass_shape, dtype=torch.float32)
+        self.prompt_mass = torch.zeros(mass_shape, dtype=torch.float32)
+        self.prompt_length = [-1] * batch_size
+        self.prompt_open = False  # a prefill step ran since the last decode step
+        self.policy_state: list[dict] = [{} for _ in range(batch_size)]
+        self.value_sum = torch.zeros(batch_size, layout.num_kv_heads, layout.head_dim, dtype=torch.float32)
 
     # ------------------------------------------------------------------ state
     def num_complete(self, b: int) -> int:
         return self.length[b] // self.layout.page_size
+
+    def alive(self, b: int) -> torch.Tensor:
+        """[num_complete] bool: complete pages that exist (a dropped or out-of-window page does not)."""
+        return self.host_ids[b, : self.num_complete(b)] >= 0
+
+    def drop_page(self, b: int, p: int) -> None:
+        """Free complete page p of sequence b for good, in every tier (effect="drop"); copies must
+        be complete. A page the prefix tree also holds stays there (only this reference goes)."""
+        assert p not in self.inflight[b], "complete copies before dropping"
+        if self.slots[b, p] >= 0:
+            self.device_pool.decref(int(self.slots[b, p]))
+            self.slots[b, p] = -1
+        host_id = int(self.host_ids[b, p])
+        self.value_sum[b] -= self.host_pool.values[host_id].float().sum(dim=0).to(self.value_sum.device)
+        self.host_pool.decref(host_id)
+        self.host_ids[b, p] = -1
+        self.scores[b, p] = 0.0
+        self.counters.dropped_pages += 1
 
     def resident_pages(self, b: int) -> list[int]:
         n = self.num_complete(b)
@@ -122,6 +157,8 @@ class PageTable:
         if self.rules.recent_tokens > 0:
             first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
             required.update(range(first, n))
+        if self.counters.dropped_pages:  # a dropped page cannot be required
+            required = {p for p in required if self.host_ids[b, p] >= 0}
         return required
 
     @property
@@ -197,6 +234,11 @@ class PageTable:
         scores[:, : self.max_pages] = self.scores[:, : self.max_pages]
         self.scores = scores
         self.last_used = torch.cat([self.last_used, torch.zeros(bsz, extra, dtype=torch.float64)], dim=1)
+        for name in ("acc_mass", "last_mass", "prompt_mass"):
+            old = getattr(self, name)
+            grown = torch.zeros(bsz, old.shape[1], max_pages + 1, dtype=torch.float32)
+            grown[:, :, : self.max_pages] = old[:, :, : self.max_pages]
+            setattr(self, name, grown)
         self.max_pages = max_pages
 
     # ------------------------------------------------------------------ shared pages
@@ -213,6 +255,7 @@ class PageTable:
         if tail is not None and tail[0].shape[0]:
             self.parked_tails[b] = tail
             self.length[b] += tail[0].shape[0]
+        self.value_sum[b] = self.stored_value_sum(b)
 
     def drop_out_of_window(self, b: int, length: int | None = None) -> None:
         """Local layer: free (device and host) the pages no query from position `length` on (default:
@@ -249,10 +292,13 @@ class PageTable:
         for p in range(keep_pages, old_length // ps):
             if self.slots[b, p] >= 0:
                 pool.decref(int(self.slots[b, p]))
-            self.host_pool.decref(int(self.host_ids[b, p]))
+            if self.host_ids[b, p] >= 0:
+                self.host_pool.decref(int(self.host_ids[b, p]))
         self.slots[b, keep_pages:] = -1
         self.host_ids[b, keep_pages:] = -1
         self.scores[b, keep_pages:] = 0.0
+        for mass in (self.acc_mass, self.last_mass, self.prompt_mass):
+            mass[b, :, keep_pages:] = 0.0
         self.issued[b] = {p for p in self.issued[b] if p < keep_pages}
         self.last_needed[b] = {p for p in self.last_needed[b] if p < keep_pages}
         self.length[b] = new_length
@@ -265,6 +311,23 @@ class PageTable:
         elif pool is None and self.parked_tails[b] is not None:
             kept = self.parked_tails[b]
             self.parked_tails[b] = (kept[0][:cut], kept[1][:cut]) if cut else None
+        self.value_sum[b] = self.stored_value_sum(b)
+
+    def stored_value_sum(self, b: int) -> torch.Tensor:
+        """[H_kv, D] float32: the sum of sequence b's stored values, recomputed from its pages."""
+        ps = self.layout.page_size
+        total = torch.zeros(self.layout.num_kv_heads, self.layout.head_dim, dtype=torch.float32)
+        ids = self.host_ids[b, : self.num_complete(b)]
+        ids = ids[ids >= 0]
+        if ids.numel():
+            total += self.host_pool.values[ids].float().sum(dim=(0, 1))
+        used = self.length[b] % ps
+        if used:
+            if self.device_pool is not None and self.tail_slot[b] >= 0:
+                total += self.device_pool.values[self.tail_slot[b], :used].float().sum(dim=0).cpu()
+            elif self.parked_tails[b] is not None:
+                total += self.parked_tails[b][1].float().sum(dim=0).cpu()
+        return total
 
     # ------------------------------------------------------------------ batch reordering
     def select(self, indices: torch.Tensor) -> None:
@@ -302,6 +365,10 @@ class PageTable:
         self.last_needed = [set(self.last_needed[i]) for i in order]
         self.scores = self.scores[idx]
         self.last_used = self.last_used[idx]
+        self.acc_mass, self.last_mass, self.prompt_mass = self.acc_mass[idx], self.last_mass[idx], self.prompt_mass[idx]
+        self.prompt_length = [self.prompt_length[i] for i in order]
+        self.policy_state = [dict(self.policy_state[i]) for i in order]
+        self.value_sum = self.value_sum[idx]
         if self.key_min is not None:
             dev_idx = idx.to(self.key_min.device)
             self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]

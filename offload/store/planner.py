@@ -37,6 +37,7 @@ class LayerPlan:
     gather_ids:   [B, n_gather] long, sliding layer: host ids of window pages not resident (copy
                   failed or not yet back), read into the device part so the window mask applies
     gather_pos:   [B, n_gather * page_size] long, their key positions (-1: no key)
+    head_keep:    [B, H_kv, max_pages + 1] bool, per-head selections: which KV heads see each page
     """
 
     decode: bool
@@ -52,6 +53,7 @@ class LayerPlan:
     chunk: int | None = None
     gather_ids: torch.Tensor | None = None
     gather_pos: torch.Tensor | None = None
+    head_keep: torch.Tensor | None = None
 
 
 def select_pages(table: PageTable, selector: PageSelector, query: torch.Tensor, token_budget: int | None = None) -> list[set[int]]:
@@ -64,7 +66,8 @@ def select_pages(table: PageTable, selector: PageSelector, query: torch.Tensor, 
         required = table.required_pages(b)
         fixed_tokens = len(required) * ps + table.length[b] % ps
         k = max(0, (token_budget - fixed_tokens) // ps)
-        candidates = [p for p in range(table.num_complete(b)) if p not in required]
+        alive = table.alive(b).tolist()
+        candidates = [p for p in range(table.num_complete(b)) if p not in required and alive[p]]
         if k >= len(candidates) or k == 0:
             selected.append(set(candidates) if k else set())
             continue
@@ -95,21 +98,25 @@ def new_positions(table: PageTable, new_valid: torch.Tensor) -> torch.Tensor:
     return torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
 
 
-def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | None, decode: bool | None = None,
-         new_pos: torch.Tensor | None = None) -> LayerPlan:
-    """The plan of a step whose copies are complete. `needed` is None for prefill (and for sliding
-    layers); in sparse mode only required and needed pages are attended, otherwise every stored
-    page is. A sliding layer attends the pages its window reaches, all in the device part.
-    `new_pos` [B, T]: the queries' positions when they are not the next ones (a layer reading
-    another layer's KV after that layer stored the new tokens)."""
+def plan(table: PageTable, new_valid: torch.Tensor, attend: list[set[int]] | None, decode: bool | None = None,
+         new_pos: torch.Tensor | None = None, head_keep: torch.Tensor | None = None) -> LayerPlan:
+    """The plan of a step whose copies are complete. `attend` is None for prefill (and for sliding
+    layers); in sparse mode only the complete pages in `attend` are attended (the tail always is),
+    otherwise every stored page is. A sliding layer attends the pages its window reaches, all in
+    the device part. `new_pos` [B, T]: the queries' positions when they are not the next ones (a
+    layer reading another layer's KV after that layer stored the new tokens). `head_keep`
+    [B, H_kv, max_pages] bool (sparse mode): KV heads attend different pages; every attended page
+    is then read into the device part, where keys are masked per head."""
     q_len = new_valid.shape[1]
-    decode = needed is not None if decode is None else decode
-    selected = needed if (needed is not None and table.rules.sparse) else None
+    decode = attend is not None if decode is None else decode
+    selected = attend if (attend is not None and table.rules.sparse) else None
+    per_head = head_keep is not None and selected is not None
     ps = table.layout.page_size
     device_pages, host_pages, gather_pages = [], [], []
     for b in range(table.batch_size):
         n = table.num_complete(b)
         resident = table.slots[b, :n] >= 0
+        alive = table.host_ids[b, :n] >= 0
         # The earliest query of this step: the next position, or (a reader of another layer's KV,
         # whose new tokens are already stored) the earliest position given.
         real = new_pos[b][new_pos[b] >= 0] if new_pos is not None else None
@@ -117,20 +124,25 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
         if table.rules.local:
             first = max(table.dropped[b], table.first_visible(b, earliest) // ps)  # the oldest page it sees
             device_pages.append([p for p in resident.nonzero().flatten().tolist() if p >= first])
-            gather_pages.append([p for p in (~resident).nonzero().flatten().tolist() if p >= first])
+            gather_pages.append([p for p in (~resident & alive).nonzero().flatten().tolist() if p >= first])
             host_pages.append([])
             continue
-        device_pages.append(_attended(table, b, resident.nonzero().flatten().tolist(), selected))
-        host = (~resident).nonzero().flatten().tolist()
+        device_pages.append(_attended(b, resident.nonzero().flatten().tolist(), selected))
+        host = (~resident & alive).nonzero().flatten().tolist()
         # Host kernels see every key of their pages: pages reaching the queries' own positions
         # (already stored for a reader) are read into the device part, where keys are masked causally.
         late = [p for p in host if (p + 1) * ps > earliest]
-        gather_pages.append(late)
         host = [p for p in host if (p + 1) * ps <= earliest]
         if selected is not None and table.rules.skip_misses:
-            table.counters.skipped_pages += len(_attended(table, b, host, selected))
+            table.counters.skipped_pages += len(_attended(b, host, selected))
             host = []
-        host_pages.append(_attended(table, b, host, selected))
+        host = _attended(b, host, selected)
+        if per_head:  # per-head masks apply in the device part only
+            late, host = late + host, []
+        gather_pages.append(late)
+        host_pages.append(host)
+    if per_head:
+        table.counters.gathered_bytes += sum(map(len, gather_pages)) * table.layout.page_bytes
     page_idx = _pad(device_pages)
     slots = torch.where(page_idx >= 0, table.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
     page_pos = _positions(page_idx, ps)
@@ -148,12 +160,23 @@ def plan(table: PageTable, new_valid: torch.Tensor, needed: list[set[int]] | Non
         host_table=host_table,
         host_pages=logical,
         host_counts=torch.tensor([len(p) for p in host_pages], dtype=torch.long),
-        needed=needed,
+        needed=attend,
         observe=min(q_len, OBSERVATION_WINDOW),
         window=table.rules.window,
         chunk=table.rules.chunk,
+        head_keep=_head_keep(table, head_keep) if per_head else None,
         **(_gather(table, gather_pages) if any(gather_pages) else {}),
     )
+
+
+def _head_keep(table: PageTable, head_keep: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, max_pages + 1] bool: which KV heads see each page's keys (the tail, new tokens
+    and any page past the complete ones: every head)."""
+    out = torch.ones(table.batch_size, head_keep.shape[1], table.max_pages + 1, dtype=torch.bool)
+    for b in range(table.batch_size):
+        n = table.num_complete(b)
+        out[b, :, :n] = head_keep[b, :, :n]
+    return out
 
 
 def _positions(page_idx: torch.Tensor, ps: int) -> torch.Tensor:
@@ -169,12 +192,11 @@ def _gather(table: PageTable, pages: list[list[int]]) -> dict:
     return {"gather_ids": ids, "gather_pos": _positions(idx, table.layout.page_size)}
 
 
-def _attended(table: PageTable, b: int, pages: list[int], selected: list[set[int]] | None) -> list[int]:
-    """The pages of `pages` that sequence b attends: all, or (sparse) the required and selected ones."""
+def _attended(b: int, pages: list[int], selected: list[set[int]] | None) -> list[int]:
+    """The pages of `pages` that sequence b attends: all, or (sparse) the selected ones."""
     if selected is None:
         return pages
-    required = table.required_pages(b)
-    return [p for p in pages if p in required or p in selected[b]]
+    return [p for p in pages if p in selected[b]]
 
 
 def _pad(per_seq: list[list[int]]) -> torch.Tensor:

@@ -17,6 +17,8 @@ from offload.store.planner import new_positions
 LAYER_SUMS = (
     "device_attn_s", "host_attn_s", "stall_s", "needed_pages", "needed_on_device", "prefetch_issued_pages",
     "prefetch_hit_pages", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
+    "dropped_pages", "gathered_bytes", "policy_read_bytes", "oracle_pages", "oracle_hits", "mass_missed",
+    "mass_measured_rows",
 )
 
 
@@ -91,6 +93,8 @@ class Request:
             for name in LAYER_SUMS:
                 setattr(stats, name, getattr(stats, name) + counters[name])
             stats.per_layer.append({"layer": idx, "pages_resident": resident, "pages_total": total, **counters})
+        stats.dropped_bytes = stats.dropped_pages * self.store.layout.page_bytes
+        stats.kv_bytes = sum(int(t.alive(b).sum()) for t in self.tables for b in range(t.batch_size)) * self.store.layout.page_bytes
         return stats
 
     def release(self) -> None:

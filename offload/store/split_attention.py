@@ -35,7 +35,12 @@ class HostResult:
 class RunResult:
     out: torch.Tensor  # [B, H, T, D] float32, zeros for padding rows
     lse: torch.Tensor  # [B, H, T] float32, -inf for rows with no key
-    page_mass: torch.Tensor  # [B, max_pages + 1] float32, attention mass per page (observed rows)
+    head_mass: torch.Tensor  # [B, H_kv, max_pages + 1] float32, attention mass per KV head and page (observed rows)
+
+    @property
+    def page_mass(self) -> torch.Tensor:
+        """[B, max_pages + 1] float32, attention mass per page, summed over heads."""
+        return self.head_mass.sum(dim=1)
 
 
 class SplitAttention:
@@ -67,6 +72,12 @@ class SplitAttention:
         if plan.chunk is not None:  # transformers' chunked attention: the same chunk of real positions
             visible &= key_pos[:, None, :].div(plan.chunk, rounding_mode="floor") == new_pos[:, :, None].div(
                 plan.chunk, rounding_mode="floor")
+        if plan.head_keep is not None:  # per-head selections: each KV head sees its own pages
+            ps = table.layout.page_size
+            page = key_pos.clamp(min=0).div(ps, rounding_mode="floor").clamp(max=table.max_pages)
+            head_keep = plan.head_keep.to(key_pos.device)
+            seen = head_keep.gather(2, page[:, None, :].expand(-1, head_keep.shape[1], -1))  # [B, H_kv, T_dev]
+            visible = visible[:, None, :, :] & seen[:, :, None, :]
         out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale, softcap)
         key_lse = scores[:, :, scores.shape[2] - observe :]  # a key's score is its own log-sum-exp
         table.counters.device_attn_s += time.perf_counter() - start
@@ -147,25 +158,31 @@ class SplitAttention:
 
     @staticmethod
     def _page_mass(table: PageTable, plan: LayerPlan, lse, key_lse, key_pos, host_page_lse) -> torch.Tensor:
-        """Attention mass per logical page [B, max_pages + 1], summed over heads and observed rows.
+        """Attention mass per KV head and logical page [B, H_kv, max_pages + 1], summed over the
+        query heads of each KV head and the observed rows.
 
         lse [B, H, O] is the merged log-sum-exp of the observed rows; a key's (or a host page's)
         share of a row is exp(its lse - the row's lse)."""
         ps = table.layout.page_size
         sink = table.max_pages  # the extra column collects keys of no page
-        mass = torch.zeros(table.batch_size, table.max_pages + 1, dtype=torch.float32)
+        bsz, num_kv = table.batch_size, table.layout.num_kv_heads
+        mass = torch.zeros(bsz, num_kv, table.max_pages + 1, dtype=torch.float32)
         finite = torch.isfinite(lse)
         safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
+
+        def per_kv_head(probs: torch.Tensor) -> torch.Tensor:  # [B, H, O, n] -> [B, H_kv, n]
+            return probs.sum(dim=2).reshape(bsz, num_kv, -1, probs.shape[-1]).sum(dim=2)
+
         if key_lse.shape[-1] > 0:
             probs = torch.exp(key_lse - safe_lse[..., None]).masked_fill(~finite[..., None], 0.0)
-            key_mass = probs.sum(dim=(1, 2)).cpu()  # [B, T_dev]
+            key_mass = per_kv_head(probs).cpu()  # [B, H_kv, T_dev]
             pos = key_pos.cpu()
             page = torch.where(pos >= 0, pos // ps, torch.full_like(pos, sink)).clamp(max=sink)
-            mass.scatter_add_(1, page, key_mass)
+            mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), key_mass)
         if host_page_lse is not None and plan.host_pages.numel():
             host_lse = safe_lse.to(host_page_lse.device)[..., None]
             host_mass = torch.exp(host_page_lse - host_lse).masked_fill(~finite.to(host_page_lse.device)[..., None], 0.0)
             page = torch.where(plan.host_pages >= 0, plan.host_pages, torch.full_like(plan.host_pages, sink))
-            mass.scatter_add_(1, page, host_mass.sum(dim=(1, 2)))
-        mass[:, sink] = 0.0
+            mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), per_kv_head(host_mass))
+        mass[:, :, sink] = 0.0
         return mass

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offload.store.planner import OBSERVATION_WINDOW, plan
+from tests.reference import naive_attention
 from tests.store.conftest import HKV, SCALE, D, H, Reference, make_store, step
 
 
@@ -36,7 +37,7 @@ def test_run_gives_exact_output_and_page_mass(new_tokens, page_size):
     keys = torch.randn(2, HKV, new_tokens, D, generator=gen)
     values = torch.randn(2, HKV, new_tokens, D, generator=gen)
     valid = torch.ones(2, new_tokens, dtype=torch.bool)
-    layer_plan = plan(table, valid, needed=None)
+    layer_plan = plan(table, valid, None)
     assert int(layer_plan.host_counts.sum()) > 0, "the host part must be exercised"
     result = store.runner.run(layer_plan, table, query, keys, values, SCALE)
     observe = min(new_tokens, OBSERVATION_WINDOW)
@@ -46,3 +47,38 @@ def test_run_gives_exact_output_and_page_mass(new_tokens, page_size):
     torch.testing.assert_close(result.page_mass.double()[:, : table.max_pages], expected_mass[:, : table.max_pages],
                                rtol=1e-4, atol=1e-4)
     assert float(result.page_mass[:, -1].abs().sum()) == 0.0  # the spare column collects nothing
+
+
+@pytest.mark.parametrize("page_size", [4, 5])
+def test_per_head_selections_mask_each_kv_head_to_its_own_pages(page_size):
+    """KV heads attending different pages: every attended page goes through the device part
+    (resident or read there), masked per head; out matches naive attention per head."""
+    gen = torch.Generator().manual_seed(page_size)
+    store, request, table = make_store(2, 120, page_size=page_size, slack_slots=2, mode="sparse")
+    ref = Reference(2)
+    step(store, request, ref, gen, 2, 57, pad=[0, 3])
+    store.residency.complete_copies(table)
+    query = torch.randn(2, H, 1, D, generator=gen)
+    keys = torch.randn(2, HKV, 1, D, generator=gen)
+    values = torch.randn(2, HKV, 1, D, generator=gen)
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    head_keep = torch.zeros(2, HKV, table.max_pages, dtype=torch.bool)
+    head_keep[:, 0, [0, 2, 5]] = True
+    head_keep[:, 1, [1, 2, 7]] = True
+    attend = [set(head_keep[b].any(dim=0).nonzero().flatten().tolist()) for b in range(2)]
+    layer_plan = plan(table, valid, attend, True, head_keep=head_keep)
+    assert int(layer_plan.host_counts.sum()) == 0 and layer_plan.gather_ids is not None
+    assert table.counters.gathered_bytes > 0
+    out = store.runner.run(layer_plan, table, query, keys, values, SCALE).out
+    group = H // HKV
+    for b in range(2):
+        k = torch.cat([ref.keys[b], keys[b]], dim=1)
+        v = torch.cat([ref.values[b], values[b]], dim=1)
+        n = table.num_complete(b)
+        page = torch.arange(k.shape[1]) // page_size
+        for h in range(HKV):
+            seen = (page >= n) | head_keep[b, h, page.clamp(max=table.max_pages - 1)]
+            expected = naive_attention(query[b : b + 1, h * group : (h + 1) * group], k[None, h : h + 1],
+                                       v[None, h : h + 1], seen[None, None, :], SCALE)
+            torch.testing.assert_close(out[b : b + 1, h * group : (h + 1) * group].double(), expected,
+                                       rtol=1e-5, atol=1e-5)

@@ -1,0 +1,151 @@
+"""Asking the KV policy which complete pages a decode query attends (`offload.policies`).
+
+`select` builds each sequence's `StepView` from its page table, calls the policy, checks what
+it returned, and turns it into what planning needs: the pages each sequence attends, the ones
+beyond the required sinks and recent window (recall bookkeeping), per-head masks when KV heads
+chose differently, and SparQ's output interpolation. `drop_unkept` applies effect="drop".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload.policies import Interpolation, KVPolicy, StepView
+from offload.policies.base import fill
+from offload.policies.oracle import exact_page_mass
+from offload.store.page_table import PageTable
+
+
+@dataclass(slots=True)
+class Selection:
+    attend: list[set[int]]  # per sequence: the complete pages attended (sparse mode)
+    needed: list[set[int]]  # ... of which beyond the required ones (prefetch recall counts these)
+    keep: list[torch.Tensor]  # per sequence: [H_kv, num_complete] bool, the policy's answer
+    head_keep: torch.Tensor | None  # [B, H_kv, max_pages] bool when KV heads chose differently
+    interpolation: list[Interpolation | None]
+
+
+def _open_prompt(table: PageTable) -> None:
+    """At the first decode step after a prefill: the prompt's observation becomes what SnapKV-like
+    policies read, and per-sequence policy state starts afresh."""
+    if table.prompt_open:
+        table.prompt_mass = table.last_mass.clone()
+        table.prompt_length = list(table.length)
+        table.policy_state = [{} for _ in range(table.batch_size)]
+        table.prompt_open = False
+
+
+def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, layer: int, num_layers: int,
+            scale: float) -> StepView:
+    """Sequence b's `StepView` (query [H, Q, D])."""
+    n = table.num_complete(b)
+    ps = table.layout.page_size
+    used = table.length[b] % ps
+    pool = table.device_pool
+
+    def read_keys(pages: torch.Tensor) -> torch.Tensor:
+        return table.host_pool.keys[table.host_ids[b, pages]].float()
+
+    def charge(num_bytes: int) -> None:
+        table.counters.policy_read_bytes += int(num_bytes)
+
+    def mean_values() -> torch.Tensor:
+        count = int(table.alive(b).sum()) * ps + used
+        return (table.value_sum[b] / max(1, count)).to(query.device)
+
+    tail = pool.keys[table.tail_slot[b], :used].float() if used else pool.keys.new_zeros(0, *pool.keys.shape[2:]).float()
+    return StepView(
+        layer=layer, num_layers=num_layers, num_pages=n, length=table.length[b], page_size=ps,
+        budget=policy_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,
+        alive=table.alive(b), query=query,
+        key_min=table.key_min[b, :n] if table.key_min is not None else None,
+        key_max=table.key_max[b, :n] if table.key_max is not None else None,
+        acc_mass=table.acc_mass[b, :, :n], last_mass=table.last_mass[b, :, :n], prompt_mass=table.prompt_mass[b, :, :n],
+        prompt_length=table.prompt_length[b], state=table.policy_state[b], scale=scale,
+        read_keys=read_keys, tail_keys=tail, charge=charge, mean_values=mean_values,
+    )
+
+
+def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, num_layers: int,
+           scale: float, measure: bool = False) -> Selection:
+    """The policy's pages for every sequence of this decode step (query [B, H, Q, D]). With
+    `measure` (benchmarks), each choice is also compared with exact attention (`measure_choice`)."""
+    _open_prompt(table)
+    attend, needed, keeps, interps = [], [], [], []
+    per_head = False
+    for b in range(table.batch_size):
+        view = view_of(table, b, table.rules.token_budget, query[b], layer, num_layers, scale)
+        keep = policy.keep(view)
+        n, num_kv = view.num_pages, view.num_kv_heads
+        if keep.shape != (num_kv, n) or keep.dtype != torch.bool:
+            raise RuntimeError(f"policy {policy.name!r} returned {tuple(keep.shape)} {keep.dtype}; expected ({num_kv}, {n}) bool")
+        if (keep & ~view.alive[None, :]).any():
+            raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
+        union = keep.any(dim=0)
+        per_head |= bool((keep != union[None, :]).any())
+        pages = set(union.nonzero().flatten().tolist())
+        attend.append(pages)
+        needed.append(pages - table.required_pages(b))
+        keeps.append(keep)
+        interp = policy.interpolation()
+        interps.append(interp if interp is not None and not bool(keep.all()) else None)
+        if measure:
+            measure_choice(table, view, keep)
+    head_keep = None
+    if per_head:
+        head_keep = torch.zeros(table.batch_size, table.layout.num_kv_heads, table.max_pages, dtype=torch.bool)
+        for b, keep in enumerate(keeps):
+            head_keep[b, :, : keep.shape[1]] = keep
+    return Selection(attend, needed, keeps, head_keep, interps)
+
+
+def drop_unkept(table: PageTable, selection: Selection) -> None:
+    """effect="drop": free, in every tier, each alive complete page no KV head kept (copies must be complete)."""
+    for b, keep in enumerate(selection.keep):
+        dead = (table.alive(b) & ~keep.any(dim=0)).nonzero().flatten().tolist()
+        for p in dead:
+            table.drop_page(b, p)
+
+
+def observe(table: PageTable, head_mass: torch.Tensor, decode: bool) -> None:
+    """Record a step's attention mass per KV head and page [B, H_kv, max_pages + 1]."""
+    table.acc_mass += head_mass
+    table.last_mass = torch.where(head_mass > 0, head_mass, table.last_mass)
+    if not decode:
+        table.prompt_open = True
+
+
+def interpolate(out: torch.Tensor, lse: torch.Tensor, selection: Selection, valid: torch.Tensor):
+    """SparQ: out = alpha * out + (1 - alpha) * mean(V) per sequence that has an interpolation;
+    the lse becomes that of the mixture (lse - log alpha). out [B, H, T, D], valid [B, T]."""
+    for b, interp in enumerate(selection.interpolation):
+        if interp is None:
+            continue
+        alpha = interp.alpha.to(out.device).clamp(min=1e-30, max=1.0)  # [H, T]
+        group = out.shape[1] // interp.mean_values.shape[0]
+        mean_v = interp.mean_values.to(out.device).repeat_interleave(group, dim=0)  # [H, D]
+        rows = valid[b].to(out.device)[None, :, None]
+        mixed = alpha[..., None] * out[b] + (1 - alpha[..., None]) * mean_v[:, None, :]
+        out[b] = torch.where(rows, mixed, out[b])
+        lse[b] = torch.where(rows[..., 0], lse[b] - alpha.log(), lse[b])
+    return out, lse
+
+
+def measure_choice(table: PageTable, view: StepView, keep: torch.Tensor) -> None:
+    """Benchmarks only (it reads every key, uncounted): how a policy's choice compares with exact
+    attention over the pages the sequence holds. Counts the oracle's top pages per KV head at the
+    same budget and how many of them were kept (selection recall), and the attention mass that
+    fell outside the kept pages (mass captured = 1 - missed / rows)."""
+    measured = StepView(**{name: getattr(view, name) for name in StepView.__slots__})
+    measured.charge = lambda num_bytes: None
+    pages = view.alive.nonzero().flatten()
+    mass = exact_page_mass(measured, pages)  # [H_kv, P], each query row's mass sums to 1 with the tail's
+    none = torch.zeros_like(keep)
+    oracle = fill(none, mass, view.budget_pages, view.alive)
+    counters = table.counters
+    counters.oracle_pages += int(oracle.sum())
+    counters.oracle_hits += int((oracle & keep).sum())
+    counters.mass_missed += float((mass * ~keep).sum())
+    counters.mass_measured_rows += view.query.shape[0] * view.query.shape[1]

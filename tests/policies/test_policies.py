@@ -1,0 +1,188 @@
+"""The policy matrix: on small constructed views, each policy keeps exactly the pages its
+paper's rule says (asserted page ids), within its budget, never a dropped page."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import OffloadConfig
+from offload.policies import POLICIES, StepView
+from offload.policies.pyramidkv import layer_budgets
+from offload.policies.sparq import approximate_attention
+
+PS, HKV, G, D = 4, 2, 2, 8
+H = HKV * G
+SCALE = D ** -0.5
+
+
+def config(**kw):
+    return OffloadConfig.from_env({}, page_size=PS, **kw)
+
+
+def view(num_pages=10, tail=2, budget=None, *, acc=None, last=None, prompt=None, prompt_length=-1, alive=None,
+         query=None, keys=None, layer=0, num_layers=1, sink_pages=1, recent_tokens=0, state=None):
+    """A StepView of `num_pages` complete pages and `tail` tail tokens. `budget` in pages (the
+    tail's tokens are added). Masses [H_kv, P] default to zero; keys [P * PS + tail, H_kv, D]."""
+    length = num_pages * PS + tail
+    budget_tokens = (budget if budget is not None else num_pages) * PS + tail
+    zeros = torch.zeros(HKV, num_pages)
+    gen = torch.Generator().manual_seed(0)
+    keys = keys if keys is not None else torch.randn(length, HKV, D, generator=gen)
+    pages = keys[: num_pages * PS].reshape(num_pages, PS, HKV, D)
+    read = []
+    return StepView(
+        layer=layer, num_layers=num_layers, num_pages=num_pages, length=length, page_size=PS, budget=budget_tokens,
+        sink_pages=sink_pages, recent_tokens=recent_tokens,
+        alive=alive if alive is not None else torch.ones(num_pages, dtype=torch.bool),
+        query=query if query is not None else torch.randn(H, 1, D, generator=gen),
+        key_min=pages.amin(dim=1), key_max=pages.amax(dim=1),
+        acc_mass=acc if acc is not None else zeros, last_mass=last if last is not None else zeros,
+        prompt_mass=prompt if prompt is not None else zeros, prompt_length=prompt_length,
+        state=state if state is not None else {}, scale=SCALE,
+        read_keys=lambda idx: pages[idx], tail_keys=keys[num_pages * PS:], charge=read.append,
+        mean_values=lambda: torch.zeros(HKV, D),
+    )
+
+
+def kept(keep: torch.Tensor) -> list[list[int]]:
+    return [row.nonzero().flatten().tolist() for row in keep]
+
+
+def mass(*per_head: dict[int, float], num_pages=10) -> torch.Tensor:
+    out = torch.zeros(HKV, num_pages)
+    for h, pages in enumerate(per_head):
+        for p, m in pages.items():
+            out[h, p] = m
+    return out
+
+
+def test_window_keeps_the_newest_pages():
+    assert kept(POLICIES["window"](config()).keep(view(budget=4))) == [[6, 7, 8, 9]] * HKV
+
+
+def test_streaming_keeps_sinks_and_the_newest_pages():
+    assert kept(POLICIES["streaming"](config()).keep(view(budget=4, sink_pages=1))) == [[0, 7, 8, 9]] * HKV
+
+
+def test_h2o_keeps_half_recent_half_heavy_hitters_per_head():
+    acc = mass({1: 5.0, 3: 4.0, 9: 9.0}, {2: 3.0, 5: 6.0, 8: 7.0})
+    keep = POLICIES["h2o"](config()).keep(view(budget=4, acc=acc))
+    assert kept(keep) == [[1, 3, 8, 9], [2, 5, 8, 9]]
+
+
+def test_tova_keeps_the_pages_the_last_query_attended_most_averaged_over_heads():
+    last = mass({0: 0.1, 4: 0.5, 6: 0.2}, {4: 0.1, 2: 0.6, 7: 0.05})
+    keep = POLICIES["tova"](config()).keep(view(budget=3, last=last))
+    assert kept(keep) == [[2, 4, 6]] * HKV  # summed: 2 -> .6, 4 -> .6, 6 -> .2, 0 -> .1, 7 -> .05
+
+
+def test_snapkv_keeps_the_window_what_came_after_and_the_prompt_pages_the_window_voted_for():
+    # Prompt of 30 tokens (pages 0..6 complete, 7 partial), observation window 8 tokens -> pages >= 5.
+    prompt = mass({1: 0.4, 2: 0.1, 3: 0.3}, {0: 0.5, 4: 0.2, 2: 0.3})
+    keep = POLICIES["snapkv"](config(observation_window=8)).keep(view(budget=7, prompt=prompt, prompt_length=30))
+    assert kept(keep) == [[1, 3, 5, 6, 7, 8, 9], [0, 2, 5, 6, 7, 8, 9]]
+
+
+def test_snapkv_with_a_budget_below_its_window_keeps_the_newest():
+    keep = POLICIES["snapkv"](config(observation_window=8)).keep(view(budget=2, prompt_length=30))
+    assert kept(keep) == [[8, 9]] * HKV
+
+
+def test_pyramidkv_budgets_decrease_with_depth_and_average_the_budget():
+    budgets = layer_budgets(100, 4, window=8, beta=20, cap=1000)
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
+    assert sum(budgets) == pytest.approx(400)
+    assert budgets[-1] == pytest.approx((100 - 8) / 20 + 8)
+    capped = layer_budgets(100, 4, window=8, beta=20, cap=120)
+    assert max(capped) <= 120 and sum(capped) == pytest.approx(400)
+    assert layer_budgets(500, 4, window=8, beta=20, cap=300) == [300.0] * 4
+
+
+def test_pyramidkv_gives_the_bottom_layer_more_pages_than_the_top():
+    prompt = mass({p: float(p) for p in range(10)}, {p: float(10 - p) for p in range(10)})
+    policy = POLICIES["pyramidkv"](config(observation_window=4, pyramid_beta=4))
+    sizes = [int(policy.keep(view(num_pages=10, budget=4, prompt=prompt, prompt_length=42, layer=layer,
+                                  num_layers=4)).sum(dim=1).max()) for layer in range(4)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 4 > sizes[-1]
+
+
+def test_fastgen_gives_each_head_the_cheapest_profile_that_recovers_its_attention():
+    # Head 0 attends only the first page (special tokens); head 1 the newest pages (local).
+    prompt = mass({0: 1.0}, {8: 0.5, 9: 0.5})
+    state = {}
+    keep = POLICIES["fastgen"](config(fastgen_recovery=0.9)).keep(
+        view(budget=4, prompt=prompt, prompt_length=42, sink_pages=1, state=state))
+    assert state["fastgen"] == ["special", "local"]
+    assert kept(keep) == [[0], [0, 7, 8, 9]]
+
+
+def test_fastgen_falls_back_to_frequency_when_attention_is_scattered():
+    prompt = mass({2: 0.5, 5: 0.5}, {3: 0.5, 6: 0.5})
+    acc = prompt.clone()
+    state = {}
+    keep = POLICIES["fastgen"](config(fastgen_recovery=0.9)).keep(
+        view(budget=3, prompt=prompt, acc=acc, prompt_length=42, sink_pages=1, state=state))
+    assert state["fastgen"] == ["frequency", "frequency"]
+    assert kept(keep) == [[0, 2, 5], [0, 3, 6]]
+
+
+def _needle_keys(num_pages, tail, needles: dict[int, int]):
+    """Keys where KV head h's needle page (needles[h]) matches the query strongly."""
+    gen = torch.Generator().manual_seed(1)
+    keys = 0.1 * torch.randn(num_pages * PS + tail, HKV, D, generator=gen)
+    query = torch.zeros(H, 1, D)
+    for h, page in needles.items():
+        direction = torch.zeros(D)
+        direction[h] = 1.0
+        keys[page * PS : (page + 1) * PS, h] += 4 * direction
+        query[h * G : (h + 1) * G, 0] = 4 * direction
+    return keys, query
+
+
+def test_oracle_keeps_the_pages_each_head_attends_most():
+    keys, query = _needle_keys(10, 2, {0: 3, 1: 6})
+    keep = POLICIES["oracle"](config()).keep(view(budget=1, keys=keys, query=query))
+    assert kept(keep) == [[3], [6]]
+
+
+def test_sparq_with_every_component_ranks_like_the_oracle_and_reads_fewer_bytes_with_fewer():
+    keys, query = _needle_keys(10, 2, {0: 3, 1: 6})
+    full = POLICIES["sparq"](config(sparq_rank=D))
+    assert kept(full.keep(view(budget=1, keys=keys, query=query))) == [[3], [6]]
+    reads = []
+    v = view(budget=1, keys=keys, query=query)
+    v.charge = reads.append
+    keep = POLICIES["sparq"](config(sparq_rank=1)).keep(v)
+    assert kept(keep) == [[3], [6]]  # the needle component is the query's largest
+    assert reads == [HKV * 1 * keys.shape[0] * 4]  # one component of every key, per KV head, float32
+
+
+def test_sparq_approximation_is_exact_with_every_component():
+    gen = torch.Generator().manual_seed(2)
+    query, keys = torch.randn(H, 3, D, generator=gen), torch.randn(20, HKV, D, generator=gen)
+    probs, read = approximate_attention(query, keys, D, SCALE)
+    exact = (query @ keys.permute(1, 2, 0).repeat_interleave(G, dim=0) * SCALE).softmax(-1)
+    torch.testing.assert_close(probs, exact)
+    assert read.tolist() == [D] * HKV
+
+
+def test_quest_keeps_sinks_recent_window_and_the_highest_bounds():
+    keys, query = _needle_keys(10, 2, {0: 3, 1: 6})
+    keep = POLICIES["quest"](config()).keep(view(budget=5, keys=keys, query=query, sink_pages=1, recent_tokens=8))
+    assert kept(keep) == [[0, 3, 6, 8, 9]] * HKV
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_stays_within_budget_and_never_keeps_a_dropped_page(name):
+    alive = torch.ones(10, dtype=torch.bool)
+    alive[[1, 4, 7]] = False
+    gen = torch.Generator().manual_seed(3)
+    masses = {k: torch.rand(HKV, 10, generator=gen) * alive for k in ("acc", "last", "prompt")}
+    for budget in (0, 1, 3, 6, 20):
+        keep = POLICIES[name](config()).keep(view(budget=budget, alive=alive, prompt_length=30, **masses))
+        assert keep.shape == (HKV, 10) and keep.dtype == torch.bool
+        assert not (keep & ~alive).any()
+        assert (keep.sum(dim=1) <= budget).all()
+        if budget >= 10:
+            assert keep.equal(alive[None].expand(HKV, -1)), "a budget >= the context keeps everything"
