@@ -2,7 +2,7 @@
 
 A small Llama (GQA, word-level vocabulary of `offload.models.tasks`) learns passkey retrieval,
 multi-query associative recall, copying, multi-hop variable tracking and vote counting from
-code-generated data, on the CPU, in about an hour on one thread. Everything is seeded: the same command gives the same data and, with the same
+code-generated data, on the CPU, in about half an hour on one thread. Everything is seeded: the same command gives the same data and, with the same
 torch build and thread count, the same weights.
 
 Two things make long contexts affordable here:

@@ -270,3 +270,37 @@ def test_training_samples_mix_every_task_and_keep_passkey_digits_unique():
                     assert all(context.count(d) == 1 for d in s.input_ids[a:b].tolist())
                     assert set(s.input_ids[a:b].tolist()) <= digits
     assert seen == set(tasks.TASKS)
+
+
+def test_new_tasks_need_every_needle(embedded):
+    """What the policy zoo relies on: vartrack's second hop reads its own needle (remove it and
+    the hop fails while the first stays right), and aggregate counts votes (leave the winner one
+    vote of its four and the runner-up wins)."""
+    model, _ = embedded
+    T, blank = tasks.TOKEN_ID, tasks.ids("a cat sleeps .")
+    rows, checks = [], []  # checks: (row, position, expected token, kind)
+    for s in task_samples("vartrack", 384, 4, seed=1):
+        rows.append(s.input_ids)
+        for _, a, _ in s.answers:
+            checks += [(len(rows) - 1, a - 1, s.input_ids[a], "hop1"), (len(rows) - 1, a, s.input_ids[a + 1], "hop2")]
+            cut = s.input_ids.copy()
+            pos = next(i for i in range(s.context_end) if cut[i] == cut[a] and cut[i - 1] == T["var"])
+            cut[pos - 1:pos + 3] = blank
+            rows.append(cut)
+            checks.append((len(rows) - 1, a, s.input_ids[a + 1], "hop2 without its needle"))
+    for s in task_samples("aggregate", 384, 4, seed=1):
+        (_, a, _), ids = s.answers[0], s.input_ids.copy()
+        votes = [i for i in range(s.context_end) if ids[i] == T["vote"]]
+        others = [ids[i + 1] for i in votes if ids[i + 1] != ids[a]]
+        for i in [i for i in votes if ids[i + 1] == ids[a]][:3]:
+            ids[i:i + 3] = blank[1:]
+        rows.append(ids)
+        checks.append((len(rows) - 1, a - 1, max(set(others), key=others.count), "runner-up after cutting votes"))
+    with torch.no_grad():
+        predicted = model(input_ids=torch.from_numpy(np.stack(rows))).logits.argmax(-1).numpy()
+    right = {}
+    for row, pos, expected, kind in checks:
+        right.setdefault(kind, []).append(bool(predicted[row, pos] == expected))
+    assert all(right["hop1"]) and sum(right["hop2"]) >= len(right["hop2"]) - 1, right
+    assert sum(right["hop2 without its needle"]) <= 1, right  # a lucky guess of the digit at most
+    assert sum(right["runner-up after cutting votes"]) >= 3, right
