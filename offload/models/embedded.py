@@ -89,6 +89,13 @@ def _check_vocab(tokenizer: WordTokenizer) -> None:
         raise ValueError("the tokenizer's vocabulary is not offload.models.tasks.VOCAB")
 
 
+def task_samples(task: str, context_tokens: int, num_samples: int, seed: int = 0) -> list[tasks.Sample]:
+    """The seeded `tasks.eval_sample(task, context_tokens)` samples `task_accuracy` scores:
+    the same `(task, context_tokens, num_samples, seed)` always gives the same samples."""
+    rng = np.random.default_rng([seed, context_tokens, tasks.TASKS.index(task)])
+    return [tasks.eval_sample(task, context_tokens, rng) for _ in range(num_samples)]
+
+
 @torch.no_grad()
 def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: int, num_samples: int,
                   seed: int = 0, generate_fn: GenerateFn | None = None, batch_size: int = 4,
@@ -96,7 +103,8 @@ def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: in
     """Exact-match accuracy on `num_samples` seeded `tasks.eval_sample(task, context_tokens)`.
 
     An answer counts as right when every token of it is right: all five passkey digits, the
-    MQAR value word (each of the 4 queries scores alone), all copied words and `end`.
+    MQAR value word (each of the 4 queries scores alone), all copied words and `end`, both
+    tokens of a traced vartrack chain (each of the 2 queries scores alone), the winning vote.
     Without `generate_fn`, one teacher-forced forward pass per batch scores every answer (its
     greedy continuation is right exactly when each answer token is the argmax given the right
     ones before it). With `generate_fn`, each answer is generated greedily from its prompt.
@@ -108,8 +116,7 @@ def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: in
     if generate_fn is not None and score_fn is not None:
         raise ValueError("pass generate_fn or score_fn, not both")
     _check_vocab(tokenizer)
-    rng = np.random.default_rng([seed, context_tokens, tasks.TASKS.index(task)])
-    samples = [tasks.eval_sample(task, context_tokens, rng) for _ in range(num_samples)]
+    samples = task_samples(task, context_tokens, num_samples, seed)
     right = total = 0
     if generate_fn is None and score_fn is None:
         device = next(model.parameters()).device

@@ -9,9 +9,17 @@ questions at the end whose answers can only be found by attending back to the ta
   ``recall sigma`` at the end is answered with that key's value word.
 - copy: ``copy this text : <words> end .`` anywhere; ``repeat the text :`` at the end is
   answered with the same words and ``end``.
+- vartrack (multi-hop variable tracking): chains of ``var vb vk .`` (vb holds vk) and
+  ``var vk 7 .`` (vk holds 7), their needles anywhere and in any order, with distractor chains;
+  ``trace vb`` is answered with the chain ``vk 7``. Each hop is a lookup from a different needle
+  at a different decode step.
+- aggregate: several ``vote plum .`` needles over 3 candidate words with distinct counts
+  (4/2/1 in evaluation); ``most vote`` is answered with the most frequent word.
 
-Each answer is a one-step lookup: the token before it occurs once earlier, in the needle,
-followed by the answer. (Two-step cues such as ``the code of sigma is 3 8`` were not learned by
+Each answer token is a one-step lookup: the token before it occurs earlier in a needle,
+followed by the answer (in vartrack a variable also occurs once as the value of the previous
+hop, followed by ``.``; in aggregate the cue ``vote`` occurs once per vote and the answer is
+the word that follows it most often). (Two-step cues such as ``the code of sigma is 3 8`` were not learned by
 a model this small in the training time; see docs/training.md.)
 
 Everything is word level: the vocabulary is a fixed list defined here (digits are single
@@ -30,6 +38,10 @@ DIGITS = [str(d) for d in range(10)]
 PUNCTUATION = [".", ",", "?", ":"]
 TASK_WORDS = ["tell", "is", "the", "pass", "key", "remember", "it", "recall", "copy",
               "this", "text", "repeat", "end", "a", "in", "and"]
+# Added for vartrack and aggregate (at the end of the vocabulary, so older ids are unchanged).
+NEW_TASK_WORDS = ["var", "trace", "vote", "most"]
+VAR_NAMES = ["va", "vb", "vc", "vd", "ve", "vf", "vg", "vh", "vj", "vk", "vm", "vn", "vp", "vq", "vr", "vs"]
+VOTE_WORDS = ["plum", "pear", "fig", "lime", "kiwi", "mango"]
 MQAR_KEYS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
              "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau",
              "upsilon", "phi", "chi", "psi", "omega"]
@@ -49,12 +61,16 @@ MQAR_VALUES = ["amber", "azure", "coral", "ivory", "jade", "lilac", "olive", "pe
 
 VOCAB: list[str] = list(dict.fromkeys(
     SPECIAL_TOKENS + DIGITS + PUNCTUATION + TASK_WORDS + MQAR_KEYS + MQAR_VALUES + NOUNS + ADJECTIVES
-    + VERBS_T + VERBS_I + ADVERBS + PLACES + NAMES))
+    + VERBS_T + VERBS_I + ADVERBS + PLACES + NAMES + NEW_TASK_WORDS + VAR_NAMES + VOTE_WORDS))
 TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
 BOS_ID = TOKEN_ID["<s>"]
-TASKS = ("passkey", "mqar", "copy")
+TASKS = ("passkey", "mqar", "copy", "vartrack", "aggregate")
 PASSKEY_DIGITS = 5
 COPY_WORDS = 8
+VARTRACK_HOPS = 2  # evaluation: every chain has 2 hops (variable -> variable -> digit)
+VARTRACK_CHAINS = 3  # evaluation: 3 chains (distinct variables), 2 of them queried
+VARTRACK_QUERIES = 2
+AGGREGATE_COUNTS = (4, 2, 1)  # evaluation: votes per candidate word, the winner strictly most
 MAX_TRAIN_COPY_WORDS = 24
 # Words a copy span is drawn from: filler words, so the span looks like its surroundings.
 _COPY_POOL = NOUNS + ADJECTIVES + VERBS_T + VERBS_I + PLACES + NAMES
@@ -85,6 +101,10 @@ class Sample:
     input_ids: np.ndarray
     weights: np.ndarray
     answers: list[tuple[str, int, int]]
+    # Index of the first question token: every needle lies before it, and from it on there are
+    # only questions and answers. A strict evaluation prefills input_ids[:context_end] and feeds
+    # the rest as decode steps.
+    context_end: int
 
 
 def filler_sentence(rng: np.random.Generator) -> list[int]:
@@ -118,10 +138,21 @@ class _Builder:
         # needle: (tokens, weights); question: (tokens, weights, answer slices as (task, a, b)).
         self.needles: list[tuple[list[int], list[float]]] = []
         self.questions: list[tuple[list[int], list[float], list[tuple[str, int, int]]]] = []
+        # Digits already used by a task in this sample: passkey and vartrack digits never
+        # coincide, so each passkey digit keeps exactly one earlier occurrence to look up.
+        self.used_digits: set[int] = set()
+
+    def _free_digits(self, n: int) -> list[int]:
+        free = [d for d in range(10) if d not in self.used_digits]
+        if len(free) < n:
+            raise ValueError(f"{n} digits needed, {len(free)} left")
+        picked = [free[i] for i in self.rng.permutation(len(free))[:n]]
+        self.used_digits.update(picked)
+        return picked
 
     def passkey(self) -> None:
         # Distinct digits: each digit of the key then has one earlier occurrence to copy from.
-        key = [_D[d] for d in self.rng.permutation(10)[:PASSKEY_DIGITS]]
+        key = [_D[d] for d in self._free_digits(PASSKEY_DIGITS)]
         prefix = ids("the pass key is")
         suffix = ids(". remember it .")
         # The needle's own digits are random (weight 0); its fixed words are learnable.
@@ -154,6 +185,39 @@ class _Builder:
         a = len(q)
         self.questions.append((q + span + end, [0.0] * len(q) + [1.0] * (num_words + 2),
                                [("copy", a, a + num_words + 1)]))
+
+    def vartrack(self, hops: list[int], num_queries: int) -> None:
+        """One chain per entry of `hops` (that many `var` needles each: variable -> ... ->
+        digit), distinct variables throughout; `num_queries` chains are asked with `trace X`
+        and answered with the rest of their chain (`Y 7` for 2 hops)."""
+        names = self.rng.permutation(len(VAR_NAMES))[:sum(hops)]
+        digits = self._free_digits(len(hops))
+        chains, used = [], 0
+        for h, d in zip(hops, digits):
+            chain = [TOKEN_ID[VAR_NAMES[i]] for i in names[used:used + h]] + [_D[d]]
+            used += h
+            chains.append(chain)
+            for a, b in zip(chain[:-1], chain[1:]):
+                # `var X Y .`: the content (both names, or name and digit) is random: weight 0.
+                self.needles.append(([TOKEN_ID["var"], a, b, TOKEN_ID["."]], [1.0, 0.0, 0.0, 1.0]))
+        for c in self.rng.choice(len(chains), size=min(num_queries, len(chains)), replace=False):
+            chain = chains[int(c)]
+            q = [TOKEN_ID["trace"], chain[0]]
+            answer = chain[1:]
+            self.questions.append((q + answer + ids("."), [0.0, 0.0] + [1.0] * (len(answer) + 1),
+                                   [("vartrack", 2, 2 + len(answer))]))
+
+    def aggregate(self, counts: list[int]) -> None:
+        """`counts[i]` needles `vote W_i .` for distinct random words W_i; the first count must
+        be the strict maximum. `most vote` is answered with W_0, the most frequent word."""
+        if any(c >= counts[0] for c in counts[1:]):
+            raise ValueError(f"the winner's count must be strictly the largest, got {counts}")
+        words = [TOKEN_ID[VOTE_WORDS[i]] for i in self.rng.permutation(len(VOTE_WORDS))[:len(counts)]]
+        for w, c in zip(words, counts):
+            for _ in range(c):
+                self.needles.append(([TOKEN_ID["vote"], w, TOKEN_ID["."]], [1.0, 0.0, 1.0]))
+        self.questions.append((ids("most vote") + [words[0]] + ids("."), [0.0, 0.0, 1.0, 1.0],
+                               [("aggregate", 2, 3)]))
 
     def build(self, length: int, filler_weight: float) -> Sample:
         """Exactly `length` tokens: BOS, filler with the needles at random sentence boundaries
@@ -202,30 +266,82 @@ class _Builder:
         weights = np.array(body_w + tail_w, dtype=np.float32)
         weights[0] = 0.0
         assert len(input_ids) == length, (len(input_ids), length)
-        return Sample(input_ids, weights, answers)
+        return Sample(input_ids, weights, answers, context_end=offset)
+
+
+def _aggregate_counts(rng: np.random.Generator, max_votes: int) -> list[int] | None:
+    """2-4 distinct vote counts (winner first, strictly the largest) with at most `max_votes`
+    votes in all, or None when even 2 + 1 do not fit."""
+    for _ in range(8):
+        k = int(rng.integers(2, 5))
+        counts = sorted((int(c) for c in rng.choice(np.arange(1, 7), size=k, replace=False)), reverse=True)
+        if sum(counts) <= max_votes:
+            return counts
+    return [2, 1] if max_votes >= 3 else None
 
 
 def training_sample(length: int, rng: np.random.Generator, filler_weight: float = 0.1) -> Sample:
     """A mix of tasks within `length` tokens (at least a quarter stays filler): usually a
-    passkey, some MQAR pairs, sometimes a copy span. Filler tokens get `filler_weight`."""
+    passkey, some MQAR pairs, sometimes a copy span, variable chains and votes, in a random
+    order (so that at short lengths every task gets its share of the budget). Filler tokens
+    get `filler_weight`."""
     b = _Builder(rng)
     budget = length - 1 - length // 4
     passkey_cost, pair_cost, query_cost = 30, 4, 4
-    if rng.random() < 0.8:
-        b.passkey()
-        budget -= passkey_cost
-    if rng.random() < 0.7 and budget >= pair_cost + query_cost:
-        num_pairs = int(rng.integers(1, min(12, (budget - query_cost) // pair_cost) + 1))
-        num_queries = int(rng.integers(1, min(num_pairs, (budget - num_pairs * pair_cost) // query_cost) + 1))
-        b.mqar(num_pairs, num_queries)
-        budget -= num_pairs * pair_cost + num_queries * query_cost
-    # Copying gives a dense induction signal (every copied word is a lookup), which is what
-    # gets the retrieval circuit to form early; passkey and MQAR reuse that circuit.
-    if rng.random() < 0.7 and budget >= 2 * 4 + 12:
-        num_words = int(rng.integers(4, min(MAX_TRAIN_COPY_WORDS, (budget - 12) // 2) + 1))
-        b.copy(num_words)
+
+    def passkey():
+        nonlocal budget
+        if rng.random() < 0.7 and budget >= passkey_cost:
+            b.passkey()
+            budget -= passkey_cost
+
+    def mqar():
+        nonlocal budget
+        if rng.random() < 0.6 and budget >= pair_cost + query_cost:
+            num_pairs = int(rng.integers(1, min(12, (budget - query_cost) // pair_cost) + 1))
+            num_queries = int(rng.integers(1, min(num_pairs, (budget - num_pairs * pair_cost) // query_cost) + 1))
+            b.mqar(num_pairs, num_queries)
+            budget -= num_pairs * pair_cost + num_queries * query_cost
+
+    def copy():
+        # Copying gives a dense induction signal (every copied word is a lookup), which is what
+        # gets the retrieval circuit to form early; the other tasks reuse that circuit.
+        nonlocal budget
+        if rng.random() < 0.6 and budget >= 2 * 4 + 12:
+            num_words = int(rng.integers(4, min(MAX_TRAIN_COPY_WORDS, (budget - 12) // 2) + 1))
+            b.copy(num_words)
+            budget -= 2 * num_words + 12
+
+    def vartrack():
+        # Chains of 1-3 hops (mostly 2), 1-4 chains, up to 3 queried; a chain of h hops costs
+        # 4h needle tokens and h + 3 question tokens.
+        nonlocal budget
+        if rng.random() < 0.7:
+            hops: list[int] = []
+            cost = 0
+            for _ in range(int(rng.integers(1, 5))):
+                h = int(rng.choice([1, 2, 2, 2, 3]))
+                if cost + 5 * h + 3 > budget or len(hops) >= 10 - len(b.used_digits):
+                    break
+                hops.append(h)
+                cost += 5 * h + 3
+            if hops:
+                b.vartrack(hops, int(rng.integers(1, min(3, len(hops)) + 1)))
+                budget -= cost
+
+    def aggregate():
+        nonlocal budget
+        if rng.random() < 0.6:
+            counts = _aggregate_counts(rng, (budget - 4) // 3)
+            if counts is not None:
+                b.aggregate(counts)
+                budget -= 3 * sum(counts) + 4
+
+    makers = [passkey, mqar, copy, vartrack, aggregate]
+    for i in rng.permutation(len(makers)):
+        makers[i]()
     if not b.questions:
-        b.passkey()
+        b.vartrack([2], 1) if rng.random() < 0.5 else b.aggregate([2, 1])
     return b.build(length, filler_weight)
 
 
@@ -245,12 +361,13 @@ def induction_sample(length: int, rng: np.random.Generator, filler_weight: float
     weights = np.zeros(length, dtype=np.float32)
     weights[1 + n:1 + n + gap] = filler_weight
     weights[length - n + 1:] = 1.0
-    return Sample(input_ids, weights, [])
+    return Sample(input_ids, weights, [], context_end=length - n)
 
 
 def eval_sample(task: str, length: int, rng: np.random.Generator) -> Sample:
-    """One task alone in `length` tokens: a passkey, 8 MQAR pairs with 4 queries, or an
-    8-word copy span; the needles are anywhere in the filler."""
+    """One task alone in `length` tokens: a passkey, 8 MQAR pairs with 4 queries, an 8-word
+    copy span, 3 variable chains of 2 hops with 2 queried, or 4/2/1 votes for 3 words; the
+    needles are anywhere in the filler, in any order."""
     b = _Builder(rng)
     if task == "passkey":
         b.passkey()
@@ -258,6 +375,10 @@ def eval_sample(task: str, length: int, rng: np.random.Generator) -> Sample:
         b.mqar(num_pairs=8, num_queries=4)
     elif task == "copy":
         b.copy(COPY_WORDS)
+    elif task == "vartrack":
+        b.vartrack([VARTRACK_HOPS] * VARTRACK_CHAINS, VARTRACK_QUERIES)
+    elif task == "aggregate":
+        b.aggregate(list(AGGREGATE_COUNTS))
     else:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     return b.build(length, filler_weight=0.0)

@@ -22,6 +22,7 @@ from offload.models.embedded import (
     greedy_generate_fn,
     load_embedded_model,
     task_accuracy,
+    task_samples,
 )
 from offload.models.train import MARKER_FILLER, Phase, loss_fn, make_batch
 
@@ -45,9 +46,9 @@ def stated_accuracy() -> dict:
 
 def test_word_tokenizer_round_trip_and_left_padding():
     tok = WordTokenizer(tasks.VOCAB)
-    text = "the pass key is 4 0 7 1 9 . remember sigma ruby ."
+    text = "the pass key is 4 0 7 1 9 . remember sigma ruby . var vb vk . vote plum ."
     ids = tok.encode(text)
-    assert ids[0] == tok.bos_token_id == 1 and len(ids) == 15
+    assert ids[0] == tok.bos_token_id == 1 and len(ids) == 22 and tok.unk_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert tok.decode(ids) == "<s>" + text
     assert tok.encode("zebra", add_special_tokens=False) == [tok.unk_token_id]
@@ -67,18 +68,93 @@ def test_word_tokenizer_file_matches_tasks_vocab(tmp_path):
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
-def test_eval_samples_are_seeded_exact_length_and_answers_are_one_lookup(task):
+def test_eval_samples_are_seeded_exact_length_and_answers_are_lookups(task):
     a = tasks.eval_sample(task, 300, np.random.default_rng(7))
     b = tasks.eval_sample(task, 300, np.random.default_rng(7))
-    assert np.array_equal(a.input_ids, b.input_ids) and a.answers == b.answers
+    assert np.array_equal(a.input_ids, b.input_ids) and a.answers == b.answers and a.context_end == b.context_end
     assert len(a.input_ids) == 300 and a.input_ids[0] == tasks.BOS_ID
+    assert a.answers and all(t == task for t, _, _ in a.answers)
+    s = a.input_ids
+    dot = tasks.TOKEN_ID["."]
     for _, start, end in a.answers:
-        # One-step lookups by design: the token before the answer occurred exactly once
-        # earlier (in the needle), followed there by the answer.
-        answer, cue = a.input_ids[start:end].tolist(), a.input_ids[start - 1]
-        earlier = [i for i in range(start - 1) if a.input_ids[i] == cue]
-        assert len(earlier) == 1
-        assert a.input_ids[earlier[0] + 1:earlier[0] + 1 + len(answer)].tolist() == answer
+        if task in ("passkey", "mqar", "copy"):
+            # One-step lookups by design: the token before the answer occurred exactly once
+            # earlier (in the needle), followed there by the answer.
+            answer, cue = s[start:end].tolist(), s[start - 1]
+            earlier = [i for i in range(start - 1) if s[i] == cue]
+            assert len(earlier) == 1
+            assert s[earlier[0] + 1:earlier[0] + 1 + len(answer)].tolist() == answer
+        elif task == "vartrack":
+            # `trace X` -> `Y 7`: each answer token follows its predecessor in a `var` needle,
+            # and that needle is the predecessor's only occurrence followed by something other
+            # than `.` (the other one is the previous hop's needle `var W X .`).
+            assert end - start == tasks.VARTRACK_HOPS and s[start - 2] == tasks.TOKEN_ID["trace"]
+            for t in range(start, end):
+                cue = s[t - 1]
+                earlier = [i for i in range(a.context_end) if s[i] == cue]
+                assert all(s[i - 1] == tasks.TOKEN_ID["var"] or s[i + 1] == dot for i in earlier)
+                defining = [i for i in earlier if s[i - 1] == tasks.TOKEN_ID["var"] and s[i + 2] == dot]
+                assert len(defining) == 1 and s[defining[0] + 1] == s[t]
+                assert len(earlier) == (1 if t == start else 2)
+            assert str(tasks.VOCAB[s[end - 1]]).isdigit()
+        else:
+            # `most vote` -> the word after `vote` most often, strictly.
+            assert s[start - 1] == tasks.TOKEN_ID["vote"]
+            voted = [s[i + 1] for i in range(a.context_end) if s[i] == tasks.TOKEN_ID["vote"]]
+            counts = sorted(((voted.count(w), w) for w in set(voted)), reverse=True)
+            assert [c for c, _ in counts] == list(tasks.AGGREGATE_COUNTS) and counts[0][1] == s[start]
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_context_end_precedes_every_answer_and_needle(task):
+    """Everything before context_end is BOS, filler and needles; from it on, questions and answers."""
+    rng = np.random.default_rng(11)
+    starts = {"passkey": "pass", "mqar": "remember", "copy": "copy", "vartrack": "var", "aggregate": "vote"}
+    questions = {"passkey": "tell", "mqar": "recall", "copy": "repeat", "vartrack": "trace", "aggregate": "most"}
+    for length in (64, 300, 1024):
+        for _ in range(5):
+            s = tasks.eval_sample(task, length, rng)
+            ids = s.input_ids
+            assert 0 < s.context_end <= min(a for _, a, _ in s.answers)
+            assert ids[s.context_end] == tasks.TOKEN_ID[questions[task]]
+            needle_word = tasks.TOKEN_ID[starts[task]]
+            assert needle_word in ids[:s.context_end].tolist()
+            tail = ids[s.context_end:].tolist()
+            assert needle_word not in tail or task in ("passkey", "aggregate")  # their questions repeat `pass`, `vote`
+            assert tasks.TOKEN_ID["remember"] not in tail and tasks.TOKEN_ID["var"] not in tail
+            assert tasks.TOKEN_ID["copy"] not in tail
+            if task != "aggregate":
+                assert tasks.TOKEN_ID["vote"] not in tail
+    rng = np.random.default_rng(12)
+    for length in (64, 256, 2048):
+        for _ in range(20):
+            s = tasks.training_sample(length, rng)
+            tail = s.input_ids[s.context_end:].tolist()
+            assert s.answers and s.context_end <= min(a for _, a, _ in s.answers)
+            for word in ("remember", "var", "copy"):
+                assert tasks.TOKEN_ID[word] not in tail
+            # `vote` occurs in the tail only in the question `most vote`.
+            assert all(tail[i - 1] == tasks.TOKEN_ID["most"] for i in range(len(tail)) if tail[i] == tasks.TOKEN_ID["vote"])
+            assert s.input_ids[s.context_end] in [tasks.TOKEN_ID[w] for w in questions.values()]
+
+
+def test_task_samples_are_the_ones_task_accuracy_scores():
+    a = task_samples("vartrack", 200, 3, seed=4)
+    b = task_samples("vartrack", 200, 3, seed=4)
+    assert len(a) == 3 and all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+    rng = np.random.default_rng([4, 200, tasks.TASKS.index("vartrack")])
+    assert all(np.array_equal(x.input_ids, tasks.eval_sample("vartrack", 200, rng).input_ids) for x in a)
+    assert not np.array_equal(a[0].input_ids, task_samples("vartrack", 200, 1, seed=5)[0].input_ids)
+
+    # task_accuracy scores exactly these samples: a score_fn sees their ids.
+    seen = []
+
+    def score(ids, start):
+        seen.append(ids[0].clone())
+        return ids[0, start:]  # the true tokens: every answer right
+
+    assert task_accuracy(None, WordTokenizer(tasks.VOCAB), "vartrack", 200, 3, seed=4, score_fn=score) == 1.0
+    assert all(torch.equal(x, torch.from_numpy(y.input_ids[:len(x)])) for x, y in zip(seen, a))
 
 
 def test_passkey_needle_lands_anywhere():
@@ -123,12 +199,12 @@ def test_embedded_model_reaches_its_stated_passkey_accuracy(embedded, stated_acc
         assert measured >= stated - ACCURACY_MARGIN, (context_tokens, measured, stated)
 
 
-def test_embedded_model_reaches_its_stated_mqar_and_copy_accuracy(embedded, stated_accuracy):
+@pytest.mark.parametrize("task", [t for t in tasks.TASKS if t != "passkey"])
+def test_embedded_model_reaches_its_stated_task_accuracy(embedded, stated_accuracy, task):
     model, tok = embedded
-    for task in ("mqar", "copy"):
-        stated = stated_accuracy[task]["1024"]
-        measured = task_accuracy(model, tok, task, 1024, num_samples=16, seed=123)
-        assert measured >= stated - ACCURACY_MARGIN, (task, measured, stated)
+    stated = stated_accuracy[task]["1024"]
+    measured = task_accuracy(model, tok, task, 1024, num_samples=16, seed=123)
+    assert measured >= stated - ACCURACY_MARGIN, (task, measured, stated)
 
 
 def test_generate_path_agrees_with_teacher_forced_scoring(embedded):
@@ -177,3 +253,54 @@ def test_induction_sample_repeats_a_span_of_distinct_tokens(length):
     assert (s.weights[1 + n:length - n] == np.float32(0.1)).all() and s.weights[length - n] == 0.0
     with pytest.raises(ValueError, match="at least 17"):
         tasks.induction_sample(16, np.random.default_rng(0))
+
+
+def test_training_samples_mix_every_task_and_keep_passkey_digits_unique():
+    rng = np.random.default_rng(3)
+    seen = set()
+    digits = {tasks.TOKEN_ID[d] for d in tasks.DIGITS}
+    for length in (64, 512):
+        for _ in range(50):
+            s = tasks.training_sample(length, rng)
+            seen.update(t for t, _, _ in s.answers)
+            context = s.input_ids[:s.context_end].tolist()
+            for task, a, b in s.answers:
+                if task == "passkey":
+                    # Vartrack digits never reuse a passkey digit: each has one earlier occurrence.
+                    assert all(context.count(d) == 1 for d in s.input_ids[a:b].tolist())
+                    assert set(s.input_ids[a:b].tolist()) <= digits
+    assert seen == set(tasks.TASKS)
+
+
+def test_new_tasks_need_every_needle(embedded):
+    """What the policy zoo relies on: vartrack's second hop reads its own needle (remove it and
+    the hop fails while the first stays right), and aggregate counts votes (leave the winner one
+    vote of its four and the runner-up wins)."""
+    model, _ = embedded
+    T, blank = tasks.TOKEN_ID, tasks.ids("a cat sleeps .")
+    rows, checks = [], []  # checks: (row, position, expected token, kind)
+    for s in task_samples("vartrack", 384, 4, seed=1):
+        rows.append(s.input_ids)
+        for _, a, _ in s.answers:
+            checks += [(len(rows) - 1, a - 1, s.input_ids[a], "hop1"), (len(rows) - 1, a, s.input_ids[a + 1], "hop2")]
+            cut = s.input_ids.copy()
+            pos = next(i for i in range(s.context_end) if cut[i] == cut[a] and cut[i - 1] == T["var"])
+            cut[pos - 1:pos + 3] = blank
+            rows.append(cut)
+            checks.append((len(rows) - 1, a, s.input_ids[a + 1], "hop2 without its needle"))
+    for s in task_samples("aggregate", 384, 4, seed=1):
+        (_, a, _), ids = s.answers[0], s.input_ids.copy()
+        votes = [i for i in range(s.context_end) if ids[i] == T["vote"]]
+        others = [ids[i + 1] for i in votes if ids[i + 1] != ids[a]]
+        for i in [i for i in votes if ids[i + 1] == ids[a]][:3]:
+            ids[i:i + 3] = blank[1:]
+        rows.append(ids)
+        checks.append((len(rows) - 1, a - 1, max(set(others), key=others.count), "runner-up after cutting votes"))
+    with torch.no_grad():
+        predicted = model(input_ids=torch.from_numpy(np.stack(rows))).logits.argmax(-1).numpy()
+    right = {}
+    for row, pos, expected, kind in checks:
+        right.setdefault(kind, []).append(bool(predicted[row, pos] == expected))
+    assert all(right["hop1"]) and sum(right["hop2"]) >= len(right["hop2"]) - 1, right
+    assert sum(right["hop2 without its needle"]) <= 1, right  # a lucky guess of the digit at most
+    assert sum(right["runner-up after cutting votes"]) >= 3, right
