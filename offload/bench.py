@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # subcommand -> module in offload.benchmarks with main(argv)
-BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels"}
+BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels", "policies": "policies"}
 
 
 def _floats(text: str) -> list[float]:

@@ -31,18 +31,55 @@ def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if not softcap else torch.tanh(scores / softcap) * softcap
 
 
-def dense_attention_scores(query, keys, values, visible, scale, softcap: float | None = None):
-    """`dense_attention`, and the masked scores it computed: [B, H, Q, T] float32 (-inf where hidden).
+def dense_attention_scores(query, keys, values, visible, scale, softcap: float | None = None,
+                           score_rows: int | None = None):
+    """`dense_attention`, and the masked scores it computed: [B, H, R, T] float32 (-inf where hidden)
+    for the last R = `score_rows` query rows (default: all).
 
-    A key's score is its own log-sum-exp, so callers get per-key attention mass without a second q.k."""
+    A key's score is its own log-sum-exp, so callers get per-key attention mass without a second q.k.
+    When only some rows' scores are wanted (prefill), the output and lse of every row come from
+    torch's fused CPU flash-attention kernel and the scores from the plain path for those rows."""
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
     if kv_len == 0:
+        rows = q_len if score_rows is None else min(score_rows, q_len)
         return (
             torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device),
             torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device),
-            torch.zeros(bsz, num_heads, q_len, 0, dtype=torch.float32, device=query.device),
+            torch.zeros(bsz, num_heads, rows, 0, dtype=torch.float32, device=query.device),
         )
+    if score_rows is not None and score_rows < q_len and not softcap and query.device.type == "cpu":
+        out, lse = _fused_attention(query, keys, values, visible, scale)
+        rows_visible = visible[..., q_len - score_rows :, :]
+        _, _, scores = _dense(query[:, :, q_len - score_rows :], keys, values, rows_visible, scale, softcap)
+        return out, lse, scores
+    out, lse, scores = _dense(query, keys, values, visible, scale, softcap)
+    return out, lse, scores if score_rows is None else scores[:, :, max(0, q_len - score_rows) :]
+
+
+def _fused_attention(query, keys, values, visible, scale):
+    """(out, lse) of every row through aten's CPU flash-attention kernel; rows with no visible key
+    give zeros and -inf like the plain path."""
+    num_heads, num_kv_heads = query.shape[1], keys.shape[1]
+    group = num_heads // num_kv_heads
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    # visible [B, Q, T] (every head) or [B, H_kv, Q, T]: an additive mask broadcast over heads
+    mask_vis = visible[:, None] if visible.dim() == 3 else visible.repeat_interleave(group, dim=1)
+    mask = torch.zeros(mask_vis.shape, dtype=torch.float32, device=query.device).masked_fill_(~mask_vis, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.float().contiguous(), k.contiguous(), v.contiguous(), 0.0, False, attn_mask=mask, scale=scale)
+    none = ~mask_vis.any(dim=-1)  # [B, 1 or H, Q]: rows that see no key
+    if bool(none.any()):
+        none = none.expand(-1, num_heads, -1)
+        out = out.masked_fill(none[..., None], 0.0)
+        lse = lse.masked_fill(none, float("-inf"))
+    return out.float(), lse.float()
+
+
+def _dense(query, keys, values, visible, scale, softcap):
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
     # Group query heads per KV head so K/V are read once per group, never repeated in memory.
     q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)

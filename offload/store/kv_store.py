@@ -287,7 +287,7 @@ class KVStore:
         if chosen is not None and table.rules.sparse and any(i is not None for i in chosen.interpolation):
             out, lse = selection.interpolate(out, lse, chosen, new_valid)
         table.scores = self.scorer.update(table.scores, result.page_mass)
-        selection.observe(table, result.head_mass, decode)
+        selection.observe(table, result.head_mass, decode, layer_plan.observe)
         table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()
         old_lengths = list(table.length)
         for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):

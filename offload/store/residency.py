@@ -107,7 +107,8 @@ class Residency:
         room = rules.slots_per_seq - 1 - len(required) - len(table.inflight[b])
         if rules.local:
             room = 0  # a sliding or chunked layer keeps what its next query sees, nothing else
-        others = [p for p in range(n) if p not in required and p not in table.inflight[b]]
+        alive = table.alive(b).tolist()
+        others = [p for p in range(n) if alive[p] and p not in required and p not in table.inflight[b]]
         wanted = set(required)
         if others and room > 0:
             if room >= len(others):

@@ -109,10 +109,12 @@ def drop_unkept(table: PageTable, selection: Selection) -> None:
             table.drop_page(b, p)
 
 
-def observe(table: PageTable, head_mass: torch.Tensor, decode: bool) -> None:
-    """Record a step's attention mass per KV head and page [B, H_kv, max_pages + 1]."""
+def observe(table: PageTable, head_mass: torch.Tensor, decode: bool, rows: int) -> None:
+    """Record a step's attention mass per KV head and page [B, H_kv, max_pages + 1], summed over
+    `rows` observed query rows: accumulated as is (H2O), and per row as the last step's (TOVA), so
+    a page's stale score from a many-row prefill compares fairly with a one-row decode step's."""
     table.acc_mass += head_mass
-    table.last_mass = torch.where(head_mass > 0, head_mass, table.last_mass)
+    table.last_mass = torch.where(head_mass > 0, head_mass / max(1, rows), table.last_mass)
     if not decode:
         table.prompt_open = True
 

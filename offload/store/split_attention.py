@@ -78,8 +78,8 @@ class SplitAttention:
             head_keep = plan.head_keep.to(key_pos.device)
             seen = head_keep.gather(2, page[:, None, :].expand(-1, head_keep.shape[1], -1))  # [B, H_kv, T_dev]
             visible = visible[:, None, :, :] & seen[:, :, None, :]
-        out_d, lse_d, scores = dense_attention_scores(query, keys, values, visible, scale, softcap)
-        key_lse = scores[:, :, scores.shape[2] - observe :]  # a key's score is its own log-sum-exp
+        out_d, lse_d, key_lse = dense_attention_scores(query, keys, values, visible, scale, softcap, score_rows=observe)
+        # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
         table.counters.device_attn_s += time.perf_counter() - start
 
         if has_host:
