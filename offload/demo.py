@@ -21,12 +21,14 @@ from offload.sizes import format_bytes
 
 
 def needle_prompt(tokenizer, context_tokens: int, seed: int):
-    """The embedded tasks' pass-key sample: (prompt ids [1, T], answer ids [n])."""
+    """The embedded tasks' pass-key sample: (prompt ids [1, T], answer ids [n], context length:
+    the prompt's tokens before the question)."""
     from offload.models import tasks
 
     sample = tasks.eval_sample("passkey", context_tokens, np.random.default_rng(seed))
     _, start, end = sample.answers[0]
-    return torch.from_numpy(sample.input_ids[None, :start].copy()), torch.from_numpy(sample.input_ids[start:end].copy())
+    return (torch.from_numpy(sample.input_ids[None, :start].copy()), torch.from_numpy(sample.input_ids[start:end].copy()),
+            sample.context_end)
 
 
 def load(path: str | None):
@@ -76,17 +78,19 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer, name, embedded = load(args.model)
     if embedded:
-        prompt, answer = needle_prompt(tokenizer, args.prompt_tokens, args.seed)
+        prompt, answer, context_end = needle_prompt(tokenizer, args.prompt_tokens, args.seed)
         new_tokens = len(answer)
         question = tokenizer.decode(prompt[0, -12:].tolist())
         print(f"model: {name}")
         print(f"task: a pass key hidden in {prompt.shape[1]} tokens of filler; the prompt ends '... {question}'")
         print(f"expected answer: {tokenizer.decode(answer.tolist())}")
+        print("strict protocol: the context is prefilled first; the question then goes through the KV policy "
+              "as a decode step, so the answer depends on what the policy kept")
     else:
         prompt_tokens = fit_prompt(model, args.prompt_tokens, args.new_tokens)
         torch.manual_seed(args.seed)
         prompt = torch.randint(3, model.config.vocab_size, (1, prompt_tokens))
-        new_tokens, answer = args.new_tokens, None
+        new_tokens, answer, context_end = args.new_tokens, None, None
         print(f"model: {name}; random prompt of {prompt.shape[1]} tokens, {new_tokens} new")
     total = prompt.shape[1] + new_tokens
     kv = kv_bytes(model, total)
@@ -110,8 +114,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== mode={mode} ===")
         print(f"config: {om.config}")
         start = time.perf_counter()
+        cache = None
+        if context_end is not None:  # strict: the context alone first, then the question as a decode step
+            cache = om.new_cache(1, total)
+            with torch.inference_mode():
+                om(prompt[:, :context_end], past_key_values=cache)
         out = om.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False)
+                          min_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
         elapsed = time.perf_counter() - start
         om.unwrap()
         new = out[0, prompt.shape[1] :]

@@ -99,7 +99,7 @@ def task_samples(task: str, context_tokens: int, num_samples: int, seed: int = 0
 @torch.no_grad()
 def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: int, num_samples: int,
                   seed: int = 0, generate_fn: GenerateFn | None = None, batch_size: int = 4,
-                  score_fn: ScoreFn | None = None) -> float:
+                  score_fn: ScoreFn | None = None, strict: bool = True) -> float:
     """Exact-match accuracy on `num_samples` seeded `tasks.eval_sample(task, context_tokens)`.
 
     An answer counts as right when every token of it is right: all five passkey digits, the
@@ -108,10 +108,11 @@ def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: in
     Without `generate_fn`, one teacher-forced forward pass per batch scores every answer (its
     greedy continuation is right exactly when each answer token is the argmax given the right
     ones before it). With `generate_fn`, each answer is generated greedily from its prompt.
-    With `score_fn`, each sample is prefilled once up to its first answer and the rest (questions
-    and answers) is fed as decode steps, scored like the forward pass: one prefill per sample
-    instead of one per answer, and the answers are read in decode steps, where sparse attention
-    and prefetch act.
+    With `score_fn`, each sample's context is prefilled once (up to `Sample.context_end`) and the
+    questions and answers are fed as decode steps, scored like the forward pass: the strict
+    protocol, where every answer depends on what a KV policy kept (kvpress's: a press sees the
+    context, never the question). `strict=False` prefills up to the first answer instead, question
+    included (the lenient number). With the full cache both equal the forward pass.
     """
     if generate_fn is not None and score_fn is not None:
         raise ValueError("pass generate_fn or score_fn, not both")
@@ -130,7 +131,7 @@ def task_accuracy(model, tokenizer: WordTokenizer, task: str, context_tokens: in
                     total += 1
     elif score_fn is not None:
         for sample in samples:
-            start = min(a for _, a, _ in sample.answers)
+            start = sample.context_end if strict else min(a for _, a, _ in sample.answers)
             end = max(b for _, _, b in sample.answers)
             ids = torch.from_numpy(sample.input_ids[None, :end].copy())
             predicted = score_fn(ids, start)
