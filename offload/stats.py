@@ -34,6 +34,7 @@ class OffloadStats:
     dropped_bytes: int = 0  # ... their bytes: how much the KV footprint shrank
     kv_bytes: int = 0  # bytes of the complete pages this request holds now (all layers and sequences)
     gathered_bytes: int = 0  # host pages read into the device part (per-head selections)
+    merged_pages: int = 0  # merging policies: pages merged into one token per KV head
     policy_read_bytes: int = 0  # keys a policy read to choose pages (SparQ, the oracle)
     oracle_pages: int = 0  # measured runs (KVStore.measure): the oracle's top pages, per KV head and step
     oracle_hits: int = 0  # ... of which the policy kept

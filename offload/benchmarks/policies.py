@@ -32,7 +32,8 @@ from offload.policies import POLICIES
 
 DEFAULT_BUDGETS = (5.0, 10.0, 25.0, 50.0)
 DEFAULT_LENGTHS = (1024, 2048, 4096)
-DEFAULT_POLICIES = ("oracle", "quest", "sparq", "tova", "h2o", "snapkv", "pyramidkv", "fastgen", "streaming", "window")
+DEFAULT_POLICIES = ("oracle", "quest", "sparq", "tova", "h2o", "kvmerger", "snapkv", "pyramidkv", "fastgen", "streaming",
+                    "window")
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 
@@ -193,6 +194,21 @@ def perplexity_rows(model_path: Path, text_path: Path, context: int, eval_tokens
     return rows
 
 
+def load(path: Path, meta: dict) -> Results:
+    """Results from an earlier run's JSON (to resume it); `meta` replaces its meta, keeping its command."""
+    data = json.loads(path.read_text())
+    if data["meta"].get("samples") != meta["samples"]:
+        raise SystemExit(f"--resume: {path} has {data['meta'].get('samples')} samples per cell, not {meta['samples']}")
+    meta = {**meta, "command": data["meta"]["command"] + " ; then " + meta["command"],
+            "policies": list(dict.fromkeys(data["meta"]["policies"] + meta["policies"])),
+            "tasks": list(dict.fromkeys(data["meta"]["tasks"] + meta["tasks"]))}
+    results = Results(meta)
+    results.full_cache = {task: {int(n): acc for n, acc in by_length.items()} for task, by_length in data["full_cache"].items()}
+    results.cells = [Cell(**c) for c in data["cells"]]
+    results.perplexity = [Perplexity(**p) for p in data["perplexity"]]
+    return results
+
+
 def write(results: Results, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"meta": results.meta, "full_cache": results.full_cache, "cells": [asdict(c) for c in results.cells],
@@ -305,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppl-context", type=int, default=2048)
     parser.add_argument("--ppl-eval", type=int, default=128, help="text tokens scored as decode steps")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 policies, 1 budget, 1 length, 2 samples")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cells already in --out's JSON (same samples) and run only the missing ones")
     parser.add_argument("--out", type=Path, default=Path("bench/results/policies"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -320,25 +338,36 @@ def main(argv: list[str] | None = None) -> None:
             "samples": args.samples, "machine": _machine(), "policies": args.policies, "tasks": args.tasks,
             "ppl_context": args.ppl_context, "ppl_eval": args.ppl_eval, "torch": torch.__version__}
     results = Results(meta)
+    if args.resume and args.out.with_suffix(".json").exists():
+        results = load(args.out.with_suffix(".json"), meta)
+    done = {(c.policy, c.effect, c.budget_pct, c.task, c.length) for c in results.cells}
     effects = {p: (["demote", "drop"] if args.drop and POLICIES[p].evicts else ["demote"]) for p in args.policies}
     total = sum(len(effects[p]) for p in args.policies) * len(args.budgets) * len(args.tasks) * len(args.lengths)
     has_ppl = args.ppl_model.exists() and args.ppl_text.exists()
     progress = tqdm(total=total + (len(args.policies) * len(args.budgets) if has_ppl else 0), desc="policies")
     for task in args.tasks:
         for length in args.lengths:
+            todo = [(p, e, pct) for p in args.policies for pct in args.budgets for e in effects[p]
+                    if (p, e, pct, task, length) not in done]
+            progress.update(total // (len(args.tasks) * len(args.lengths)) - len(todo))
+            if not todo:
+                continue
             samples = embedded.task_samples(task, length, args.samples, seed=1)
             full_preds = _full_predictions(model, samples)
             results.full_cache.setdefault(task, {})[length] = _full_accuracy(samples, full_preds)
-            for policy in args.policies:
-                for pct in args.budgets:
-                    for effect in effects[policy]:
-                        results.cells.append(run_task_cell(model, samples, policy, effect, pct, task, length,
-                                                           full_preds, args.lenient))
-                        progress.update(1)
+            for policy, effect, pct in todo:
+                results.cells.append(run_task_cell(model, samples, policy, effect, pct, task, length, full_preds,
+                                                   args.lenient))
+                progress.update(1)
             write(results, args.out)  # partial results survive an interrupted run
     if has_ppl:
-        results.perplexity = perplexity_rows(args.ppl_model, args.ppl_text, args.ppl_context, args.ppl_eval,
-                                             args.policies, args.budgets, progress)
+        measured = {(p.policy, p.budget_pct) for p in results.perplexity}
+        wanted = [p for p in args.policies if any((p, pct) not in measured for pct in args.budgets)]
+        progress.update((len(args.policies) - len(wanted)) * len(args.budgets))
+        rows = perplexity_rows(args.ppl_model, args.ppl_text, args.ppl_context, args.ppl_eval, wanted, args.budgets,
+                               progress) if wanted else []
+        if rows:
+            results.perplexity = rows[:1] + [p for p in results.perplexity[1:] if p.policy not in wanted] + rows[1:]
     progress.close()
     write(results, args.out)
     print(args.out.with_suffix(".md").read_text())

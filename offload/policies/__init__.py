@@ -14,6 +14,7 @@ from offload.policies.base import (EvictionCandidates, EvictionOrder, Interpolat
 from offload.policies.criticality import CriticalityOrder
 from offload.policies.fastgen import FastGenPolicy
 from offload.policies.h2o import H2OPolicy
+from offload.policies.kvmerger import KVMergerPolicy
 from offload.policies.lru import LRUOrder
 from offload.policies.oracle import OraclePolicy
 from offload.policies.pyramidkv import PyramidKVPolicy
@@ -29,7 +30,7 @@ SCORERS: dict[str, type[PageScorer]] = {cls.name: cls for cls in (AttentionMassS
 EVICTION_ORDERS: dict[str, type[EvictionOrder]] = {cls.name: cls for cls in (CriticalityOrder, LRUOrder)}
 POLICIES: dict[str, type[KVPolicy]] = {cls.name: cls for cls in (
     QuestPolicy, WindowPolicy, StreamingPolicy, H2OPolicy, TOVAPolicy, SnapKVPolicy, PyramidKVPolicy, FastGenPolicy,
-    SparQPolicy, OraclePolicy)}
+    SparQPolicy, OraclePolicy, KVMergerPolicy)}
 EFFECTS = ("demote", "drop")
 
 

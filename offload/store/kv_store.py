@@ -31,7 +31,8 @@ from offload.store import budget
 from offload.store.append import append, finish_tail
 from offload.store.device_cache import DeviceCache
 from offload.store.layout import KVLayout
-from offload.store import selection
+from offload.kernels import merge_partials
+from offload.store import merging, selection
 from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan
 from offload.store.pools import PagePool
 from offload.store.prefix_tree import PrefixTree
@@ -278,6 +279,9 @@ class KVStore:
             chosen = selection.select(table, self.policy, query, layer, self.layout.num_layers, scale, self.measure)
             count_needed(table, chosen.needed)
         self.residency.complete_copies(table)
+        merges = chosen is not None and self.policy.merges and table.rules.sparse
+        if merges:  # before dropping: a page's merged token is made from its home copy
+            merging.merge_unkept(table, chosen.keep)
         if chosen is not None and self.drops:
             selection.drop_unkept(table, chosen)
         layer_plan = plan(table, new_valid, chosen.attend if chosen else None, decode,
@@ -286,6 +290,10 @@ class KVStore:
         out, lse = result.out, result.lse
         if chosen is not None and table.rules.sparse and any(i is not None for i in chosen.interpolation):
             out, lse = selection.interpolate(out, lse, chosen, new_valid)
+        if merges:
+            merged = merging.attend_merged(table, query, chosen.keep, new_valid, scale)
+            if merged is not None:
+                out, lse = merge_partials(out, lse, *merged)
         table.scores = self.scorer.update(table.scores, result.page_mass)
         selection.observe(table, result.head_mass, decode, layer_plan.observe)
         table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()

@@ -46,6 +46,7 @@ class LayerCounters:
     oracle_hits: int = 0  # ... of which the policy kept
     mass_missed: float = 0.0  # measured runs: exact attention mass on pages the policy left out
     mass_measured_rows: int = 0  # query rows (x heads) measured
+    merged_pages: int = 0  # merging policies: pages merged into one token per KV head
 
 
 @dataclass(slots=True)
@@ -110,6 +111,10 @@ class PageTable:
         self.prompt_open = False  # a prefill step ran since the last decode step
         self.policy_state: list[dict] = [{} for _ in range(batch_size)]
         self.value_sum = torch.zeros(batch_size, layout.num_kv_heads, layout.head_dim, dtype=torch.float32)
+        # Merging policies (store/merging.py): one merged key/value per page and KV head, made lazily.
+        self.merged_k: torch.Tensor | None = None  # [B, max_pages, H_kv, D] float32
+        self.merged_v: torch.Tensor | None = None
+        self.merged_valid: torch.Tensor | None = None  # [B, max_pages] bool
 
     # ------------------------------------------------------------------ state
     def num_complete(self, b: int) -> int:
@@ -239,6 +244,10 @@ class PageTable:
             grown = torch.zeros(bsz, old.shape[1], max_pages + 1, dtype=torch.float32)
             grown[:, :, : self.max_pages] = old[:, :, : self.max_pages]
             setattr(self, name, grown)
+        if self.merged_k is not None:
+            pad = torch.zeros(bsz, extra, *self.merged_k.shape[2:])
+            self.merged_k, self.merged_v = torch.cat([self.merged_k, pad], 1), torch.cat([self.merged_v, pad], 1)
+            self.merged_valid = torch.cat([self.merged_valid, torch.zeros(bsz, extra, dtype=torch.bool)], 1)
         self.max_pages = max_pages
 
     # ------------------------------------------------------------------ shared pages
@@ -299,6 +308,8 @@ class PageTable:
         self.scores[b, keep_pages:] = 0.0
         for mass in (self.acc_mass, self.last_mass, self.prompt_mass):
             mass[b, :, keep_pages:] = 0.0
+        if self.merged_valid is not None:
+            self.merged_valid[b, keep_pages:] = False
         self.issued[b] = {p for p in self.issued[b] if p < keep_pages}
         self.last_needed[b] = {p for p in self.last_needed[b] if p < keep_pages}
         self.length[b] = new_length
@@ -369,6 +380,8 @@ class PageTable:
         self.prompt_length = [self.prompt_length[i] for i in order]
         self.policy_state = [dict(self.policy_state[i]) for i in order]
         self.value_sum = self.value_sum[idx]
+        if self.merged_k is not None:
+            self.merged_k, self.merged_v, self.merged_valid = self.merged_k[idx], self.merged_v[idx], self.merged_valid[idx]
         if self.key_min is not None:
             dev_idx = idx.to(self.key_min.device)
             self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]

@@ -18,7 +18,7 @@ LAYER_SUMS = (
     "device_attn_s", "host_attn_s", "stall_s", "needed_pages", "needed_on_device", "prefetch_issued_pages",
     "prefetch_hit_pages", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
     "dropped_pages", "gathered_bytes", "policy_read_bytes", "oracle_pages", "oracle_hits", "mass_missed",
-    "mass_measured_rows",
+    "mass_measured_rows", "merged_pages",
 )
 
 
@@ -94,7 +94,12 @@ class Request:
                 setattr(stats, name, getattr(stats, name) + counters[name])
             stats.per_layer.append({"layer": idx, "pages_resident": resident, "pages_total": total, **counters})
         stats.dropped_bytes = stats.dropped_pages * self.store.layout.page_bytes
-        stats.kv_bytes = sum(int(t.alive(b).sum()) for t in self.tables for b in range(t.batch_size)) * self.store.layout.page_bytes
+        layout = self.store.layout
+        stats.kv_bytes = sum(int(t.alive(b).sum()) for t in self.tables for b in range(t.batch_size)) * layout.page_bytes
+        # A dropped page's merged token (one key and value per KV head) is what remains of it.
+        merged = sum(int((t.merged_valid[b, : t.num_complete(b)] & ~t.alive(b)).sum())
+                     for t in self.tables if t.merged_valid is not None for b in range(t.batch_size))
+        stats.kv_bytes += merged * layout.page_bytes // layout.page_size
         return stats
 
     def release(self) -> None:

@@ -186,3 +186,41 @@ def test_every_policy_stays_within_budget_and_never_keeps_a_dropped_page(name):
         assert (keep.sum(dim=1) <= budget).all()
         if budget >= 10:
             assert keep.equal(alive[None].expand(HKV, -1)), "a budget >= the context keeps everything"
+
+
+def test_kvmerger_keeps_like_h2o():
+    acc = mass({1: 5.0, 3: 4.0, 9: 9.0}, {2: 3.0, 5: 6.0, 8: 7.0})
+    assert kept(POLICIES["kvmerger"](config()).keep(view(budget=4, acc=acc))) == [[1, 3, 8, 9], [2, 5, 8, 9]]
+
+
+def test_a_merged_page_of_identical_keys_attends_exactly_like_the_page():
+    """One merged token weighing page_size tokens: exact when the page's keys are all alike."""
+    import math
+
+    from offload.store.merging import merge_page
+
+    gen = torch.Generator().manual_seed(4)
+    key = torch.randn(HKV, D, generator=gen)
+    keys, values = key.expand(PS, -1, -1).clone(), torch.randn(PS, HKV, D, generator=gen)
+    merged_k, merged_v = merge_page(keys, values)
+    torch.testing.assert_close(merged_k, key)
+    torch.testing.assert_close(merged_v, values.mean(dim=0))
+    q = torch.randn(HKV, D, generator=gen)
+    other_k, other_v = torch.randn(3, HKV, D, generator=gen), torch.randn(3, HKV, D, generator=gen)
+    exact_scores = torch.cat([(keys * q).sum(-1), (other_k * q).sum(-1)])  # [PS + 3, H_kv]
+    exact = (exact_scores.softmax(0)[..., None] * torch.cat([values, other_v])).sum(0)
+    merged_scores = torch.cat([(merged_k * q).sum(-1)[None] + math.log(PS), (other_k * q).sum(-1)])
+    approx = (merged_scores.softmax(0)[..., None] * torch.cat([merged_v[None], other_v])).sum(0)
+    torch.testing.assert_close(approx, exact)
+
+
+def test_merge_weights_favour_the_tokens_near_the_pivot():
+    from offload.store.merging import merge_page
+
+    keys = torch.zeros(PS, 1, 2)
+    keys[:, 0, 0] = 1.0
+    keys[-1, 0] = torch.tensor([0.0, 5.0])  # an outlier
+    values = torch.arange(PS, dtype=torch.float32)[:, None, None].expand(PS, 1, 2)
+    merged_k, merged_v = merge_page(keys, values)
+    assert float(merged_k[0, 1]) < 5.0 / PS  # the outlier weighs less than a plain mean
+    assert float(merged_v[0, 0]) < values[:, 0, 0].mean()

@@ -1,0 +1,87 @@
+"""Merged pages (`KVPolicy.merges`, e.g. `kvmerger`): a page the policy leaves out becomes one
+merged token per KV head, attended as a third partial beside the device and host parts and
+combined with them by log-sum-exp like every other partial.
+
+A page is merged once, when it first leaves a head's kept set (its keys and values are read from
+the host and counted as bytes the policy read); the merged tokens live in the page table, so a
+dropped page's merged token outlives the page.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from offload.store.page_table import PageTable
+
+
+def merge_page(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys/values [ps, H_kv, D] -> the merged key and value [H_kv, D]: Gaussian-kernel weighted
+    means around the pivot (the medoid: the token with the highest mean cosine similarity to the
+    page's other keys, so an outlier never leads)."""
+    k, v = keys.float(), values.float()
+    unit = torch.nn.functional.normalize(k, dim=-1).transpose(0, 1)  # [H_kv, ps, D]
+    similarity = torch.matmul(unit, unit.transpose(1, 2)).mean(dim=-1)  # [H_kv, ps]
+    pivot = k.gather(0, similarity.argmax(dim=-1)[None, :, None].expand(1, -1, k.shape[-1]))  # [1, H_kv, D]
+    dist = ((k - pivot) ** 2).sum(dim=-1)  # [ps, H_kv]
+    sigma2 = dist.mean(dim=0, keepdim=True).clamp(min=1e-12)
+    weight = torch.exp(-dist / (2 * sigma2))
+    weight = weight / weight.sum(dim=0, keepdim=True)
+    return (weight[..., None] * k).sum(dim=0), (weight[..., None] * v).sum(dim=0)
+
+
+def merge_unkept(table: PageTable, keep: list[torch.Tensor]) -> None:
+    """Merge every alive page some KV head no longer keeps (keep[b]: [H_kv, num_complete])."""
+    if table.merged_k is None:
+        shape = (table.batch_size, table.max_pages, table.layout.num_kv_heads, table.layout.head_dim)
+        table.merged_k, table.merged_v = torch.zeros(shape), torch.zeros(shape)
+        table.merged_valid = torch.zeros(table.batch_size, table.max_pages, dtype=torch.bool)
+    for b, kept in enumerate(keep):
+        n = kept.shape[1]
+        new = (table.alive(b) & ~kept.all(dim=0) & ~table.merged_valid[b, :n]).nonzero().flatten()
+        if not new.numel():
+            continue
+        ids = table.host_ids[b, new]
+        keys, values = table.host_pool.keys[ids], table.host_pool.values[ids]  # [m, ps, H_kv, D]
+        for i, page in enumerate(new.tolist()):
+            table.merged_k[b, page], table.merged_v[b, page] = merge_page(keys[i], values[i])
+        table.merged_valid[b, new] = True
+        table.counters.merged_pages += new.numel()
+        table.counters.policy_read_bytes += new.numel() * table.layout.page_bytes
+
+
+def attend_merged(table: PageTable, query: torch.Tensor, keep: list[torch.Tensor], new_valid: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(out [B, H, T, D], lse [B, H, T]) of the queries over the merged tokens of the pages each KV
+    head left out (each weighing as page_size tokens), or None if there are none."""
+    if table.merged_k is None:
+        return None
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv = table.layout.num_kv_heads
+    group = num_heads // num_kv
+    out = torch.zeros(bsz, num_heads, q_len, head_dim)
+    lse = torch.full((bsz, num_heads, q_len), float("-inf"))
+    found = False
+    for b, kept in enumerate(keep):
+        n = kept.shape[1]
+        pages = table.merged_valid[b, :n].nonzero().flatten()
+        if not pages.numel():
+            continue
+        shown = ~kept[:, pages]  # [H_kv, m]: a head sees a merged token where it left the page out
+        if not shown.any():
+            continue
+        found = True
+        mk = table.merged_k[b, pages].permute(1, 0, 2).repeat_interleave(group, dim=0)  # [H, m, D]
+        mv = table.merged_v[b, pages].permute(1, 0, 2).repeat_interleave(group, dim=0)
+        scores = torch.matmul(query[b].float().cpu(), mk.transpose(1, 2)) * scale + math.log(table.layout.page_size)
+        visible = shown.repeat_interleave(group, dim=0)[:, None, :] & new_valid[b].cpu()[None, :, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [H, T]
+        finite = torch.isfinite(row_lse)
+        probs = torch.exp(scores - torch.where(finite, row_lse, torch.zeros_like(row_lse))[..., None])
+        out[b] = torch.matmul(probs, mv)
+        lse[b] = row_lse
+    if not found:
+        return None
+    return out.to(query.device), lse.to(query.device)
