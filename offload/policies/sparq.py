@@ -39,6 +39,7 @@ class SparQPolicy(KVPolicy):
     evicts = False
     per_head = True
     reads_keys = True
+    needs_mean_values = True
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -296,7 +296,8 @@ class KVStore:
                 out, lse = merge_partials(out, lse, *merged)
         table.scores = self.scorer.update(table.scores, result.page_mass)
         selection.observe(table, result.head_mass, decode, layer_plan.observe)
-        table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()
+        if table.value_sum is not None:
+            table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()
         old_lengths = list(table.length)
         for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
             if new_valid[b].any():

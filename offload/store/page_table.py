@@ -77,7 +77,8 @@ CROP_MARGIN = 64
 
 
 class PageTable:
-    def __init__(self, layout: KVLayout, batch_size: int, max_pages: int, host_pool: PagePool) -> None:
+    def __init__(self, layout: KVLayout, batch_size: int, max_pages: int, host_pool: PagePool,
+                 track_values: bool = False) -> None:
         self.layout = layout
         self.batch_size = batch_size
         self.max_pages = max_pages
@@ -110,7 +111,9 @@ class PageTable:
         self.prompt_length = [-1] * batch_size
         self.prompt_open = False  # a prefill step ran since the last decode step
         self.policy_state: list[dict] = [{} for _ in range(batch_size)]
-        self.value_sum = torch.zeros(batch_size, layout.num_kv_heads, layout.head_dim, dtype=torch.float32)
+        # The sum of every stored value (SparQ's mean value), kept only for policies that read it.
+        self.value_sum = (torch.zeros(batch_size, layout.num_kv_heads, layout.head_dim, dtype=torch.float32)
+                          if track_values else None)
         # Merging policies (store/merging.py): one merged key/value per page and KV head, made lazily.
         self.merged_k: torch.Tensor | None = None  # [B, max_pages, H_kv, D] float32
         self.merged_v: torch.Tensor | None = None
@@ -132,7 +135,8 @@ class PageTable:
             self.device_pool.decref(int(self.slots[b, p]))
             self.slots[b, p] = -1
         host_id = int(self.host_ids[b, p])
-        self.value_sum[b] -= self.host_pool.values[host_id].float().sum(dim=0).to(self.value_sum.device)
+        if self.value_sum is not None:
+            self.value_sum[b] -= self.host_pool.values[host_id].float().sum(dim=0).to(self.value_sum.device)
         self.host_pool.decref(host_id)
         self.host_ids[b, p] = -1
         self.scores[b, p] = 0.0
@@ -264,7 +268,8 @@ class PageTable:
         if tail is not None and tail[0].shape[0]:
             self.parked_tails[b] = tail
             self.length[b] += tail[0].shape[0]
-        self.value_sum[b] = self.stored_value_sum(b)
+        if self.value_sum is not None:
+            self.value_sum[b] = self.stored_value_sum(b)
 
     def drop_out_of_window(self, b: int, length: int | None = None) -> None:
         """Local layer: free (device and host) the pages no query from position `length` on (default:
@@ -322,7 +327,8 @@ class PageTable:
         elif pool is None and self.parked_tails[b] is not None:
             kept = self.parked_tails[b]
             self.parked_tails[b] = (kept[0][:cut], kept[1][:cut]) if cut else None
-        self.value_sum[b] = self.stored_value_sum(b)
+        if self.value_sum is not None:
+            self.value_sum[b] = self.stored_value_sum(b)
 
     def stored_value_sum(self, b: int) -> torch.Tensor:
         """[H_kv, D] float32: the sum of sequence b's stored values, recomputed from its pages."""
@@ -379,7 +385,8 @@ class PageTable:
         self.acc_mass, self.last_mass, self.prompt_mass = self.acc_mass[idx], self.last_mass[idx], self.prompt_mass[idx]
         self.prompt_length = [self.prompt_length[i] for i in order]
         self.policy_state = [dict(self.policy_state[i]) for i in order]
-        self.value_sum = self.value_sum[idx]
+        if self.value_sum is not None:
+            self.value_sum = self.value_sum[idx]
         if self.merged_k is not None:
             self.merged_k, self.merged_v, self.merged_valid = self.merged_k[idx], self.merged_v[idx], self.merged_valid[idx]
         if self.key_min is not None:

@@ -29,7 +29,8 @@ class Request:
         self.max_tokens = max_tokens
         layout = store.layout
         max_pages = layout.num_pages(max_tokens)
-        self.tables = [PageTable(layout, batch_size, max_pages, pool) for pool in store.host_pools]
+        track = store.policy.needs_mean_values
+        self.tables = [PageTable(layout, batch_size, max_pages, pool, track) for pool in store.host_pools]
         self.token_ids = torch.full((batch_size, max_tokens), -1, dtype=torch.long)  # -1: unknown
         self.rules: list[ResidencyRules] | None = None  # per layer, while active
         self.device_reserved_bytes = 0
