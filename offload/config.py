@@ -68,6 +68,7 @@ class OffloadConfig:
     pyramid_beta: float = 20.0
     sparq_rank: int = 0  # 0: head_dim / 8
     fastgen_recovery: float = 0.95
+    merge_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         self.device_budget = parse_bytes(self.device_budget, _name("device_budget"))
@@ -122,6 +123,7 @@ class OffloadConfig:
         self._check_int("sparq_rank", minimum=0)
         self._check_float("pyramid_beta", minimum=1.0)
         self._check_float("fastgen_recovery", minimum=0.0, maximum=1.0)
+        self._check_float("merge_threshold", minimum=-1.0, maximum=1.0)
         if isinstance(self.sparse_misses, str):
             self.sparse_misses = self.sparse_misses.lower()
         if self.sparse_misses not in SPARSE_MISSES:

@@ -106,7 +106,7 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("OFFLOAD_PREFIX_EVICTION", "prefix_eviction", _str,
                "Which cached prefix pages leave the host first when the host budget needs room (`lru`, `criticality`).", "lru"),
         EnvVar("OFFLOAD_POLICY", "policy", _str,
-               "KV policy: which pages a decode query attends within the token budget (`quest`, `window`, `streaming`, `h2o`, `tova`, `snapkv`, `pyramidkv`, `fastgen`, `sparq`, `kvmerger`, `oracle`; docs/policies.md). In exact mode it only decides residency.", "tova"),
+               "KV policy: which pages a decode query attends within the token budget (`quest`, `window`, `streaming`, `h2o`, `tova`, `snapkv`, `pyramidkv`, `fastgen`, `sparq`, `kvmerger`, `d2o`, `oracle`; docs/policies.md). In exact mode it only decides residency.", "tova"),
         EnvVar("OFFLOAD_POLICY_EFFECT", "policy_effect", _str,
                "What an eviction policy does to pages it leaves out: `demote` (off the device and out of attention, home copy kept, may return) or `drop` (freed in every tier; sparse mode only).", "drop"),
         EnvVar("OFFLOAD_OBSERVATION_WINDOW", "observation_window", _int,
@@ -117,6 +117,8 @@ ENV_VARS: dict[str, EnvVar] = {
                "`sparq`: query components used to approximate attention (0: head_dim / 8).", "4"),
         EnvVar("OFFLOAD_FASTGEN_RECOVERY", "fastgen_recovery", _float,
                "`fastgen`: share of a head's prompt attention its profile must recover, in [0, 1].", "0.9"),
+        EnvVar("OFFLOAD_MERGE_THRESHOLD", "merge_threshold", _float,
+               "`d2o`: least cosine similarity between a leaving page and a kept one for it to be merged (else it is dropped), in [-1, 1].", "0.7"),
     ]
 }
 

@@ -36,6 +36,7 @@ BAD_VALUES = {
     "OFFLOAD_PYRAMID_BETA": ["0.5", "steep", "nan"],
     "OFFLOAD_SPARQ_RANK": ["-1", "r"],
     "OFFLOAD_FASTGEN_RECOVERY": ["-0.1", "1.5", "most"],
+    "OFFLOAD_MERGE_THRESHOLD": ["-1.5", "2", "similar"],
 }
 
 

@@ -32,8 +32,8 @@ from offload.policies import POLICIES
 
 DEFAULT_BUDGETS = (5.0, 10.0, 25.0, 50.0)
 DEFAULT_LENGTHS = (1024, 2048, 4096)
-DEFAULT_POLICIES = ("oracle", "quest", "sparq", "tova", "h2o", "kvmerger", "snapkv", "pyramidkv", "fastgen", "streaming",
-                    "window")
+DEFAULT_POLICIES = ("oracle", "quest", "sparq", "tova", "h2o", "kvmerger", "d2o", "snapkv", "pyramidkv", "fastgen",
+                    "streaming", "window")
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 

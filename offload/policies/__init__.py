@@ -12,6 +12,7 @@ from offload.policies.attention_mass import AttentionMassScorer
 from offload.policies.base import (EvictionCandidates, EvictionOrder, Interpolation, KVPolicy, PageScorer, PageSelector,
                                    StepView, keep_order)
 from offload.policies.criticality import CriticalityOrder
+from offload.policies.d2o import D2OPolicy
 from offload.policies.fastgen import FastGenPolicy
 from offload.policies.h2o import H2OPolicy
 from offload.policies.kvmerger import KVMergerPolicy
@@ -30,7 +31,7 @@ SCORERS: dict[str, type[PageScorer]] = {cls.name: cls for cls in (AttentionMassS
 EVICTION_ORDERS: dict[str, type[EvictionOrder]] = {cls.name: cls for cls in (CriticalityOrder, LRUOrder)}
 POLICIES: dict[str, type[KVPolicy]] = {cls.name: cls for cls in (
     QuestPolicy, WindowPolicy, StreamingPolicy, H2OPolicy, TOVAPolicy, SnapKVPolicy, PyramidKVPolicy, FastGenPolicy,
-    SparQPolicy, OraclePolicy, KVMergerPolicy)}
+    SparQPolicy, OraclePolicy, KVMergerPolicy, D2OPolicy)}
 EFFECTS = ("demote", "drop")
 
 

@@ -167,6 +167,7 @@ class KVPolicy:
     reads_keys = False  # True: `keep` reads keys (not only summaries and observed mass)
     speculates = False  # True: speculative prefetch (the `selector`'s pages for a predicted query) serves it
     needs_mean_values = False  # True: `StepView.mean_values` is read (the store then tracks value sums)
+    binds_merges = False  # merging: True binds a merged token to its most similar kept page (D2O)
     merges = False  # True: each page left out is merged into one token per KV head and attended (store/merging.py)
 
     def __init__(self, config) -> None:

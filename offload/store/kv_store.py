@@ -281,7 +281,8 @@ class KVStore:
         self.residency.complete_copies(table)
         merges = chosen is not None and self.policy.merges and table.rules.sparse
         if merges:  # before dropping: a page's merged token is made from its home copy
-            merging.merge_unkept(table, chosen.keep)
+            merging.merge_unkept(table, chosen.keep,
+                                 self.config.merge_threshold if self.policy.binds_merges else None)
         if chosen is not None and self.drops:
             selection.drop_unkept(table, chosen)
         layer_plan = plan(table, new_valid, chosen.attend if chosen else None, decode,
@@ -291,7 +292,7 @@ class KVStore:
         if chosen is not None and table.rules.sparse and any(i is not None for i in chosen.interpolation):
             out, lse = selection.interpolate(out, lse, chosen, new_valid)
         if merges:
-            merged = merging.attend_merged(table, query, chosen.keep, new_valid, scale)
+            merged = merging.attend_merged(table, query, chosen.keep, new_valid, scale, self.policy.binds_merges)
             if merged is not None:
                 out, lse = merge_partials(out, lse, *merged)
         table.scores = self.scorer.update(table.scores, result.page_mass)

@@ -31,12 +31,17 @@ def merge_page(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, 
     return (weight[..., None] * k).sum(dim=0), (weight[..., None] * v).sum(dim=0)
 
 
-def merge_unkept(table: PageTable, keep: list[torch.Tensor]) -> None:
-    """Merge every alive page some KV head no longer keeps (keep[b]: [H_kv, num_complete])."""
+def merge_unkept(table: PageTable, keep: list[torch.Tensor], bind_threshold: float | None = None) -> None:
+    """Merge every alive page some KV head no longer keeps (keep[b]: [H_kv, num_complete]).
+
+    With `bind_threshold` (D2O), each merged token is also bound, per KV head, to the kept page
+    whose key centre is most similar to it (cosine >= the threshold), or to none (-1): then it is
+    attended only while that page is kept, and a page bound nowhere is discarded."""
     if table.merged_k is None:
         shape = (table.batch_size, table.max_pages, table.layout.num_kv_heads, table.layout.head_dim)
         table.merged_k, table.merged_v = torch.zeros(shape), torch.zeros(shape)
         table.merged_valid = torch.zeros(table.batch_size, table.max_pages, dtype=torch.bool)
+        table.merged_into = torch.full(shape[:3], -1, dtype=torch.long)
     for b, kept in enumerate(keep):
         n = kept.shape[1]
         new = (table.alive(b) & ~kept.all(dim=0) & ~table.merged_valid[b, :n]).nonzero().flatten()
@@ -49,10 +54,26 @@ def merge_unkept(table: PageTable, keep: list[torch.Tensor]) -> None:
         table.merged_valid[b, new] = True
         table.counters.merged_pages += new.numel()
         table.counters.policy_read_bytes += new.numel() * table.layout.page_bytes
+        if bind_threshold is not None:
+            _bind(table, b, new, kept, bind_threshold)
+
+
+def _bind(table: PageTable, b: int, pages: torch.Tensor, kept: torch.Tensor, threshold: float) -> None:
+    """Per KV head, the kept page (other than itself) most similar to each merged page, or -1."""
+    n = kept.shape[1]
+    centre = ((table.key_min[b, :n].float() + table.key_max[b, :n].float()) / 2).cpu()  # [n, H_kv, D]
+    merged = torch.nn.functional.normalize(table.merged_k[b, pages], dim=-1)  # [m, H_kv, D]
+    similarity = torch.einsum("mhd,nhd->hmn", merged, torch.nn.functional.normalize(centre, dim=-1))
+    allowed = kept[:, None, :].expand(-1, pages.numel(), -1).clone()  # [H_kv, m, n]
+    allowed[:, torch.arange(pages.numel()), pages] = False
+    similarity = similarity.masked_fill(~allowed, float("-inf"))
+    best, target = similarity.max(dim=-1)  # [H_kv, m]
+    bound = torch.where(best >= threshold, target, torch.full_like(target, -1))
+    table.merged_into[b, pages] = bound.T  # bound nowhere (every head -1): discarded
 
 
 def attend_merged(table: PageTable, query: torch.Tensor, keep: list[torch.Tensor], new_valid: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  scale: float, binds: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(out [B, H, T, D], lse [B, H, T]) of the queries over the merged tokens of the pages each KV
     head left out (each weighing as page_size tokens), or None if there are none."""
     if table.merged_k is None:
@@ -69,6 +90,9 @@ def attend_merged(table: PageTable, query: torch.Tensor, keep: list[torch.Tensor
         if not pages.numel():
             continue
         shown = ~kept[:, pages]  # [H_kv, m]: a head sees a merged token where it left the page out
+        if binds:
+            target = table.merged_into[b, pages].T  # [H_kv, m]: ... and (D2O) its page is still kept
+            shown &= (target >= 0) & kept.gather(1, target.clamp(min=0, max=n - 1))
         if not shown.any():
             continue
         found = True

@@ -118,6 +118,7 @@ class PageTable:
         self.merged_k: torch.Tensor | None = None  # [B, max_pages, H_kv, D] float32
         self.merged_v: torch.Tensor | None = None
         self.merged_valid: torch.Tensor | None = None  # [B, max_pages] bool
+        self.merged_into: torch.Tensor | None = None  # [B, max_pages, H_kv] long, D2O: the kept page bound to
 
     # ------------------------------------------------------------------ state
     def num_complete(self, b: int) -> int:
@@ -252,6 +253,7 @@ class PageTable:
             pad = torch.zeros(bsz, extra, *self.merged_k.shape[2:])
             self.merged_k, self.merged_v = torch.cat([self.merged_k, pad], 1), torch.cat([self.merged_v, pad], 1)
             self.merged_valid = torch.cat([self.merged_valid, torch.zeros(bsz, extra, dtype=torch.bool)], 1)
+            self.merged_into = torch.cat([self.merged_into, torch.full((bsz, extra, self.merged_into.shape[2]), -1)], 1)
         self.max_pages = max_pages
 
     # ------------------------------------------------------------------ shared pages
@@ -389,6 +391,7 @@ class PageTable:
             self.value_sum = self.value_sum[idx]
         if self.merged_k is not None:
             self.merged_k, self.merged_v, self.merged_valid = self.merged_k[idx], self.merged_v[idx], self.merged_valid[idx]
+            self.merged_into = self.merged_into[idx]
         if self.key_min is not None:
             dev_idx = idx.to(self.key_min.device)
             self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]

@@ -98,7 +98,9 @@ class Request:
         layout = self.store.layout
         stats.kv_bytes = sum(int(t.alive(b).sum()) for t in self.tables for b in range(t.batch_size)) * layout.page_bytes
         # A dropped page's merged token (one key and value per KV head) is what remains of it.
-        merged = sum(int((t.merged_valid[b, : t.num_complete(b)] & ~t.alive(b)).sum())
+        binds = self.store.policy.binds_merges  # (D2O: a token bound to no kept page was discarded)
+        merged = sum(int((t.merged_valid[b, : t.num_complete(b)] & ~t.alive(b)
+                          & ((t.merged_into[b, : t.num_complete(b)] >= 0).any(dim=1) if binds else True)).sum())
                      for t in self.tables if t.merged_valid is not None for b in range(t.batch_size))
         stats.kv_bytes += merged * layout.page_bytes // layout.page_size
         return stats

@@ -224,3 +224,29 @@ def test_merge_weights_favour_the_tokens_near_the_pivot():
     merged_k, merged_v = merge_page(keys, values)
     assert float(merged_k[0, 1]) < 5.0 / PS  # the outlier weighs less than a plain mean
     assert float(merged_v[0, 0]) < values[:, 0, 0].mean()
+
+
+def test_d2o_binds_a_leaving_page_to_its_most_similar_kept_page_or_discards_it():
+    """Through a store: page 1 (keys like page 3's) merges into kept page 3; page 2 (orthogonal
+    keys) is bound nowhere; the bound token is attended only while page 3 is kept."""
+    from offload.store.merging import attend_merged, merge_unkept
+    from tests.store.conftest import make_store
+
+    store, request, table = make_store(1, 64, page_size=4, mode="sparse", policy="d2o", merge_threshold=0.9)
+    with torch.inference_mode():
+        keys = torch.zeros(1, 2, 16, 8)
+        keys[0, :, 4:8, 0] = 1.0  # page 1
+        keys[0, :, 8:12, 1] = 1.0  # page 2
+        keys[0, :, 12:16, 0] = 1.0  # page 3, like page 1
+        keys[0, :, 0:4, 2] = 1.0  # page 0
+        values = torch.randn(1, 2, 16, 8)
+        store.attend(request, 0, torch.randn(1, 4, 16, 8), keys, values, torch.ones(1, 16, dtype=torch.bool), 0.3)
+        store.residency.complete_copies(table)
+        keep = torch.tensor([[True, False, False, True]] * 2)
+        merge_unkept(table, [keep], bind_threshold=0.9)
+        assert table.merged_into[0, 1].tolist() == [3, 3]
+        assert table.merged_into[0, 2].tolist() == [-1, -1]
+        query = torch.randn(1, 4, 1, 8)
+        assert attend_merged(table, query, [keep], torch.ones(1, 1, dtype=torch.bool), 0.3, binds=True) is not None
+        gone = torch.tensor([[True, False, False, False]] * 2)
+        assert attend_merged(table, query, [gone], torch.ones(1, 1, dtype=torch.bool), 0.3, binds=True) is None
