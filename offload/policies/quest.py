@@ -32,8 +32,9 @@ class QuestSelector(PageSelector):
 
 
 class QuestPolicy(KVPolicy):
-    """Quest: the sinks and the recent window, then the pages with the highest upper bound of
-    q.k, computed from page summaries alone (nothing is read). One selection for every head (the
+    """Quest: the sinks and the recent window (at most half the budget), then the pages with the
+    highest upper bound of q.k, computed from page summaries alone (nothing is read). The paper
+    selects by the bound alone; the sinks and recent window are this runtime's addition. One selection for every head (the
     bound is maximised over heads), re-made every step: a selector, never dropping."""
 
     name = "quest"
@@ -42,11 +43,12 @@ class QuestPolicy(KVPolicy):
 
     def keep(self, view: StepView) -> torch.Tensor:
         k = view.budget_pages
-        required = sinks(view, min(view.sink_pages, k))
-        if view.recent_tokens > 0:  # the recent window, newest first, within the budget
+        fixed = k // 2  # sinks and recent window take at most half the budget: the rest is selected
+        required = sinks(view, min(view.sink_pages, fixed))
+        if view.recent_tokens > 0:  # the recent window, newest first
             first = max(0, (view.length - view.recent_tokens) // view.page_size)
             window = view.alive & (torch.arange(view.num_pages) >= first)
-            required = fill(required, recency(view), k - int(required.sum()), window)
+            required = fill(required, recency(view), fixed - int(required.sum()), window)
         rest = k - int(required.sum())
         if rest <= 0 or view.key_min is None:
             return view.shared(required)
