@@ -194,12 +194,15 @@ def perplexity_rows(model_path: Path, text_path: Path, context: int, eval_tokens
     return rows
 
 
-def load(path: Path, meta: dict) -> Results:
-    """Results from an earlier run's JSON (to resume it); `meta` replaces its meta, keeping its command."""
+def load(path: Path, meta: dict, keep_meta: bool = False) -> Results:
+    """Results from an earlier run's JSON (to resume it); `meta` replaces its meta, keeping its
+    command (with `keep_meta`, its own meta is kept whole)."""
     data = json.loads(path.read_text())
     if data["meta"].get("samples") != meta["samples"]:
-        raise SystemExit(f"--resume: {path} has {data['meta'].get('samples')} samples per cell, not {meta['samples']}")
-    meta = {**meta, "command": data["meta"]["command"] + " ; then " + meta["command"],
+        raise SystemExit(f"{path} has {data['meta'].get('samples')} samples per cell, not {meta['samples']} (--samples)")
+    if keep_meta:
+        meta = data["meta"]
+    meta = {**meta, "command": data["meta"]["command"] + ("" if keep_meta else " ; then " + meta["command"]),
             "policies": list(dict.fromkeys(data["meta"]["policies"] + meta["policies"])),
             "tasks": list(dict.fromkeys(data["meta"]["tasks"] + meta["tasks"]))}
     results = Results(meta)
@@ -207,6 +210,23 @@ def load(path: Path, meta: dict) -> Results:
     results.cells = [Cell(**c) for c in data["cells"]]
     results.perplexity = [Perplexity(**p) for p in data["perplexity"]]
     return results
+
+
+def combine(into: Results, other: Results) -> None:
+    """Cells and perplexity rows of `other` replace those of `into` with the same key, or join them."""
+    key = lambda c: (c.policy, c.effect, c.budget_pct, c.task, c.length)  # noqa: E731
+    replaced = {key(c) for c in other.cells}
+    into.cells = [c for c in into.cells if key(c) not in replaced] + other.cells
+    rows = {(p.policy, p.budget_pct) for p in other.perplexity if p.policy != "full cache"}
+    into.perplexity = [p for p in into.perplexity if (p.policy, p.budget_pct) not in rows] + \
+        [p for p in other.perplexity if p.policy != "full cache"]
+    for task, by_length in other.full_cache.items():
+        into.full_cache.setdefault(task, {}).update(by_length)
+    meta = into.meta
+    meta["command"] += " ; " + other.meta["command"] + " ; merged by --merge-from"
+    meta["policies"] = list(dict.fromkeys(meta["policies"] + other.meta["policies"]))
+    meta["tasks"] = list(dict.fromkeys(meta["tasks"] + other.meta["tasks"]))
+    meta["machine"] += f"; {other.meta['machine']}"
 
 
 def write(results: Results, out: Path) -> None:
@@ -321,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppl-context", type=int, default=2048)
     parser.add_argument("--ppl-eval", type=int, default=128, help="text tokens scored as decode steps")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 policies, 1 budget, 1 length, 2 samples")
+    parser.add_argument("--merge-from", type=Path, nargs="+", default=[],
+                        help="JSON files of other runs (same samples): their cells replace or join --out's, then the "
+                             "table is rewritten (a grid split over several processes)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in --out's JSON (same samples) and run only the missing ones")
     parser.add_argument("--out", type=Path, default=Path("bench/results/policies"))
@@ -338,6 +361,13 @@ def main(argv: list[str] | None = None) -> None:
             "samples": args.samples, "machine": _machine(), "policies": args.policies, "tasks": args.tasks,
             "ppl_context": args.ppl_context, "ppl_eval": args.ppl_eval, "torch": torch.__version__}
     results = Results(meta)
+    if args.merge_from:
+        results = load(args.out.with_suffix(".json"), meta, keep_meta=True)
+        for path in args.merge_from:
+            combine(results, load(path, meta, keep_meta=True))
+        write(results, args.out)
+        print(args.out.with_suffix(".md").read_text())
+        return
     if args.resume and args.out.with_suffix(".json").exists():
         results = load(args.out.with_suffix(".json"), meta)
     done = {(c.policy, c.effect, c.budget_pct, c.task, c.length) for c in results.cells}
