@@ -282,6 +282,27 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: Results, length: int = 4096, budgets=(10.0, 25.0)) -> str:
+    """The README's table: accuracy per task at one context length and two budgets (effect demote),
+    and the mean selection recall and mass captured over that length's cells."""
+    tasks = [t for t in results.meta["tasks"] if any(c.task == t and c.length == length for c in results.cells)]
+    header = "| policy | " + " | ".join(f"{t} {b:g}%" for t in tasks for b in budgets) + " | recall | mass |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    full = [f"{results.full_cache[t][length]:.2f}" for t in tasks for _ in budgets]
+    lines.append("| full cache | " + " | ".join(full) + " | 1.00 | 1.00 |")
+    for policy in results.meta["policies"]:
+        cells = [c for c in results.cells if c.policy == policy and c.effect == "demote" and c.length == length]
+        if not cells:
+            continue
+        acc = {(c.task, c.budget_pct): c.accuracy for c in cells}
+        row = [f"{acc[(t, b)]:.2f}" if (t, b) in acc else "-" for t in tasks for b in budgets]
+        picked = [c for c in cells if c.budget_pct in budgets]
+        recall = sum(c.oracle_recall for c in picked) / max(1, len(picked))
+        mass = sum(c.mass_captured for c in picked) / max(1, len(picked))
+        lines.append(f"| {policy} | " + " | ".join(row) + f" | {recall:.2f} | {mass:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _kib(num_bytes: float) -> str:
     return f"{num_bytes / 1024:.1f} KiB"
 
@@ -344,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-from", type=Path, nargs="+", default=[],
                         help="JSON files of other runs (same samples): their cells replace or join --out's, then the "
                              "table is rewritten (a grid split over several processes)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the README's summary table of --out's JSON and exit")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in --out's JSON (same samples) and run only the missing ones")
     parser.add_argument("--out", type=Path, default=Path("bench/results/policies"))
@@ -356,11 +379,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--lengths: {n} is too short (>= 64 tokens)")
     from tqdm import tqdm
 
-    model, _ = embedded.load_embedded_model()
     meta = {"model": "embedded", "command": "offload bench policies " + " ".join(argv or []),
             "samples": args.samples, "machine": _machine(), "policies": args.policies, "tasks": args.tasks,
             "ppl_context": args.ppl_context, "ppl_eval": args.ppl_eval, "torch": torch.__version__}
     results = Results(meta)
+    if args.summary:
+        print(summary_table(load(args.out.with_suffix(".json"), meta, keep_meta=True), max(args.lengths)), end="")
+        return
     if args.merge_from:
         results = load(args.out.with_suffix(".json"), meta, keep_meta=True)
         for path in args.merge_from:
@@ -368,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         write(results, args.out)
         print(args.out.with_suffix(".md").read_text())
         return
+    model, _ = embedded.load_embedded_model()
     if args.resume and args.out.with_suffix(".json").exists():
         results = load(args.out.with_suffix(".json"), meta)
     done = {(c.policy, c.effect, c.budget_pct, c.task, c.length) for c in results.cells}
