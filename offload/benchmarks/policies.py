@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--samples", type=int, default=20, help="samples per cell")
     parser.add_argument("--drop", action="store_true", help="also run eviction policies with effect=drop")
+    parser.add_argument("--drop-only", action="store_true", help="run eviction policies with effect=drop only")
     parser.add_argument("--lenient", action="store_true", help="also score with the questions prefilled")
     parser.add_argument("--ppl-model", type=Path, default=SHARED / "models" / "stories260K")
     parser.add_argument("--ppl-text", type=Path, default=SHARED / "data" / "grimms.txt")
@@ -397,9 +398,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume and args.out.with_suffix(".json").exists():
         results = load(args.out.with_suffix(".json"), meta)
     done = {(c.policy, c.effect, c.budget_pct, c.task, c.length) for c in results.cells}
-    effects = {p: (["demote", "drop"] if args.drop and POLICIES[p].evicts else ["demote"]) for p in args.policies}
+    if args.drop_only:
+        args.policies = [p for p in args.policies if POLICIES[p].evicts]
+        meta["policies"] = args.policies
+    effects = {p: (["drop"] if args.drop_only else ["demote", "drop"] if args.drop and POLICIES[p].evicts
+                   else ["demote"]) for p in args.policies}
     total = sum(len(effects[p]) for p in args.policies) * len(args.budgets) * len(args.tasks) * len(args.lengths)
-    has_ppl = args.ppl_model.exists() and args.ppl_text.exists()
+    has_ppl = args.ppl_model.exists() and args.ppl_text.exists() and not args.drop_only
     progress = tqdm(total=total + (len(args.policies) * len(args.budgets) if has_ppl else 0), desc="policies")
     for task in args.tasks:
         for length in args.lengths:
