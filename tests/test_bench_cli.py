@@ -41,3 +41,14 @@ def test_speed_benchmarks_run_outside_the_source_tree(tmp_path, command):
 def test_unknown_subcommand_is_named(tmp_path):
     run = _run(tmp_path, "speed")
     assert run.returncode != 0 and "unknown command 'speed'" in run.stderr
+
+
+def test_the_readme_policy_table_is_the_committed_benchmark_results():
+    """README's KV-policy table is `offload bench policies --summary` of bench/results/policies.json."""
+    from pathlib import Path
+
+    from offload.benchmarks.policies import load, summary_table
+
+    root = Path(__file__).resolve().parents[1]
+    results = load(root / "bench/results/policies.json", {"samples": 20}, keep_meta=True)
+    assert summary_table(results) in (root / "README.md").read_text()
