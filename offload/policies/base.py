@@ -139,6 +139,21 @@ class StepView:
         """Complete pages that fit the budget beside the tail's tokens."""
         return max(0, (self.budget - self.length % self.page_size) // self.page_size)
 
+    def stored_keys(self, pages: torch.Tensor) -> torch.Tensor:
+        """[n * page_size + t, H_kv, D] float32: the keys of `pages` (read from their tier), then the tail's."""
+        page_keys = self.read_keys(pages).to(self.query.device)  # [n, ps, H_kv, D]
+        return torch.cat([page_keys.reshape(-1, *page_keys.shape[2:]), self.tail_keys.to(page_keys)], dim=0)
+
+    def page_mass(self, probs: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        """[H_kv, P]: the attention probabilities [H, Q, T] over `stored_keys(pages)` summed per page
+        (over its tokens, the query rows and the query heads of each KV head); 0 for other pages."""
+        num_heads, q_len, _ = probs.shape
+        n = pages.numel()
+        mass = probs[..., : n * self.page_size].reshape(num_heads, q_len, n, self.page_size).sum(dim=(1, 3))
+        out = torch.zeros(self.num_kv_heads, self.num_pages)
+        out[:, pages] = mass.reshape(self.num_kv_heads, num_heads // self.num_kv_heads, n).sum(dim=1).cpu()
+        return out
+
     def shared(self, keep: torch.Tensor) -> torch.Tensor:
         """[P] bool -> [H_kv, P]: the same pages for every KV head."""
         return keep[None, :].expand(self.num_kv_heads, -1).clone()

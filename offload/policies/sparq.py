@@ -53,17 +53,12 @@ class SparQPolicy(KVPolicy):
             return none | view.alive[None, :]
         head_dim = view.query.shape[-1]
         rank = self.config.sparq_rank or max(1, head_dim // 8)
-        page_keys = view.read_keys(pages).to(view.query.device)  # [n, ps, H_kv, D]
-        ps = view.page_size
-        keys = torch.cat([page_keys.reshape(-1, *page_keys.shape[2:]), view.tail_keys.to(page_keys)], dim=0)
+        keys = view.stored_keys(pages)
         probs, read = approximate_attention(view.query, keys, rank, view.scale)  # [H, Q, T]
         view.charge(int(read.sum()) * keys.shape[0] * keys.element_size())
-        num_heads, q_len, _ = probs.shape
+        score = view.page_mass(probs, pages)
+        ps, num_heads = view.page_size, probs.shape[0]
         group = num_heads // view.num_kv_heads
-        page_mass = probs[..., : pages.numel() * ps].reshape(num_heads, q_len, pages.numel(), ps).sum(dim=(1, 3))
-        page_mass = page_mass.reshape(view.num_kv_heads, group, -1).sum(dim=1).cpu()  # [H_kv, n]
-        score = torch.zeros(view.num_kv_heads, view.num_pages)
-        score[:, pages] = page_mass
         keep = fill(none, score, view.budget_pages, view.alive)
         kept_tokens = keep[:, pages].repeat_interleave(group, dim=0).repeat_interleave(ps, dim=1)  # [H, n * ps]
         kept_tokens = torch.cat([kept_tokens, torch.ones(num_heads, keys.shape[0] - pages.numel() * ps,

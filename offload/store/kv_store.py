@@ -24,15 +24,13 @@ from typing import Sequence
 import torch
 
 from offload.config import OffloadConfig
-from offload.kernels import resolve_kernel
+from offload.kernels import merge_partials, resolve_kernel
 from offload.policies import make_eviction_order, make_policy, make_scorer, make_selector
 from offload.prefetch.prefetcher import Prefetcher
-from offload.store import budget
+from offload.store import budget, merging, selection
 from offload.store.append import append, finish_tail
 from offload.store.device_cache import DeviceCache
 from offload.store.layout import KVLayout
-from offload.kernels import merge_partials
-from offload.store import merging, selection
 from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan
 from offload.store.pools import PagePool
 from offload.store.prefix_tree import PrefixTree

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from offload.kernels.torch_ref import dense_attention
 from offload.store.page_table import PageTable
 
 
@@ -79,8 +80,6 @@ def attend_merged(table: PageTable, query: torch.Tensor, keep: list[torch.Tensor
     if table.merged_k is None:
         return None
     bsz, num_heads, q_len, head_dim = query.shape
-    num_kv = table.layout.num_kv_heads
-    group = num_heads // num_kv
     out = torch.zeros(bsz, num_heads, q_len, head_dim)
     lse = torch.full((bsz, num_heads, q_len), float("-inf"))
     found = False
@@ -96,16 +95,12 @@ def attend_merged(table: PageTable, query: torch.Tensor, keep: list[torch.Tensor
         if not shown.any():
             continue
         found = True
-        mk = table.merged_k[b, pages].permute(1, 0, 2).repeat_interleave(group, dim=0)  # [H, m, D]
-        mv = table.merged_v[b, pages].permute(1, 0, 2).repeat_interleave(group, dim=0)
-        scores = torch.matmul(query[b].float().cpu(), mk.transpose(1, 2)) * scale + math.log(table.layout.page_size)
-        visible = shown.repeat_interleave(group, dim=0)[:, None, :] & new_valid[b].cpu()[None, :, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # [H, T]
-        finite = torch.isfinite(row_lse)
-        probs = torch.exp(scores - torch.where(finite, row_lse, torch.zeros_like(row_lse))[..., None])
-        out[b] = torch.matmul(probs, mv)
-        lse[b] = row_lse
+        mk = table.merged_k[b, pages].permute(1, 0, 2)[None]  # [1, H_kv, m, D]
+        mv = table.merged_v[b, pages].permute(1, 0, 2)[None]
+        visible = shown[None, :, None, :] & new_valid[b].cpu()[None, None, :, None]  # [1, H_kv, T, m]
+        out_b, lse_b = dense_attention(query[b : b + 1].cpu(), mk, mv, visible, scale)
+        out[b] = out_b[0]
+        lse[b] = lse_b[0] + math.log(table.layout.page_size)  # each merged token weighs page_size tokens
     if not found:
         return None
     return out.to(query.device), lse.to(query.device)

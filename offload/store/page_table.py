@@ -132,16 +132,20 @@ class PageTable:
         """Free complete page p of sequence b for good, in every tier (effect="drop"); copies must
         be complete. A page the prefix tree also holds stays there (only this reference goes)."""
         assert p not in self.inflight[b], "complete copies before dropping"
+        if self.value_sum is not None:
+            host_id = int(self.host_ids[b, p])
+            self.value_sum[b] -= self.host_pool.values[host_id].float().sum(dim=0).to(self.value_sum.device)
+        self._free(b, p)
+        self.scores[b, p] = 0.0
+        self.counters.dropped_pages += 1
+
+    def _free(self, b: int, p: int) -> None:
+        """Give back complete page p's device slot (if resident) and host reference; it is gone."""
         if self.slots[b, p] >= 0:
             self.device_pool.decref(int(self.slots[b, p]))
             self.slots[b, p] = -1
-        host_id = int(self.host_ids[b, p])
-        if self.value_sum is not None:
-            self.value_sum[b] -= self.host_pool.values[host_id].float().sum(dim=0).to(self.value_sum.device)
-        self.host_pool.decref(host_id)
+        self.host_pool.decref(int(self.host_ids[b, p]))
         self.host_ids[b, p] = -1
-        self.scores[b, p] = 0.0
-        self.counters.dropped_pages += 1
 
     def resident_pages(self, b: int) -> list[int]:
         n = self.num_complete(b)
@@ -278,11 +282,7 @@ class PageTable:
         the next one) can see, beyond the crop margin."""
         first_kept = max(0, self.first_visible(b, length) - self.rules.crop_margin) // self.layout.page_size
         for p in range(self.dropped[b], min(first_kept, self.num_complete(b))):
-            if self.slots[b, p] >= 0:
-                self.device_pool.decref(int(self.slots[b, p]))
-                self.slots[b, p] = -1
-            self.host_pool.decref(int(self.host_ids[b, p]))
-            self.host_ids[b, p] = -1
+            self._free(b, p)
         self.dropped[b] = max(self.dropped[b], min(first_kept, self.num_complete(b)))
 
     def crop(self, b: int, new_length: int) -> None:

@@ -8,6 +8,7 @@ chose differently, and SparQ's output interpolation. `drop_unkept` applies effec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -140,8 +141,7 @@ def measure_choice(table: PageTable, view: StepView, keep: torch.Tensor) -> None
     attention over the pages the sequence holds. Counts the oracle's top pages per KV head at the
     same budget and how many of them were kept (selection recall), and the attention mass that
     fell outside the kept pages (mass captured = 1 - missed / rows)."""
-    measured = StepView(**{name: getattr(view, name) for name in StepView.__slots__})
-    measured.charge = lambda num_bytes: None
+    measured = dataclasses.replace(view, charge=lambda num_bytes: None)
     pages = view.alive.nonzero().flatten()
     mass = exact_page_mass(measured, pages)  # [H_kv, P], each query row's mass sums to 1 with the tail's
     none = torch.zeros_like(keep)

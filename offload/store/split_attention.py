@@ -113,7 +113,7 @@ class SplitAttention:
         slots = plan.device_slots.to(pool.device)
         shape = (table.batch_size, -1, table.layout.num_kv_heads, table.layout.head_dim)
         key_parts, value_parts, pos_parts = [pool.keys[slots].reshape(shape)], [pool.values[slots].reshape(shape)], [plan.device_pos]
-        if plan.gather_ids is not None:  # sliding layer: window pages read from the host, masked like the rest
+        if plan.gather_ids is not None:  # host pages read here (window pages, per-head selections), masked like the rest
             host = table.host_pool
             key_parts.append(host.keys[plan.gather_ids].reshape(shape).to(pool.device))
             value_parts.append(host.values[plan.gather_ids].reshape(shape).to(pool.device))
