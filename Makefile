@@ -11,7 +11,7 @@ ARGS ?=
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,models,bench]'
+	$(PY) -m pip install -q -e '.[test,models,bench,distributed]'
 	touch $(STAMP)
 
 install: $(STAMP)

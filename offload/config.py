@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from offload.sizes import parse_bytes
 MODES = ("exact", "sparse")
 SPARSE_MISSES = ("host", "skip")
 CPU_KERNELS = ("auto", "cpp", "numba", "torch")
+REMOTE_ATTENTION = ("auto", "pull", "remote")
+REMOTE_ADDRESS = re.compile(r"auto|(ray://)?[\w.\-\[\]:]+:\d+")
 
 
 def _default_cpu_threads() -> int:
@@ -69,6 +72,12 @@ class OffloadConfig:
     sparq_rank: int = 0  # 0: head_dim / 8
     fastgen_recovery: float = 0.95
     merge_threshold: float = 0.5
+    disk_dir: str | None = None  # None: no disk tier
+    disk_budget: int | str | None = None  # None: 90% of the free space of disk_dir
+    remote_lenders: int = 0
+    remote_budget: int | str = "1GiB"
+    remote_address: str | None = None
+    remote_attention: str = "auto"
 
     def __post_init__(self) -> None:
         self.device_budget = parse_bytes(self.device_budget, _name("device_budget"))
@@ -131,6 +140,32 @@ class OffloadConfig:
                 f"{_name('sparse_misses')}={self.sparse_misses!r} is not accepted; expected one of {', '.join(SPARSE_MISSES)}"
             )
         self._check_float("emulate_link_gbps", minimum=0.0)
+        if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
+                raise ValueError(f"{_name('disk_dir')}={self.disk_dir!r} must be a directory path")
+            self.disk_dir = os.fspath(self.disk_dir)
+            if os.path.exists(self.disk_dir) and not os.path.isdir(self.disk_dir):
+                raise ValueError(f"{_name('disk_dir')}={self.disk_dir!r} exists and is not a directory")
+        if self.disk_budget is not None:
+            self.disk_budget = parse_bytes(self.disk_budget, _name("disk_budget"))
+            if self.disk_budget <= 0:
+                raise ValueError(f"{_name('disk_budget')}={self.disk_budget!r} must be a positive byte size")
+            if self.disk_dir is None:
+                raise ValueError(f"{_name('disk_budget')} is set but {_name('disk_dir')} is not: "
+                                 "name the directory for the disk tier's page files")
+        self._check_int("remote_lenders", minimum=0)
+        self.remote_budget = parse_bytes(self.remote_budget, _name("remote_budget"))
+        if self.remote_budget <= 0:
+            raise ValueError(f"{_name('remote_budget')}={self.remote_budget!r} must be a positive byte size")
+        if self.remote_address is not None and not (
+                isinstance(self.remote_address, str) and REMOTE_ADDRESS.fullmatch(self.remote_address.strip())):
+            raise ValueError(f"{_name('remote_address')}={self.remote_address!r} is not a Ray address; expected "
+                             "'auto', host:port or ray://host:port")
+        if isinstance(self.remote_attention, str):
+            self.remote_attention = self.remote_attention.lower()
+        if self.remote_attention not in REMOTE_ATTENTION:
+            raise ValueError(f"{_name('remote_attention')}={self.remote_attention!r} is not accepted; expected one of "
+                             f"{', '.join(REMOTE_ATTENTION)}")
         self._check_float("score_decay", minimum=0.0, maximum=1.0)
 
     @property
@@ -186,6 +221,9 @@ def env_table_markdown() -> str:
     defaults["cpu_threads"] = "cores this process may use"
     defaults["token_budget"] = "what the device budget holds"
     defaults["prefetch"] = "auto: sparse mode only"
+    defaults["disk_dir"] = "unset (no disk tier)"
+    defaults["disk_budget"] = "90% of the free space"
+    defaults["remote_address"] = "unset (local or running Ray)"
     rows = ["| variable | field | default | example | meaning |", "|---|---|---|---|---|"]
     for var in envs.ENV_VARS.values():
         default = defaults[var.field]

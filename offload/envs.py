@@ -53,6 +53,11 @@ def _str(name: str, raw: str) -> str:
     return raw.strip().lower()
 
 
+def _text(name: str, raw: str) -> str:
+    """A path or an address: kept as written (not lowercased)."""
+    return raw.strip()
+
+
 @dataclass(frozen=True)
 class EnvVar:
     name: str
@@ -117,6 +122,18 @@ ENV_VARS: dict[str, EnvVar] = {
                "`sparq`: query components used to approximate attention (0: head_dim / 8).", "4"),
         EnvVar("OFFLOAD_FASTGEN_RECOVERY", "fastgen_recovery", _float,
                "`fastgen`: share of a head's prompt attention its profile must recover, in [0, 1].", "0.9"),
+        EnvVar("OFFLOAD_DISK_DIR", "disk_dir", _text,
+               "Directory for the disk tier's page files (unset: no disk tier). When the host budget is full, the coldest pages spill there and the host caches the hot ones.", "/mnt/nvme/offload"),
+        EnvVar("OFFLOAD_DISK_BUDGET", "disk_budget", _bytes,
+               "Bytes of page files the disk tier may use, all layers. Default: 90% of the free space of OFFLOAD_DISK_DIR.", "200GiB"),
+        EnvVar("OFFLOAD_REMOTE_LENDERS", "remote_lenders", _int,
+               "Lender actors to start on the Ray cluster, each lending memory for pages below the host (0: no remote tier; needs `offload[distributed]`, docs/remote.md).", "2"),
+        EnvVar("OFFLOAD_REMOTE_BUDGET", "remote_budget", _bytes,
+               "Bytes of pages each lender holds, all layers.", "32GiB"),
+        EnvVar("OFFLOAD_REMOTE_ADDRESS", "remote_address", _text,
+               "Ray cluster address to connect to (unset: the running Ray session, or a local one).", "ray://head:10001"),
+        EnvVar("OFFLOAD_REMOTE_ATTENTION", "remote_attention", _str,
+               "Remote pages: `remote` (the lender attends them and returns only (out, lse)), `pull` (bring the pages over the wire) or `auto` (per step, whichever moves fewer bytes).", "remote"),
         EnvVar("OFFLOAD_MERGE_THRESHOLD", "merge_threshold", _float,
                "`d2o`: least cosine similarity between a leaving page and a kept one for it to be merged (else it is dropped), in [-1, 1].", "0.7"),
     ]

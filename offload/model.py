@@ -182,9 +182,40 @@ class OffloadedModel:
 
     def _new_store(self, config: OffloadConfig) -> KVStore:
         model_config = self.model.config
-        return KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype()),
-                       self.model.device, layer_windows(model_config), layer_chunks(model_config),
-                       reusable_prefixes=not has_layer_state(model_config))
+        store = KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype()),
+                        self.model.device, layer_windows(model_config), layer_chunks(model_config),
+                        reusable_prefixes=not has_layer_state(model_config))
+        store.recompute = self._recompute
+        return store
+
+    def _recompute(self, request, b: int, first_page: int, end_page: int) -> None:
+        """Recompute pages first_page..end_page - 1 of sequence b (a lower tier lost some): a
+        forward over their tokens on top of the pages before them, whose results replace the lost
+        pages in every layer. Pages before them that no longer exist (a sliding layer freed them)
+        mean the forward starts from the first token."""
+        ps = self.config.page_size
+        if not request.positions_known:
+            raise RuntimeError(
+                f"sequence {b} lost pages {first_page}..{end_page - 1} in a lower tier, and they cannot be recomputed: "
+                "its positions were not the tokens' indices (explicit position_ids or padding passed to the forward)")
+        start = first_page if all(bool((t.page_ids[b, :first_page] >= 0).all()) for t in request.tables) else 0
+        ids = request.token_ids[b, start * ps : end_page * ps]
+        if bool((ids < 0).any()):
+            raise RuntimeError(
+                f"sequence {b} lost pages {first_page}..{end_page - 1} in a lower tier, and they cannot be recomputed: "
+                "their token ids are unknown (the prompt was given as inputs_embeds)")
+        store = self._store()
+        scratch = store.recovery_request(request, b, start, end_page)
+        try:
+            cache = OffloadCache(store, self.model.config, end_page * ps, None)
+            cache.adopt(scratch, start * ps)
+            device = self.model.device
+            positions = torch.arange(start * ps, end_page * ps, device=device)[None]
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+            self._forward(cache, ids[None].to(device), None, logits=False, position_ids=positions, **extra)
+            store.restore_from(request, b, scratch, first_page, end_page)
+        finally:
+            store.release(scratch)
 
     def new_cache(self, batch_size: int | None = None, max_tokens: int = 0) -> OffloadCache:
         """A fresh cache for up to `max_tokens` tokens per sequence (padding included).

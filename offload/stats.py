@@ -40,6 +40,16 @@ class OffloadStats:
     oracle_hits: int = 0  # ... of which the policy kept
     mass_missed: float = 0.0  # measured runs: exact attention mass outside the kept pages
     mass_measured_rows: int = 0
+    disk_read_bytes: int = 0  # page bytes read from the disk tier (attention and copies)
+    disk_write_bytes: int = 0  # page bytes written to the disk tier (spills)
+    spilled_pages: int = 0  # pages whose host copy left for a lower tier (host full)
+    promoted_pages: int = 0  # lower-tier pages brought back to the host (hot again)
+    wire_pull_bytes: int = 0  # remote tier: page bytes pulled over the wire
+    wire_attend_bytes: int = 0  # remote tier: bytes over the wire for remote attention (queries out, partials back)
+    remote_attend_s: float = 0.0  # remote tier: wall time of remote attention calls
+    recomputed_pages: int = 0  # pages a lower tier lost, recomputed from their token ids (all layers)
+    recoveries: int = 0  # steps that found lost pages and recomputed them
+    lower_bytes: int = 0  # bytes of pages held in the tiers below the host now (all layers)
     tokens_generated: int = 0
     tokens_prefilled: int = 0  # tokens forwarded through the model in prefill (prefix hits excluded)
     prefix_hit_tokens: int = 0  # prompt tokens reused from the prefix cache instead of prefilled

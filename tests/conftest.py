@@ -46,6 +46,17 @@ def make_batch(batch_size: int, length: int, seed: int = 0):
     return ids, mask
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray session on loopback for one test module (the `distributed` extra, installed by make)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             logging_level="warning")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama-gqa")

@@ -37,6 +37,12 @@ BAD_VALUES = {
     "OFFLOAD_SPARQ_RANK": ["-1", "r"],
     "OFFLOAD_FASTGEN_RECOVERY": ["-0.1", "1.5", "most"],
     "OFFLOAD_MERGE_THRESHOLD": ["-1.5", "2", "similar"],
+    "OFFLOAD_DISK_DIR": ["/proc/version"],  # a file, not a directory
+    "OFFLOAD_DISK_BUDGET": ["12 parsecs", "0", "-1"],
+    "OFFLOAD_REMOTE_LENDERS": ["-1", "two", "1.5"],
+    "OFFLOAD_REMOTE_BUDGET": ["0", "lots"],
+    "OFFLOAD_REMOTE_ADDRESS": ["nowhere", "ray://head", "head:port"],
+    "OFFLOAD_REMOTE_ATTENTION": ["sometimes"],
 }
 
 

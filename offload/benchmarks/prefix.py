@@ -122,7 +122,7 @@ def soak(model, name: str, prefix_tokens: int, requests: int) -> dict:
                             pad_token_id=0)
                 if i % 10 == 9 or i == 0:
                     gc.collect()
-                    pools = om.store.host_pools
+                    pools = om.store.homes
                     samples.append({
                         "request": i + 1,
                         "rss_bytes": process.memory_info().rss,

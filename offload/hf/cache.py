@@ -147,6 +147,15 @@ class OffloadCache(Cache):
             self.layers[i].seen = skip
         return skip
 
+    def adopt(self, request: Request, stored: int) -> None:
+        """Serve an open request of this store that already holds `stored` positions per sequence
+        (recomputing lost pages: a request holding the pages before them)."""
+        if self.request is not None:
+            raise RuntimeError("this cache already serves a request")
+        self.request = request
+        for i in self.attention_idx:
+            self.layers[i].seen = stored
+
     def resume(self, max_tokens: int) -> None:
         """Continue this cache for up to `max_tokens` tokens per sequence (its device memory back)."""
         self._require_open()
@@ -223,6 +232,8 @@ class OffloadCache(Cache):
         if layer_idx in self.kv_source.values():  # a later layer reads these keys: remember where they went
             self._produced[layer_idx] = (key_states, new_positions(table, valid))
         if layer_idx == self.attention_idx[0]:
+            if not self.positions_from_mask:  # (then pages lost by a lower tier cannot be recomputed)
+                self.request.positions_known = False
             ids = self.pending_input_ids
             self.request.record_tokens(valid, ids if ids is not None and ids.shape == valid.shape else None)
         speculate = self.config.speculates and q_len <= MAX_DECODE_QUERY

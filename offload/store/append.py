@@ -93,16 +93,23 @@ def finish_tail(table: PageTable, b: int, appended: Appended) -> None:
 
 def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: int, keys: torch.Tensor,
                    values: torch.Tensor) -> None:
-    """Home copies and summaries of pages first.. (keys/values: [n, page_size, H_kv, D], on the device)."""
+    """Home copies (new pages of the layer's home) and summaries of pages first.. (keys/values: [n, page_size, H_kv, D], on the device)."""
     n = keys.shape[0]
-    host = table.host_pool
-    host_ids = [host.allocate() for _ in range(n)]
-    transfer.to_host(keys, values, host, host_ids)
+    home = table.home
+    pages: list[int] = []
+    while len(pages) < n:  # as many at a time as the host has room for (a full host spills between)
+        i = len(pages)
+        new = home.add(min(n - i, max(1, home.host.num_free)))
+        try:
+            transfer.to_host(keys[i : i + len(new)], values[i : i + len(new)], home.host, home.host_slots(new))
+        finally:
+            home.unpin(new)
+        pages += new
     key_min, key_max = keys.amin(dim=1), keys.amax(dim=1)
-    table.host_ids[b, first : first + n] = torch.tensor(host_ids, dtype=torch.long)
+    table.page_ids[b, first : first + n] = torch.tensor(pages, dtype=torch.long)
     if table.key_min is not None:  # (sliding layers keep no device summaries)
         table.key_min[b, first : first + n] = key_min
         table.key_max[b, first : first + n] = key_max
-    ids = torch.tensor(host_ids, dtype=torch.long)
-    host.key_min[ids] = key_min.to(host.key_min.device)
-    host.key_max[ids] = key_max.to(host.key_max.device)
+    ids = torch.tensor(pages, dtype=torch.long)
+    home.key_min[ids] = key_min.to(home.key_min.device)
+    home.key_max[ids] = key_max.to(home.key_max.device)

@@ -4,10 +4,13 @@ A sliding-window layer (window W) holds exactly what its window needs: the pages
 tokens and the tail, no page summaries (it selects nothing), whatever the context length. The
 rest of the budget is split evenly over the full-attention layers: per layer, the page summaries
 of every page the batch may have and a pool of page slots; every sequence gets the same number of
-slots, at least its sinks, recent window and tail. The host tier must hold every complete page.
+slots, at least its sinks, recent window and tail. The host tier and the tiers below it (disk, remote) must hold every complete page together.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 from offload.config import OffloadConfig
 from offload.sizes import format_bytes
@@ -125,10 +128,27 @@ def host_pages_per_layer(config: OffloadConfig, layout: KVLayout) -> int:
     return config.host_budget // layout.num_layers // layout.page_bytes
 
 
-def check_host_budget(config: OffloadConfig, layout: KVLayout, new_pages: int, unavailable: int) -> None:
+def disk_pages_per_layer(config: OffloadConfig, layout: KVLayout) -> int:
+    """Disk page slots per layer under `config.disk_budget` (None: the free space of `disk_dir`)."""
+    total = config.disk_budget
+    if total is None:
+        os.makedirs(config.disk_dir, exist_ok=True)
+        total = shutil.disk_usage(config.disk_dir).free * 9 // 10
+    pages = total // layout.num_layers // layout.page_bytes
+    if pages < 1:
+        raise ValueError(
+            f"disk_budget (OFFLOAD_DISK_BUDGET)={total} ({format_bytes(total)}) holds no page: {layout.num_layers} layers "
+            f"need at least {layout.num_layers * layout.page_bytes} bytes ({format_bytes(layout.num_layers * layout.page_bytes)})"
+        )
+    return pages
+
+
+def check_host_budget(config: OffloadConfig, layout: KVLayout, new_pages: int, unavailable: int,
+                      lower_pages: int = 0) -> None:
     """Refuse a batch whose `new_pages` complete pages per layer cannot fit beside the `unavailable`
-    pages other live requests hold (cached prefixes do not count: they are evicted for room)."""
-    host_max = host_pages_per_layer(config, layout)
+    pages other live requests hold (cached prefixes do not count: they are evicted for room), in
+    the host tier and the `lower_pages` per layer of the tiers below it."""
+    host_max = host_pages_per_layer(config, layout) + lower_pages
     if new_pages + unavailable > host_max:
         minimum = layout.num_layers * (new_pages + unavailable) * layout.page_bytes
         held = f" ({unavailable} pages per layer are held by other live requests)" if unavailable else ""
@@ -136,4 +156,6 @@ def check_host_budget(config: OffloadConfig, layout: KVLayout, new_pages: int, u
             f"host_budget (OFFLOAD_HOST_BUDGET)={config.host_budget} ({format_bytes(config.host_budget)}) is too small: "
             f"{layout.num_layers} layers x {new_pages} new pages need {minimum} bytes ({format_bytes(minimum)}) "
             f"of host pages{held}"
+            + (f", and the tiers below the host hold {lower_pages} pages per layer" if lower_pages else
+               "; a disk tier (OFFLOAD_DISK_DIR) or remote lenders (OFFLOAD_REMOTE_LENDERS) can hold the rest")
         )

@@ -19,16 +19,16 @@ class DeviceCache:
         self.pools: list[PagePool] | None = None
         self.kept: list[dict[int, int]] = []  # per layer: host page id -> device slot
 
-    def keep(self, tables: list[PageTable], cached_host_ids: list[set[int]]) -> None:
-        """Hold the resident copies of `tables` whose host page is in `cached_host_ids[layer]`.
+    def keep(self, tables: list[PageTable], cached_page_ids: list[set[int]]) -> None:
+        """Hold the resident copies of `tables` whose host page is in `cached_page_ids[layer]`.
         Call before the tables detach (their copies complete)."""
         self.clear()
         self.pools = [t.device_pool for t in tables]
-        for table, cached in zip(tables, cached_host_ids):
+        for table, cached in zip(tables, cached_page_ids):
             kept: dict[int, int] = {}
             for b in range(table.batch_size):
                 for p in table.resident_pages(b):
-                    host_id, slot = int(table.host_ids[b, p]), int(table.slots[b, p])
+                    host_id, slot = int(table.page_ids[b, p]), int(table.slots[b, p])
                     if host_id in cached and host_id not in kept:
                         table.device_pool.incref(slot)
                         kept[host_id] = slot
@@ -43,11 +43,11 @@ class DeviceCache:
         self.pools, self.kept = None, []
         return taken
 
-    def forget(self, host_ids: list[int]) -> None:
+    def forget(self, page_ids: list[int]) -> None:
         """A cached page left the tree (one host id per layer): its device copy goes too."""
         if self.pools is None:
             return
-        for pool, kept, host_id in zip(self.pools, self.kept, host_ids):
+        for pool, kept, host_id in zip(self.pools, self.kept, page_ids):
             slot = kept.pop(host_id, None)
             if slot is not None:
                 pool.decref(slot)

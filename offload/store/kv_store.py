@@ -30,14 +30,20 @@ from offload.prefetch.prefetcher import Prefetcher
 from offload.store import budget, merging, selection
 from offload.store.append import append, finish_tail
 from offload.store.device_cache import DeviceCache
+from offload.store.disk import DiskCounters, DiskTier
+from offload.store.home import PageHome
 from offload.store.layout import KVLayout
 from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan
 from offload.store.pools import PagePool
 from offload.store.prefix_tree import PrefixTree
 from offload.store.request import Request
-from offload.store.residency import Residency
+from offload.store.residency import Residency, log_once
 from offload.store.split_attention import SplitAttention
+from offload.store.tiers import PagesLost, RecoveryCounters, Tier
 from offload.store.transfer import TransferEngine
+
+# Recoveries one layer's step may need before the store gives up (each restores what was lost).
+MAX_RECOVERIES = 8
 
 
 _LIVE: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
@@ -72,11 +78,29 @@ class KVStore:
         self.device = torch.device(device)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         host_max = budget.host_pages_per_layer(config, layout)
-        self.host_pools = [
-            PagePool(layout, 0, "cpu", max_capacity=host_max, pin_memory=pin, with_summaries=True,
-                     name=f"host pool (layer {i})")
-            for i in range(layout.num_layers)
-        ]
+        if (config.disk_dir is not None or config.remote_lenders) and not reusable_prefixes:
+            raise ValueError(
+                "a disk tier (OFFLOAD_DISK_DIR) or remote lenders (OFFLOAD_REMOTE_LENDERS) need pages that can be "
+                "recomputed from their token ids if a tier loses them; this model has recurrent or conv layers whose "
+                "state KV pages alone cannot rebuild: use the host tier only"
+            )
+        self.disk_counters = DiskCounters()
+        self.remote = None  # RemoteCluster when lenders lend memory (offload/store/remote.py)
+        if config.remote_lenders:
+            from offload.store.remote import RemoteCluster  # needs ray: pip install offload[distributed]
+
+            self.remote = RemoteCluster(layout, config.remote_lenders, config.remote_budget, config.remote_address,
+                                        kernel=resolve_kernel(config.cpu_kernel), threads=config.cpu_threads)
+        self.homes = [PageHome(layout, PagePool(layout, 0, "cpu", max_capacity=host_max, pin_memory=pin,
+                                                name=f"host pool (layer {i})"),
+                               self._lower_tiers(i), name=f"pages (layer {i})",
+                               kernel=resolve_kernel(config.cpu_kernel), threads=config.cpu_threads)
+                      for i in range(layout.num_layers)]
+        for home in self.homes:
+            home.pull_remote = self._pulls
+        # Recomputes lost pages from their token ids: set by OffloadedModel (offload/recovery.py).
+        self.recompute = None
+        self.recovery = RecoveryCounters()
         self.transfer = TransferEngine(config.emulate_link_gbps)
         # One worker runs host-part kernels while the calling thread computes the device part.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-host")
@@ -91,9 +115,9 @@ class KVStore:
         self.tree: PrefixTree | None = None
         # (a model with recurrent or conv layers cannot resume from KV pages alone: no prefix reuse)
         if config.prefix_cache and reusable_prefixes:
-            self.tree = PrefixTree(layout.page_size, self.host_pools, make_eviction_order(config.prefix_eviction))
-            for pool in self.host_pools:
-                pool.reclaim = self.tree.evict
+            self.tree = PrefixTree(layout.page_size, self.homes, make_eviction_order(config.prefix_eviction))
+            for home in self.homes:
+                home.reclaim = self.tree.evict
         self.device_cache = DeviceCache()
         if self.tree is not None:
             self.tree.on_remove = self.device_cache.forget
@@ -102,6 +126,100 @@ class KVStore:
         self._dead: list[Request] = []  # requests whose cache was garbage collected, released at a safe point
         self.closed = False
         _LIVE.add(self)
+
+    def _lower_tiers(self, layer: int) -> list[Tier]:
+        """The tiers below the host for one layer: disk, then remote, as configured."""
+        tiers: list[Tier] = []
+        if self.config.disk_dir is not None:
+            capacity = budget.disk_pages_per_layer(self.config, self.layout)
+            tiers.append(DiskTier(self.layout, self.config.disk_dir, capacity, layer, self.disk_counters,
+                                  resolve_kernel(self.config.cpu_kernel), self.config.cpu_threads))
+        if self.remote is not None:
+            tiers.append(self.remote.tier(layer))
+        return tiers
+
+    def _pulls(self, tier, counts: torch.Tensor, query: torch.Tensor, observe: int) -> bool:
+        """Pull remote pages (counts[b] for sequence b) over the wire rather than attend them
+        remotely? `remote_attention`, or by bytes moved."""
+        choice = self.config.remote_attention
+        if choice != "auto":
+            return choice == "pull"
+        bsz, heads, rows, dim = query.shape
+        return tier.wire_bytes_pull(int(counts.sum())) < tier.wire_bytes_attend(bsz, heads, rows, dim, observe,
+                                                                                int(counts.max()))
+
+    def _tier_step(self, request: Request, layer: int, page_mass: torch.Tensor) -> None:
+        """With tiers below the host: record what this step attended (the host keeps the hottest
+        pages), bring the hottest lower pages back up, and start reading the next layer's lower
+        pages (asynchronous reads planned a layer ahead)."""
+        table, home = request.tables[layer], self.homes[layer]
+        n = table.page_ids.shape[1]
+        home.touch(table.page_ids.flatten(), page_mass[:, :n].flatten(), self.config.score_decay)
+        home.promote(table.page_ids[table.page_ids >= 0].tolist(), self.config.promote_pages * table.batch_size)
+        ahead = (layer + 1) % self.layout.num_layers
+        self.homes[ahead].readahead(request.tables[ahead].page_ids)
+
+    # ------------------------------------------------------------------ lost pages
+    def _recover(self, request: Request, lost: PagesLost) -> None:
+        """Recompute every page of `request` that a lower tier lost, from its token ids."""
+        for home in self.homes:
+            home.sync_losses()
+        per_seq: dict[int, set[int]] = {}
+        for layer, table in enumerate(request.tables):
+            gone = self.homes[layer].lost
+            if not gone:
+                continue
+            for b in range(table.batch_size):
+                for p, page in enumerate(table.page_ids[b, : table.num_complete(b)].tolist()):
+                    if page in gone:
+                        per_seq.setdefault(b, set()).add(p)
+        if not per_seq:
+            raise RuntimeError("a lower tier lost pages that no page table of this request holds") from lost
+        if self.recompute is None:
+            raise RuntimeError("pages were lost and this store has no model to recompute them with "
+                               "(OffloadedModel sets one)") from lost
+        log_once("lost", f"{lost}; recomputing them from their token ids", lost.cause or lost)
+        self.recovery.recoveries += 1
+        for b, pages in sorted(per_seq.items()):
+            self.recompute(request, b, min(pages), max(pages) + 1)
+
+    @torch.inference_mode()
+    def recovery_request(self, request: Request, b: int, first_page: int, end_page: int) -> Request:
+        """A batch-of-one request holding sequence b's first `first_page` pages (shared), with
+        their token ids, room up to `end_page` pages, and active: forward the tokens of the pages
+        after them to recompute those."""
+        ps = self.layout.page_size
+        scratch = Request(self, 1, end_page * ps)
+        self.requests.add(scratch)
+        try:
+            for layer, table in enumerate(scratch.tables):
+                table.attach_pages(0, request.tables[layer].page_ids[b, :first_page].tolist(), None)
+            scratch.token_ids[0, : first_page * ps] = request.token_ids[b, : first_page * ps]
+            self.activate(scratch, end_page * ps)
+        except BaseException:
+            self.release(scratch)
+            raise
+        return scratch
+
+    @torch.inference_mode()
+    def restore_from(self, request: Request, b: int, scratch: Request, first_page: int, end_page: int) -> int:
+        """Put the recomputed pages of `scratch` back where sequence b of `request` lost them;
+        returns how many pages (all layers) were restored."""
+        restored = 0
+        for layer, (table, fresh) in enumerate(zip(request.tables, scratch.tables)):
+            home = self.homes[layer]
+            self.residency.complete_copies(fresh)
+            for p in range(first_page, end_page):
+                page = int(table.page_ids[b, p])
+                if page in home.lost:
+                    try:
+                        keys, values = fresh.home.read([int(fresh.page_ids[0, p])])
+                    except PagesLost:
+                        continue  # (the recomputed copy spilled and was lost too: the next recovery)
+                    home.restore(page, keys[0], values[0])
+                    restored += 1
+        self.recovery.recomputed_pages += restored
+        return restored
 
     # ------------------------------------------------------------------ requests
     @torch.inference_mode()  # tensors made under it can only be changed under it
@@ -123,9 +241,10 @@ class KVStore:
             skip = self._attach_prefix(request, rows, pads or [0] * batch_size)
         shared = sum(t.num_complete(b) for t in request.tables[:1] for b in range(batch_size))
         new_pages = batch_size * (max_tokens // self.layout.page_size) - shared
-        unavailable = self.host_pools[0].num_used - (self.tree.num_evictable() if self.tree else 0)
+        unavailable = self.homes[0].num_used - (self.tree.num_evictable() if self.tree else 0)
+        lower = sum(t.capacity for t in self.homes[0].lower)
         try:
-            budget.check_host_budget(self.config, self.layout, new_pages, unavailable)
+            budget.check_host_budget(self.config, self.layout, new_pages, unavailable, lower)
             self.activate(request, max_tokens)
         except BaseException:
             self.release(request)
@@ -147,9 +266,9 @@ class KVStore:
             for layer, table in enumerate(request.tables):
                 tail = None
                 if cut:
-                    host, host_id = table.host_pool, cut_page.host_ids[layer]
-                    tail = (host.keys[host_id, :cut].clone(), host.values[host_id, :cut].clone())
-                table.attach_pages(b, [node.host_ids[layer] for node in path[:full]], tail)
+                    keys, values = table.home.read([cut_page.page_ids[layer]])
+                    tail = (keys[0, :cut].clone(), values[0, :cut].clone())
+                table.attach_pages(b, [node.page_ids[layer] for node in path[:full]], tail)
             request.token_ids[b, :reuse] = torch.tensor(list(row[:reuse]), dtype=torch.long)
             request.prefix_hit_tokens += reuse
         return skip
@@ -177,7 +296,7 @@ class KVStore:
                 table.attach_device(pool, rules[layer], max_pages)
             else:
                 pool, kept = reuse[layer]
-                wanted = set(table.host_ids[table.host_ids >= 0].tolist())
+                wanted = set(table.page_ids[table.page_ids >= 0].tolist())
                 for host_id in [h for h in kept if h not in wanted]:
                     pool.decref(kept.pop(host_id))
                 while pool.num_free < request.batch_size and kept:  # room for the tails first
@@ -202,7 +321,7 @@ class KVStore:
         if keep_cached and self.tree is not None and request.on_device:
             for table in request.tables:
                 self.residency.complete_copies(table)
-            self.device_cache.keep(request.tables, self.tree.host_ids_per_layer())
+            self.device_cache.keep(request.tables, self.tree.page_ids_per_layer())
         for table in request.tables:
             if table.on_device:
                 self.residency.complete_copies(table)
@@ -242,13 +361,13 @@ class KVStore:
             ids = request.token_ids[b, : n * ps]
             unknown = (ids < 0).nonzero()
             n = int(unknown[0]) // ps if unknown.numel() else n
-            host_ids = torch.stack([t.host_ids[b, :n] for t in request.tables], dim=1)
-            freed = (host_ids < 0).any(dim=1).nonzero()  # a sliding layer freed what its window left
+            page_ids = torch.stack([t.page_ids[b, :n] for t in request.tables], dim=1)
+            freed = (page_ids < 0).any(dim=1).nonzero()  # a sliding layer freed what its window left
             n = int(freed[0]) if freed.numel() else n
             if n == 0:
                 continue
-            host_ids = host_ids[:n].tolist()
-            added += self.tree.insert(ids[: n * ps].tolist(), host_ids)
+            page_ids = page_ids[:n].tolist()
+            added += self.tree.insert(ids[: n * ps].tolist(), page_ids)
         return added
 
     # ------------------------------------------------------------------ one layer's step
@@ -265,7 +384,21 @@ class KVStore:
         has_readers: later layers read this layer's KV in this step (`attend_stored`): a local
                     layer keeps what this step's queries see until the next step
         Returns     [B, H, T, D] float32 (and, with `return_lse`, the log-sum-exp [B, H, T] float32).
-        """
+
+        Pages a lower tier lost (a failed disk read, a lender that died) are recomputed from their
+        token ids and the step runs again (nothing of it was stored yet)."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                return self._attend(request, layer, query, new_keys, new_values, new_valid, scale, return_lse,
+                                    softcap, has_readers)
+            except PagesLost as lost:
+                if attempt == MAX_RECOVERIES:
+                    raise RuntimeError(f"layer {layer}: pages kept getting lost after {MAX_RECOVERIES} recoveries; "
+                                       "the lower tiers are failing") from lost
+                self._recover(request, lost)
+
+    def _attend(self, request: Request, layer: int, query, new_keys, new_values, new_valid, scale, return_lse,
+                softcap, has_readers):
         if self.active is not request:
             self.activate(request)
         table = request.tables[layer]
@@ -294,6 +427,8 @@ class KVStore:
             if merged is not None:
                 out, lse = merge_partials(out, lse, *merged)
         table.scores = self.scorer.update(table.scores, result.page_mass)
+        if self.homes[layer].lower:
+            self._tier_step(request, layer, result.page_mass)
         selection.observe(table, result.head_mass, decode, layer_plan.observe)
         if table.value_sum is not None:
             table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()
@@ -335,7 +470,27 @@ class KVStore:
 
     # ------------------------------------------------------------------ state
     def host_used_bytes(self) -> int:
-        return sum(pool.used_bytes for pool in self.host_pools)
+        return sum(home.used_bytes for home in self.homes)
+
+    def tier_counters(self) -> dict[str, float]:
+        """Cumulative counters of the tiers below the host and of recovery (OffloadStats fields)."""
+        counters = {
+            "disk_read_bytes": self.disk_counters.read_bytes,
+            "disk_write_bytes": self.disk_counters.write_bytes,
+            "spilled_pages": sum(h.spilled_pages for h in self.homes),
+            "promoted_pages": sum(h.promoted_pages for h in self.homes),
+            "recomputed_pages": self.recovery.recomputed_pages,
+            "recoveries": self.recovery.recoveries,
+            "wire_pull_bytes": 0, "wire_attend_bytes": 0, "remote_attend_s": 0.0,
+        }
+        if self.remote is not None:
+            wire = self.remote.counters
+            counters.update(wire_pull_bytes=wire.pull_bytes, wire_attend_bytes=wire.attend_bytes,
+                            remote_attend_s=wire.remote_attend_s)
+        return counters
+
+    def lower_bytes(self) -> int:
+        return sum(t.num_used for h in self.homes for t in h.lower) * self.layout.page_bytes
 
     def prefix_cached_pages(self) -> int:
         return self.tree.num_pages if self.tree is not None else 0
@@ -357,4 +512,8 @@ class KVStore:
             self.tree.clear()
         self.transfer.close()
         self.executor.shutdown(wait=True)
+        for home in self.homes:
+            home.close()
+        if self.remote is not None:
+            self.remote.close()
         self.closed = True

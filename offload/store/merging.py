@@ -48,8 +48,8 @@ def merge_unkept(table: PageTable, keep: list[torch.Tensor], bind_threshold: flo
         new = (table.alive(b) & ~kept.all(dim=0) & ~table.merged_valid[b, :n]).nonzero().flatten()
         if not new.numel():
             continue
-        ids = table.host_ids[b, new]
-        keys, values = table.host_pool.keys[ids], table.host_pool.values[ids]  # [m, ps, H_kv, D]
+        ids = table.page_ids[b, new]
+        keys, values = table.home.read(ids)  # [m, ps, H_kv, D]
         for i, page in enumerate(new.tolist()):
             table.merged_k[b, page], table.merged_v[b, page] = merge_page(keys[i], values[i])
         table.merged_valid[b, new] = True

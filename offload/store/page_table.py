@@ -3,15 +3,16 @@
 Per sequence b, logical page p holds stored tokens [p * page_size, (p + 1) * page_size).
 Only valid tokens are stored (left padding never is), so stored positions are per sequence.
 
-- Every complete page has a home copy in the host pool (`host_ids[b, p]`, one reference held
-  by this table; the prefix tree and other requests may hold more).
+- Every complete page is a page of the layer's `PageHome` (`page_ids[b, p]`, one reference held
+  by this table; the prefix tree and other requests may hold more), whose home copy is on the
+  host or in a lower tier (disk, remote).
 - The partial last page lives only in the device pool (`tail_slot[b]`), or, while the request is
   parked between calls, in `parked_tails` on the host.
 - Some complete pages are also resident in the device pool (`slots[b, p]`); pages being copied
   in are `inflight` (their slots are allocated, so counted and never reused) and become resident
   only when their copy completed (`Residency.complete_copies`).
-- `key_min/key_max[b, p]` summarise each complete page's keys (Quest), on the device; the host
-  pool keeps the same summaries keyed by host page, so a table can be rebuilt from host ids.
+- `key_min/key_max[b, p]` summarise each complete page's keys (Quest), on the device; the home
+  keeps the same summaries keyed by page id, so a table can be rebuilt from page ids.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.store.layout import KVLayout
-from offload.store.pools import PagePool
+from offload.store.home import PageHome
 from offload.store.transfer import CopyBatch
 
 
@@ -77,16 +78,16 @@ CROP_MARGIN = 64
 
 
 class PageTable:
-    def __init__(self, layout: KVLayout, batch_size: int, max_pages: int, host_pool: PagePool,
+    def __init__(self, layout: KVLayout, batch_size: int, max_pages: int, home: PageHome,
                  track_values: bool = False) -> None:
         self.layout = layout
         self.batch_size = batch_size
         self.max_pages = max_pages
-        self.host_pool = host_pool
+        self.home = home
         self.device_pool: PagePool | None = None  # set while the request holds device memory
         self.rules: ResidencyRules | None = None
         self.length = [0] * batch_size
-        self.host_ids = torch.full((batch_size, max_pages), -1, dtype=torch.long)
+        self.page_ids = torch.full((batch_size, max_pages), -1, dtype=torch.long)
         self.slots = torch.full((batch_size, max_pages), -1, dtype=torch.long)
         self.tail_slot = [-1] * batch_size
         self.parked_tails: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size
@@ -126,15 +127,15 @@ class PageTable:
 
     def alive(self, b: int) -> torch.Tensor:
         """[num_complete] bool: complete pages that exist (a dropped or out-of-window page does not)."""
-        return self.host_ids[b, : self.num_complete(b)] >= 0
+        return self.page_ids[b, : self.num_complete(b)] >= 0
 
     def drop_page(self, b: int, p: int) -> None:
         """Free complete page p of sequence b for good, in every tier (effect="drop"); copies must
         be complete. A page the prefix tree also holds stays there (only this reference goes)."""
         assert p not in self.inflight[b], "complete copies before dropping"
         if self.value_sum is not None:
-            host_id = int(self.host_ids[b, p])
-            self.value_sum[b] -= self.host_pool.values[host_id].float().sum(dim=0).to(self.value_sum.device)
+            values = self.home.read([int(self.page_ids[b, p])])[1][0]
+            self.value_sum[b] -= values.float().sum(dim=0).to(self.value_sum.device)
         self._free(b, p)
         self.scores[b, p] = 0.0
         self.counters.dropped_pages += 1
@@ -144,8 +145,8 @@ class PageTable:
         if self.slots[b, p] >= 0:
             self.device_pool.decref(int(self.slots[b, p]))
             self.slots[b, p] = -1
-        self.host_pool.decref(int(self.host_ids[b, p]))
-        self.host_ids[b, p] = -1
+        self.home.decref(int(self.page_ids[b, p]))
+        self.page_ids[b, p] = -1
 
     def resident_pages(self, b: int) -> list[int]:
         n = self.num_complete(b)
@@ -172,7 +173,7 @@ class PageTable:
             first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
             required.update(range(first, n))
         if self.counters.dropped_pages:  # a dropped page cannot be required
-            required = {p for p in required if self.host_ids[b, p] >= 0}
+            required = {p for p in required if self.page_ids[b, p] >= 0}
         return required
 
     @property
@@ -193,9 +194,9 @@ class PageTable:
         for b in range(self.batch_size):
             n = self.num_complete(b)
             if n and not windowed:
-                ids = self.host_ids[b, :n]
-                self.key_min[b, :n] = self.host_pool.key_min[ids].to(device)
-                self.key_max[b, :n] = self.host_pool.key_max[ids].to(device)
+                ids = self.page_ids[b, :n].clamp(min=0)  # (a dropped page's summary is never read)
+                self.key_min[b, :n] = self.home.key_min[ids].to(device)
+                self.key_max[b, :n] = self.home.key_max[ids].to(device)
             self.tail_slot[b] = device_pool.allocate()
             parked = self.parked_tails[b]
             if parked is not None:
@@ -210,7 +211,7 @@ class PageTable:
         adopted = 0
         for b in range(self.batch_size):
             for p in range(self.num_complete(b)):
-                slot = kept.get(int(self.host_ids[b, p]))
+                slot = kept.get(int(self.page_ids[b, p]))
                 if slot is not None and self.slots[b, p] < 0 and self.slots_in_use(b) < self.rules.slots_per_seq:
                     self.device_pool.incref(slot)
                     self.slots[b, p] = slot
@@ -242,7 +243,7 @@ class PageTable:
             return
         extra = max_pages - self.max_pages
         bsz = self.batch_size
-        self.host_ids = torch.cat([self.host_ids, torch.full((bsz, extra), -1, dtype=torch.long)], dim=1)
+        self.page_ids = torch.cat([self.page_ids, torch.full((bsz, extra), -1, dtype=torch.long)], dim=1)
         self.slots = torch.cat([self.slots, torch.full((bsz, extra), -1, dtype=torch.long)], dim=1)
         scores = torch.zeros(bsz, max_pages + 1, dtype=torch.float32)
         scores[:, : self.max_pages] = self.scores[:, : self.max_pages]
@@ -261,16 +262,20 @@ class PageTable:
         self.max_pages = max_pages
 
     # ------------------------------------------------------------------ shared pages
-    def attach_pages(self, b: int, host_ids: list[int], tail: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def attach_pages(self, b: int, page_ids: list[int], tail: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Start sequence b from shared complete pages (one reference taken on each) and, optionally,
         the first tokens of the next page as a private tail (copy-on-write). keys/values of the
-        tail: [n, H_kv, D] with n < page_size. Device state is set up by `attach_device`."""
+        tail: [n, H_kv, D] with n < page_size. Device state is set up by `attach_device`. A page
+        id of -1 is a page that no longer exists (a local layer freed it, a policy dropped it)."""
         if self.length[b]:
             raise RuntimeError(f"sequence {b} already holds {self.length[b]} tokens")
-        for p, host_id in enumerate(host_ids):
-            self.host_pool.incref(host_id)
-            self.host_ids[b, p] = host_id
-        self.length[b] = len(host_ids) * self.layout.page_size
+        for p, page in enumerate(page_ids):
+            if page >= 0:
+                self.home.incref(page)
+            self.page_ids[b, p] = page
+        while self.dropped[b] < len(page_ids) and page_ids[self.dropped[b]] < 0:
+            self.dropped[b] += 1
+        self.length[b] = len(page_ids) * self.layout.page_size
         if tail is not None and tail[0].shape[0]:
             self.parked_tails[b] = tail
             self.length[b] += tail[0].shape[0]
@@ -303,15 +308,15 @@ class PageTable:
         pool = self.device_pool
         tail_kv = None
         if cut and keep_pages < old_length // ps:  # the new tail was a complete page
-            host_id = int(self.host_ids[b, keep_pages])
-            tail_kv = (self.host_pool.keys[host_id, :cut].clone(), self.host_pool.values[host_id, :cut].clone())
+            keys, values = self.home.read([int(self.page_ids[b, keep_pages])])
+            tail_kv = (keys[0, :cut].clone(), values[0, :cut].clone())
         for p in range(keep_pages, old_length // ps):
             if self.slots[b, p] >= 0:
                 pool.decref(int(self.slots[b, p]))
-            if self.host_ids[b, p] >= 0:
-                self.host_pool.decref(int(self.host_ids[b, p]))
+            if self.page_ids[b, p] >= 0:
+                self.home.decref(int(self.page_ids[b, p]))
         self.slots[b, keep_pages:] = -1
-        self.host_ids[b, keep_pages:] = -1
+        self.page_ids[b, keep_pages:] = -1
         self.scores[b, keep_pages:] = 0.0
         for mass in (self.acc_mass, self.last_mass, self.prompt_mass):
             mass[b, :, keep_pages:] = 0.0
@@ -336,10 +341,10 @@ class PageTable:
         """[H_kv, D] float32: the sum of sequence b's stored values, recomputed from its pages."""
         ps = self.layout.page_size
         total = torch.zeros(self.layout.num_kv_heads, self.layout.head_dim, dtype=torch.float32)
-        ids = self.host_ids[b, : self.num_complete(b)]
+        ids = self.page_ids[b, : self.num_complete(b)]
         ids = ids[ids >= 0]
         if ids.numel():
-            total += self.host_pool.values[ids].float().sum(dim=(0, 1))
+            total += self.home.read(ids)[1].float().sum(dim=(0, 1))
         used = self.length[b] % ps
         if used:
             if self.device_pool is not None and self.tail_slot[b] >= 0:
@@ -357,14 +362,14 @@ class PageTable:
             raise NotImplementedError(f"OffloadCache cannot change the batch size from {self.batch_size} to {idx.numel()}")
         assert not self.batches, "complete copies before reordering"
         pool = self.device_pool
-        old_host, old_slots = self.host_ids, self.slots
+        old_host, old_slots = self.page_ids, self.slots
         new_host, new_slots = old_host[idx], old_slots[idx]
         for ref in new_host[new_host >= 0].tolist():
-            self.host_pool.incref(ref)
+            self.home.incref(ref)
         for ref in new_slots[new_slots >= 0].tolist():
             pool.incref(ref)
         for ref in old_host[old_host >= 0].tolist():
-            self.host_pool.decref(ref)
+            self.home.decref(ref)
         for ref in old_slots[old_slots >= 0].tolist():
             pool.decref(ref)
         dev_idx = idx.to(pool.device)
@@ -376,7 +381,7 @@ class PageTable:
         new_tails = torch.tensor(self.tail_slot, dtype=torch.long, device=pool.device)
         pool.keys[new_tails] = tail_k
         pool.values[new_tails] = tail_v
-        self.host_ids, self.slots = new_host, new_slots
+        self.page_ids, self.slots = new_host, new_slots
         order = idx.tolist()
         self.length = [self.length[i] for i in order]
         self.dropped = [self.dropped[i] for i in order]
@@ -400,8 +405,8 @@ class PageTable:
         """Drop every reference this table holds (copies must be complete)."""
         if self.on_device:
             self.detach_device()
-        for ref in self.host_ids[self.host_ids >= 0].tolist():
-            self.host_pool.decref(ref)
-        self.host_ids.fill_(-1)
+        for ref in self.page_ids[self.page_ids >= 0].tolist():
+            self.home.decref(ref)
+        self.page_ids.fill_(-1)
         self.parked_tails = [None] * self.batch_size
         self.length = [0] * self.batch_size

@@ -116,7 +116,7 @@ def plan(table: PageTable, new_valid: torch.Tensor, attend: list[set[int]] | Non
     for b in range(table.batch_size):
         n = table.num_complete(b)
         resident = table.slots[b, :n] >= 0
-        alive = table.host_ids[b, :n] >= 0
+        alive = table.page_ids[b, :n] >= 0
         # The earliest query of this step: the next position, or (a reader of another layer's KV,
         # whose new tokens are already stored) the earliest position given.
         real = new_pos[b][new_pos[b] >= 0] if new_pos is not None else None
@@ -151,7 +151,7 @@ def plan(table: PageTable, new_valid: torch.Tensor, attend: list[set[int]] | Non
     tail_pos = torch.where(offsets[None, :] < (lengths % ps)[:, None], ((lengths // ps) * ps)[:, None] + offsets, -1)
     tails = torch.tensor(table.tail_slot, dtype=torch.long)
     logical = _pad(host_pages)
-    host_table = torch.where(logical >= 0, table.host_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
+    host_table = torch.where(logical >= 0, table.page_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
     return LayerPlan(
         decode=decode,
         new_pos=new_positions(table, new_valid) if new_pos is None else new_pos,
@@ -188,7 +188,7 @@ def _positions(page_idx: torch.Tensor, ps: int) -> torch.Tensor:
 
 def _gather(table: PageTable, pages: list[list[int]]) -> dict:
     idx = _pad(pages)
-    ids = torch.where(idx >= 0, table.host_ids.gather(1, idx.clamp(min=0)), torch.zeros_like(idx))
+    ids = torch.where(idx >= 0, table.page_ids.gather(1, idx.clamp(min=0)), torch.zeros_like(idx))
     return {"gather_ids": ids, "gather_pos": _positions(idx, table.layout.page_size)}
 
 

@@ -3,16 +3,13 @@
 A slot is referenced by every sequence whose page table points at it (beam search and prefix
 sharing share complete pages) and pinned while a copy or a kernel uses it; it returns to the
 free list only when its count drops to zero, so nothing in use or in flight is ever reused.
-The device pool is allocated once at its budget; the host pool grows (doubling) up to its budget,
-keeps each page's key summary beside it (`with_summaries`), and, when full, first asks its
-`reclaim` callback (the prefix cache) to free slots before refusing.
+The device pool is allocated once at its budget; the host pool grows (doubling) up to its budget
+(`PageHome` decides what it holds when it is full).
 """
 
 from __future__ import annotations
 
 import torch
-
-from typing import Callable
 
 from offload.sizes import format_bytes
 from offload.store.layout import KVLayout
@@ -36,7 +33,6 @@ class PagePool:
         *,
         max_capacity: int | None = None,
         pin_memory: bool = False,
-        with_summaries: bool = False,
         name: str = "pool",
     ) -> None:
         self.layout = layout
@@ -46,12 +42,6 @@ class PagePool:
         self.name = name
         self.keys = self._alloc(capacity)
         self.values = self._alloc(capacity)
-        # Per-page key min / max [capacity, H_kv, D] (Quest summaries), so a page table can be rebuilt.
-        self.with_summaries = with_summaries
-        self.key_min = self._alloc_summary(capacity) if with_summaries else None
-        self.key_max = self._alloc_summary(capacity) if with_summaries else None
-        # Called with the number of slots wanted when the pool is full; returns how many it freed.
-        self.reclaim: Callable[[int], int] | None = None
         self.refcount = [0] * capacity
         # Stack of free slots, lowest id on top, so allocation order is deterministic.
         self._free = list(range(capacity - 1, -1, -1))
@@ -61,9 +51,6 @@ class PagePool:
         # Zeroed, not empty: masked keys get probability 0, and 0 * (NaN garbage) would still be NaN.
         tensor = torch.zeros(shape, dtype=self.layout.dtype, device=self.device)
         return tensor.pin_memory() if self.pin_memory else tensor
-
-    def _alloc_summary(self, capacity: int) -> torch.Tensor:
-        return torch.zeros((capacity, self.layout.num_kv_heads, self.layout.head_dim), dtype=self.layout.dtype)
 
     @property
     def capacity(self) -> int:
@@ -87,8 +74,6 @@ class PagePool:
 
     def allocate(self) -> int:
         """A free slot with reference count 1."""
-        if not self._free and self.capacity >= self.max_capacity and self.reclaim is not None:
-            self.reclaim(1)
         if not self._free:
             self._grow()
         slot = self._free.pop()
@@ -120,10 +105,5 @@ class PagePool:
         keys[:old].copy_(self.keys)
         values[:old].copy_(self.values)
         self.keys, self.values = keys, values
-        if self.with_summaries:
-            key_min, key_max = self._alloc_summary(new), self._alloc_summary(new)
-            key_min[:old].copy_(self.key_min)
-            key_max[:old].copy_(self.key_max)
-            self.key_min, self.key_max = key_min, key_max
         self.refcount.extend([0] * (new - old))
         self._free = list(range(new - 1, old - 1, -1)) + self._free

@@ -1,8 +1,8 @@
 """`PrefixTree`: complete pages of finished requests, keyed by their token ids, for reuse.
 
 A radix tree over whole pages (SGLang's `RadixCache`, ChunkAttention's prefix trie): each node is
-one page of `page_size` token ids under its parent, and holds one reference on that page's host
-copy in every layer. A request whose prompt starts with a cached path takes its own references
+one page of `page_size` token ids under its parent, and holds one reference on that page in every
+layer's home (host or lower tier). A request whose prompt starts with a cached path takes its own references
 on those pages and forwards only the tokens after them. Pages are only ever shared whole and
 read-only; a request that needs part of a page copies those tokens into its own tail.
 
@@ -22,25 +22,25 @@ from typing import Callable, Sequence
 import torch
 
 from offload.policies import EvictionCandidates, EvictionOrder, keep_order
-from offload.store.pools import PagePool
+from offload.store.home import PageHome
 
 
 class PrefixNode:
-    __slots__ = ("key", "parent", "children", "host_ids", "last_access", "depth")
+    __slots__ = ("key", "parent", "children", "page_ids", "last_access", "depth")
 
-    def __init__(self, key: tuple[int, ...], parent: "PrefixNode | None", host_ids: list[int], depth: int) -> None:
+    def __init__(self, key: tuple[int, ...], parent: "PrefixNode | None", page_ids: list[int], depth: int) -> None:
         self.key = key
         self.parent = parent
         self.children: dict[tuple[int, ...], PrefixNode] = {}
-        self.host_ids = host_ids  # one host page per layer
+        self.page_ids = page_ids  # one host page per layer
         self.last_access = 0.0
         self.depth = depth  # page index in its sequence
 
 
 class PrefixTree:
-    def __init__(self, page_size: int, host_pools: list[PagePool], order: EvictionOrder) -> None:
+    def __init__(self, page_size: int, homes: list[PageHome], order: EvictionOrder) -> None:
         self.page_size = page_size
-        self.host_pools = host_pools
+        self.homes = homes
         self.order = order
         self.root = PrefixNode((), None, [], -1)
         self.leaves: set[PrefixNode] = set()
@@ -83,17 +83,17 @@ class PrefixTree:
             best.last_access = self.clock
         return best, best_len
 
-    def insert(self, tokens: Sequence[int], host_ids: Sequence[Sequence[int]]) -> int:
-        """Cache the pages of `tokens` (whole pages only); host_ids[p][layer] is page p's host copy
+    def insert(self, tokens: Sequence[int], page_ids: Sequence[Sequence[int]]) -> int:
+        """Cache the pages of `tokens` (whole pages only); page_ids[p][layer] is page p's host copy
         per layer. Pages already cached keep their copy; new ones take a reference. Returns how
         many pages were added."""
         self.clock += 1
         node, added = self.root, 0
-        for p, key in enumerate(self._pages(tokens, len(host_ids))):
+        for p, key in enumerate(self._pages(tokens, len(page_ids))):
             child = node.children.get(key)
             if child is None:
-                ids = [int(i) for i in host_ids[p]]
-                for pool, host_id in zip(self.host_pools, ids):
+                ids = [int(i) for i in page_ids[p]]
+                for pool, host_id in zip(self.homes, ids):
                     pool.incref(host_id)
                 child = PrefixNode(key, node, ids, p)
                 node.children[key] = child
@@ -106,7 +106,7 @@ class PrefixTree:
         return added
 
     def _evictable(self, node: PrefixNode) -> bool:
-        return not node.children and all(pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids))
+        return not node.children and all(pool.refcount[i] == 1 for pool, i in zip(self.homes, node.page_ids))
 
     def num_evictable(self) -> int:
         """Pages that eviction could free now (whole subtrees no live request references)."""
@@ -118,7 +118,7 @@ class PrefixTree:
         free: dict[PrefixNode, bool] = {}
         for node in reversed(order):  # every child before its parent
             free[node] = all(free[child] for child in node.children.values()) and all(
-                pool.refcount[i] == 1 for pool, i in zip(self.host_pools, node.host_ids))
+                pool.refcount[i] == 1 for pool, i in zip(self.homes, node.page_ids))
         return sum(free.values())
 
     def evict(self, num_pages: int) -> int:
@@ -139,21 +139,21 @@ class PrefixTree:
                 freed += 1
         return freed
 
-    def host_ids_per_layer(self) -> list[set[int]]:
+    def page_ids_per_layer(self) -> list[set[int]]:
         """Per layer, the host pages the tree holds."""
-        held = [set() for _ in self.host_pools]
+        held = [set() for _ in self.homes]
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
-            for layer, host_id in enumerate(node.host_ids):
+            for layer, host_id in enumerate(node.page_ids):
                 held[layer].add(host_id)
         return held
 
     def _remove(self, node: PrefixNode) -> None:
         if self.on_remove is not None:
-            self.on_remove(node.host_ids)
-        for pool, host_id in zip(self.host_pools, node.host_ids):
+            self.on_remove(node.page_ids)
+        for pool, host_id in zip(self.homes, node.page_ids):
             pool.decref(host_id)
         parent = node.parent
         del parent.children[node.key]
@@ -169,8 +169,8 @@ class PrefixTree:
             node = stack.pop()
             stack.extend(node.children.values())
             if self.on_remove is not None:
-                self.on_remove(node.host_ids)
-            for pool, host_id in zip(self.host_pools, node.host_ids):
+                self.on_remove(node.page_ids)
+            for pool, host_id in zip(self.homes, node.page_ids):
                 pool.decref(host_id)
         self.root.children.clear()
         self.leaves.clear()

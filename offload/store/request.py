@@ -30,7 +30,7 @@ class Request:
         layout = store.layout
         max_pages = layout.num_pages(max_tokens)
         track = store.policy.needs_mean_values
-        self.tables = [PageTable(layout, batch_size, max_pages, pool, track) for pool in store.host_pools]
+        self.tables = [PageTable(layout, batch_size, max_pages, pool, track) for pool in store.homes]
         self.token_ids = torch.full((batch_size, max_tokens), -1, dtype=torch.long)  # -1: unknown
         self.rules: list[ResidencyRules] | None = None  # per layer, while active
         self.device_reserved_bytes = 0
@@ -39,7 +39,11 @@ class Request:
         self.device_reused_pages = 0  # shared pages whose device copy a previous request left
         self.crop_margin = CROP_MARGIN  # local layers keep this many tokens for crop (raised for long lookaheads)
         self.released = False
+        # Every stored token sits at its index among the real tokens (generate's positions), so a
+        # page can be recomputed from token ids alone (a lower tier lost it).
+        self.positions_known = True
         self._transfer_start = dataclasses.replace(store.transfer.counters)
+        self._tiers_start = store.tier_counters()
 
     @property
     def on_device(self) -> bool:
@@ -85,6 +89,9 @@ class Request:
             prefix_device_pages=self.device_reused_pages,
             prefix_cached_pages=self.store.prefix_cached_pages(),
         )
+        for name, value in self.store.tier_counters().items():
+            setattr(stats, name, value - self._tiers_start[name])
+        stats.lower_bytes = self.store.lower_bytes()
         for idx, table in enumerate(self.tables):
             resident = sum(len(table.resident_pages(b)) for b in range(table.batch_size)) if table.on_device else 0
             total = sum(table.num_complete(b) for b in range(table.batch_size))

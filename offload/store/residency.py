@@ -40,8 +40,8 @@ class Residency:
         if not pages:
             return
         slots = [table.device_pool.allocate() for _ in pages]
-        host = [int(table.host_ids[b, p]) for p in pages]
-        batch = self.transfer.submit_h2d(table.host_pool, host, table.device_pool, slots)
+        ids = [int(table.page_ids[b, p]) for p in pages]
+        batch = self.transfer.submit_h2d(table.home, ids, table.device_pool, slots)
         for p, slot in zip(pages, slots):
             table.inflight[b][p] = slot
         table.batches.append((b, list(pages), batch))

@@ -47,7 +47,7 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
     pool = table.device_pool
 
     def read_keys(pages: torch.Tensor) -> torch.Tensor:
-        return table.host_pool.keys[table.host_ids[b, pages]].float()
+        return table.home.read(table.page_ids[b, pages].flatten())[0].reshape(*pages.shape, *table.layout.page_shape).float()
 
     def charge(num_bytes: int) -> None:
         table.counters.policy_read_bytes += int(num_bytes)

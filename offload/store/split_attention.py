@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.kernels import merge_partials, paged_attention
-from offload.kernels.torch_ref import dense_attention_scores, paged_attention_blocked
+from offload.kernels import merge_partials
+from offload.kernels.torch_ref import dense_attention_scores
 from offload.store.page_table import PageTable
 from offload.store.planner import LayerPlan
 from offload.store.residency import log_once
+from offload.store.tiers import PagesLost
 
 
 @dataclass(slots=True)
@@ -85,6 +86,8 @@ class SplitAttention:
         if has_host:
             if future is not None:
                 host = future.result()
+            if isinstance(host.error, PagesLost):
+                raise host.error  # the store recomputes them (a kernel fallback cannot bring them back)
             if host.error is not None:
                 table.counters.failed_kernels += 1
                 log_once("kernel", f"the {self.cpu_kernel} host attention kernel failed", host.error)
@@ -114,9 +117,14 @@ class SplitAttention:
         shape = (table.batch_size, -1, table.layout.num_kv_heads, table.layout.head_dim)
         key_parts, value_parts, pos_parts = [pool.keys[slots].reshape(shape)], [pool.values[slots].reshape(shape)], [plan.device_pos]
         if plan.gather_ids is not None:  # host pages read here (window pages, per-head selections), masked like the rest
-            host = table.host_pool
-            key_parts.append(host.keys[plan.gather_ids].reshape(shape).to(pool.device))
-            value_parts.append(host.values[plan.gather_ids].reshape(shape).to(pool.device))
+            ps = table.layout.page_size
+            real = (plan.gather_pos[:, ::ps] >= 0).flatten()  # (padding entries hold no page: zeros)
+            keys = torch.zeros(real.numel(), *table.layout.page_shape, dtype=table.layout.dtype)
+            values = torch.zeros_like(keys)
+            if bool(real.any()):
+                keys[real], values[real] = table.home.read(plan.gather_ids.flatten()[real])
+            key_parts.append(keys.reshape(shape).to(pool.device))
+            value_parts.append(values.reshape(shape).to(pool.device))
             pos_parts.append(plan.gather_pos)
         keys = torch.cat([*key_parts, new_keys.transpose(1, 2)], dim=1)
         values = torch.cat([*value_parts, new_values.transpose(1, 2)], dim=1)
@@ -139,22 +147,8 @@ class SplitAttention:
 
     def _host_kernels(self, result: HostResult, query, table: PageTable, plan: LayerPlan, scale, observe, kernel,
                       softcap) -> None:
-        host_pool = table.host_pool
-        q_host = query.to(host_pool.device)
-        bsz, num_heads, q_len, _ = q_host.shape
-        last = torch.full((bsz,), table.layout.page_size, dtype=torch.long)
-        pools = (host_pool.keys, host_pool.values)
-        args = (plan.host_table, plan.host_counts, last, scale)
-        page_lse = torch.full((bsz, num_heads, observe, plan.host_table.shape[1]), float("-inf"))
-        if observe == q_len:
-            result.out, result.lse = paged_attention(q_host, *pools, *args, kernel=kernel, page_lse_out=page_lse,
-                                                     validate=False, threads=self.cpu_threads, softcap=softcap)
-        else:
-            # Prefill: many query rows per KV byte, compute-bound: blocked matmuls, not the decode kernel.
-            result.out, result.lse = paged_attention_blocked(q_host, *pools, *args, softcap=softcap)
-            paged_attention(q_host[:, :, -observe:], *pools, *args, kernel=kernel, page_lse_out=page_lse,
-                            validate=False, threads=self.cpu_threads, softcap=softcap)
-        result.page_lse = page_lse
+        part = table.home.attend(query.to("cpu"), plan.host_table, plan.host_counts, scale, observe, softcap, kernel)
+        result.out, result.lse, result.page_lse = part.out, part.lse, part.page_lse
 
     @staticmethod
     def _page_mass(table: PageTable, plan: LayerPlan, lse, key_lse, key_pos, host_page_lse) -> torch.Tensor:

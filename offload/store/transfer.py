@@ -1,4 +1,4 @@
-"""Page copies between the host tier and the device tier, with byte accounting.
+"""Page copies between the page homes (host and lower tiers) and the device tier, with byte accounting.
 
 Host-to-device copies are asynchronous and two-phase (as vLLM's offloading manager does):
 the caller *prepares* a copy by allocating and thereby pinning the destination slots (reference
@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from offload.store.home import PageHome
 from offload.store.pools import PagePool
 
 
@@ -43,14 +44,15 @@ class TransferCounters:
 class CopyBatch:
     """One submitted group of host->device page copies."""
 
-    host: PagePool
-    host_ids: list[int]
+    home: PageHome  # the pages' layer (they may be on the host or in a lower tier)
+    page_ids: list[int]
     device: PagePool
     slots: list[int]
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     event: object | None = None  # torch.cuda.Event on CUDA
     staging: int = -1  # index of the pinned staging buffer in use (CUDA)
+    pinned: bool = True  # the pages are pinned in their home until `wait`
 
 
 class TransferEngine:
@@ -85,10 +87,12 @@ class TransferEngine:
                 self.counters.link_s += time.perf_counter() - start
 
     # ---------------------------------------------------------------- host -> device
-    def submit_h2d(self, host: PagePool, host_ids: list[int], device: PagePool, slots: list[int]) -> CopyBatch:
-        """Queue copies of host pages into prepared (allocated) device slots; returns the batch to `wait` on."""
-        batch = CopyBatch(host, list(host_ids), device, list(slots))
-        if not host_ids:
+    def submit_h2d(self, home: PageHome, page_ids: list[int], device: PagePool, slots: list[int]) -> CopyBatch:
+        """Queue copies of pages into prepared (allocated) device slots; returns the batch to `wait` on.
+        The pages are pinned in their home (they do not spill) until `wait` returns."""
+        batch = CopyBatch(home, list(page_ids), device, list(slots))
+        home.pin(batch.page_ids)
+        if not page_ids:
             batch.done.set()
             return batch
         if device.device.type == "cuda":
@@ -108,11 +112,14 @@ class TransferEngine:
             self._release_staging(batch)
         else:
             batch.done.wait()
+        if batch.pinned:
+            batch.home.unpin(batch.page_ids)
+            batch.pinned = False
         return time.perf_counter() - start
 
-    def host_to_device(self, host: PagePool, host_ids: list[int], device: PagePool, slots: list[int]) -> None:
+    def host_to_device(self, home: PageHome, page_ids: list[int], device: PagePool, slots: list[int]) -> None:
         """Synchronous copy (submit + wait); raises if the copy failed."""
-        batch = self.submit_h2d(host, host_ids, device, slots)
+        batch = self.submit_h2d(home, page_ids, device, slots)
         self.wait(batch)
         if batch.error is not None:
             raise RuntimeError("host-to-device page copy failed") from batch.error
@@ -135,15 +142,15 @@ class TransferEngine:
         try:
             if self.fault_hook is not None:
                 self.fault_hook(batch)
-            src = torch.tensor(batch.host_ids, dtype=torch.long)
             dst = torch.tensor(batch.slots, dtype=torch.long, device=batch.device.device)
-            for src_pool, dst_pool in ((batch.host.keys, batch.device.keys), (batch.host.values, batch.device.values)):
-                dst_pool.index_copy_(0, dst, src_pool.index_select(0, src).to(batch.device.device))
-            num_bytes = len(batch.host_ids) * batch.host.layout.page_bytes
+            keys, values = batch.home.read(batch.page_ids)
+            batch.device.keys.index_copy_(0, dst, keys.to(batch.device.device))
+            batch.device.values.index_copy_(0, dst, values.to(batch.device.device))
+            num_bytes = len(batch.page_ids) * batch.home.layout.page_bytes
             self._link_wait(num_bytes)
             with self._lock:
                 self.counters.h2d_bytes += num_bytes
-                self.counters.h2d_pages += len(batch.host_ids)
+                self.counters.h2d_pages += len(batch.page_ids)
         except BaseException as exc:  # surfaced through batch.error, never lost in the thread
             batch.error = exc
             with self._lock:
@@ -160,25 +167,22 @@ class TransferEngine:
             device = batch.device.device
             if self._cuda_stream is None:
                 self._cuda_stream = torch.cuda.Stream(device)
-            n = len(batch.host_ids)
-            index = self._acquire_staging(batch.host, n)
+            n = len(batch.page_ids)
+            index = self._acquire_staging(batch.home.layout, n)
             staging = self._staging[index]
-            src = torch.tensor(batch.host_ids, dtype=torch.long)
+            batch.home.read(batch.page_ids, out=(staging[0], staging[1]))
             dst = torch.tensor(batch.slots, dtype=torch.long).to(device, non_blocking=True)
             # The copy stream must not overwrite slots the compute stream may still read.
             self._cuda_stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self._cuda_stream):
-                for which, (src_pool, dst_pool) in enumerate(
-                    ((batch.host.keys, batch.device.keys), (batch.host.values, batch.device.values))
-                ):
-                    torch.index_select(src_pool, 0, src, out=staging[which, :n])
+                for which, dst_pool in enumerate((batch.device.keys, batch.device.values)):
                     dst_pool.index_copy_(0, dst, staging[which, :n].to(device, non_blocking=True))
                 event = torch.cuda.Event()
                 event.record(self._cuda_stream)
             batch.event, batch.staging = event, index
             self._staging_events[index] = event
             with self._lock:
-                self.counters.h2d_bytes += n * batch.host.layout.page_bytes
+                self.counters.h2d_bytes += n * batch.home.layout.page_bytes
                 self.counters.h2d_pages += n
         except BaseException as exc:
             batch.error = exc
@@ -190,12 +194,12 @@ class TransferEngine:
     STAGING_BUFFERS = 4
     STAGING_PAGES = 64
 
-    def _acquire_staging(self, host: PagePool, num_pages: int) -> int:
+    def _acquire_staging(self, layout, num_pages: int) -> int:
         if num_pages > self.STAGING_PAGES:
             raise ValueError(f"at most {self.STAGING_PAGES} pages per copy batch on CUDA; got {num_pages}")
         if not self._staging:
-            shape = (2, self.STAGING_PAGES, *host.layout.page_shape)
-            self._staging = [torch.empty(shape, dtype=host.layout.dtype).pin_memory() for _ in range(self.STAGING_BUFFERS)]
+            shape = (2, self.STAGING_PAGES, *layout.page_shape)
+            self._staging = [torch.empty(shape, dtype=layout.dtype).pin_memory() for _ in range(self.STAGING_BUFFERS)]
             self._staging_free = list(range(self.STAGING_BUFFERS))
             self._staging_events = [None] * self.STAGING_BUFFERS
         if not self._staging_free:
@@ -217,18 +221,18 @@ class TransferEngine:
         batch.staging = -1
 
     # ---------------------------------------------------------------- device -> host
-    def to_host(self, keys: torch.Tensor, values: torch.Tensor, host: PagePool, host_ids: list[int]) -> None:
-        """Write whole pages (keys/values: [n, page_size, H_kv, D], on the device) to host pages."""
-        if not host_ids:
+    def to_host(self, keys: torch.Tensor, values: torch.Tensor, host: PagePool, slots: list[int]) -> None:
+        """Write whole pages (keys/values: [n, page_size, H_kv, D], on the device) to host slots."""
+        if not slots:
             return
-        dst = torch.tensor(host_ids, dtype=torch.long)
+        dst = torch.tensor(slots, dtype=torch.long)
         host.keys.index_copy_(0, dst, keys.to(host.device))
         host.values.index_copy_(0, dst, values.to(host.device))
-        num_bytes = len(host_ids) * host.layout.page_bytes
+        num_bytes = len(slots) * host.layout.page_bytes
         self._link_wait(num_bytes)
         with self._lock:
             self.counters.d2h_bytes += num_bytes
-            self.counters.d2h_pages += len(host_ids)
+            self.counters.d2h_pages += len(slots)
 
     def close(self) -> None:
         if self._worker is not None and self._worker.is_alive():

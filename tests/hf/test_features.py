@@ -57,7 +57,7 @@ def test_chunked_attention_is_exact(length):
         om.config.device_budget = om.minimum_device_budget(2, length + 10)  # chunk-sized for chunked layers
         got = om(ids, attention_mask=mask)
         assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY), expected)
-        held = (got.past_key_values.request.tables[0].host_ids >= 0).sum(dim=1)
+        held = (got.past_key_values.request.tables[0].page_ids >= 0).sum(dim=1)
         assert int(held.max()) <= (64 + 64) // 8 + 2  # the chunk and the crop margin, whatever the context
     real = mask.bool()
     torch.testing.assert_close(got.logits[real], logits[real], rtol=0, atol=1e-4)

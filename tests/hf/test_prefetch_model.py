@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offload import OffloadedModel
-from offload.store import residency, split_attention
+from offload.store import residency, tiers
 from offload.store.transfer import TransferEngine
 from tests.conftest import make_batch, tiny_model
 
@@ -68,14 +68,14 @@ def test_injected_copy_failures_keep_exact_outputs(case, monkeypatch, caplog):
 
 def test_injected_kernel_failure_keeps_exact_outputs(case, monkeypatch, caplog):
     model, ids, mask, ref = case
-    real = split_attention.paged_attention
+    real = tiers.paged_attention
 
     def failing_fast_kernel(*args, **kwargs):
         if kwargs.get("kernel") != "torch":
             raise RuntimeError("injected kernel failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(split_attention, "paged_attention", failing_fast_kernel)
+    monkeypatch.setattr(tiers, "paged_attention", failing_fast_kernel)
     monkeypatch.setattr(residency, "_logged_once", set())
     with caplog.at_level("WARNING", logger="offload"):
         out, stats = _run(model, ids, mask, prefetch=True, cpu_kernel="numba")

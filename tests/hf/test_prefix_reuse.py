@@ -51,7 +51,7 @@ class ForwardCounter:
 
 
 def _host_refcounts(om):
-    return [list(pool.refcount) for pool in om.store.host_pools]
+    return [list(pool.refcount) for pool in om.store.homes]
 
 
 def test_second_request_forwards_only_its_new_tokens():
@@ -69,7 +69,7 @@ def test_second_request_forwards_only_its_new_tokens():
         # Only the tree holds the first request's pages now: one reference each, every layer.
         cached = (223 + NEW - 1) // PS  # prompt + generated tokens stored (the last one never is)
         assert om.store.tree.num_pages == cached
-        for pool in om.store.host_pools:
+        for pool in om.store.homes:
             assert pool.num_used == cached and set(pool.refcount[: pool.num_used]) == {1}
         counter.tokens.clear()
         out = om.generate(second, **GREEDY, return_dict_in_generate=True)
@@ -77,8 +77,8 @@ def test_second_request_forwards_only_its_new_tokens():
         reused = 203  # 25 whole pages, and the 3 document tokens of the next cached page (copied, not shared)
         assert om.stats.prefix_hit_tokens == reused
         assert counter.prefill() == 228 - reused  # only the new tokens went through the model
-        shared = set(out.past_key_values.request.tables[0].host_ids[0, : reused // PS].tolist())
-        pool = om.store.host_pools[0]
+        shared = set(out.past_key_values.request.tables[0].page_ids[0, : reused // PS].tolist())
+        pool = om.store.homes[0]
         assert all(pool.refcount[i] == 2 for i in shared)  # the tree's and the live request's
         # ... and every page of the live request is in the tree too now, so held twice.
         assert sum(r == 2 for r in pool.refcount) == (228 + NEW - 1) // PS
@@ -92,7 +92,7 @@ def test_second_request_forwards_only_its_new_tokens():
         assert cold.stats.prefix_hit_tokens == 0 and cold.stats.prefix_cached_pages == 0
         gc.collect()
         cold.store.release_dead()
-        assert all(pool.num_used == 0 for pool in cold.store.host_pools)  # nothing kept, nothing shared
+        assert all(pool.num_used == 0 for pool in cold.store.homes)  # nothing kept, nothing shared
     finally:
         cold.unwrap()
 
@@ -205,8 +205,8 @@ def test_cached_prefixes_are_evicted_lru_under_host_pressure_and_live_pages_neve
         assert tree.match(prompts[1][0].tolist())
         # The live request's pages stay, though they are the oldest; it still continues exactly.
         assert len(tree.match(prompts[0][0].tolist())) == 64 // PS
-        for pool in om.store.host_pools:
-            assert pool.num_used <= pool.max_capacity
+        for home in om.store.homes:
+            assert home.host.num_used <= home.host.max_capacity
         out = om.generate(more, past_key_values=live.past_key_values, **GREEDY)
         assert torch.equal(out, expected_more)
 
@@ -217,16 +217,16 @@ def test_close_and_unwrap_free_every_pool():
     kept = om.generate(_tokens(90, seed=40), **GREEDY, return_dict_in_generate=True)
     om.generate(_tokens(50, seed=41), **GREEDY)
     store = om.store
-    assert sum(pool.num_used for pool in store.host_pools) > 0
+    assert sum(pool.num_used for pool in store.homes) > 0
     om.close()
-    assert all(pool.num_used == 0 for pool in store.host_pools)
+    assert all(pool.num_used == 0 for pool in store.homes)
     assert store.tree.num_pages == 0 and not store.requests
     with pytest.raises(ValueError, match="closed store|another OffloadedModel"):
         om.generate(kept.sequences, past_key_values=kept.past_key_values, **GREEDY)
     om.generate(_tokens(30, seed=42), **GREEDY)  # a closed wrapper starts a fresh store
     store = om.store
     om.unwrap()
-    assert all(pool.num_used == 0 for pool in store.host_pools)
+    assert all(pool.num_used == 0 for pool in store.homes)
     assert om.store is None
 
 
@@ -237,7 +237,7 @@ def test_dropped_results_release_their_pages():
             om.generate(_tokens(40, seed=50 + seed), **GREEDY, return_dict_in_generate=True)
         gc.collect()
         om.store.release_dead()
-        assert all(pool.num_used == 0 for pool in om.store.host_pools)
+        assert all(pool.num_used == 0 for pool in om.store.homes)
         assert not om.store.requests
 
 

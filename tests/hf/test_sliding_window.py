@@ -21,7 +21,7 @@ def _check_sliding_tables_bounded(om, cache, page_size):
     bound = (WINDOW - 1 + CROP_MARGIN) // page_size + 2
     for layer, window in enumerate(om.store.windows):
         table = cache.request.tables[layer]
-        held = (table.host_ids >= 0).sum(dim=1)
+        held = (table.page_ids >= 0).sum(dim=1)
         if window is not None:
             assert int(held.max()) <= bound, (layer, held.tolist(), bound)
 

@@ -107,7 +107,7 @@ def test_unwrap_frees_the_last_cache():
     om.unwrap()
     gc.collect()
     assert cache() is None  # nothing module-level keeps it (or its pools) alive
-    assert all(pool.num_used == 0 for pool in store.host_pools)
+    assert all(pool.num_used == 0 for pool in store.homes)
 
 
 @pytest.mark.parametrize("field", ["device_budget", "host_budget"])

@@ -51,7 +51,7 @@ def test_prefetched_page_is_not_read_before_its_copy_completes():
     assert time.perf_counter() - start >= 0.15
     assert layer.counters.stall_s >= 0.15
     assert set(pages) <= set(layer.resident_pages(0))
-    assert torch.equal(layer.device_pool.keys[slots], layer.host_pool.keys[layer.host_ids[0, pages]])
+    assert torch.equal(layer.device_pool.keys[slots], layer.home.read(layer.page_ids[0, pages])[0])
     step(store, request, ref, gen, 1, 1)  # and attention over them is exact
 
 
@@ -126,7 +126,7 @@ def test_transfer_engine_counts_and_surfaces_errors():
     store.transfer.fault_hook = broken
     page = _far_pages(store, layer, room=1)[0]
     with pytest.raises(RuntimeError, match="copy failed"):
-        store.transfer.host_to_device(layer.host_pool, [int(layer.host_ids[0, page])], layer.device_pool,
+        store.transfer.host_to_device(layer.home, [int(layer.page_ids[0, page])], layer.device_pool,
                                       [layer.device_pool.allocate()])
     assert store.transfer.counters.failed_batches == 1
 

@@ -1,4 +1,4 @@
-"""PrefixTree on plain pools: matching, reference counts, eviction order."""
+"""PrefixTree on page homes (host pools only): matching, reference counts, eviction order."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from offload.policies import make_eviction_order
 from offload.store.layout import KVLayout
+from offload.store.home import PageHome
 from offload.store.pools import PagePool, PoolExhausted
 from offload.store.prefix_tree import PrefixTree
 
@@ -15,13 +16,19 @@ PS = 2
 
 def _tree(num_layers=2, capacity=32, order="lru"):
     layout = KVLayout(num_layers, 1, 4, PS, torch.float32)
-    pools = [PagePool(layout, 0, "cpu", max_capacity=capacity, with_summaries=True) for _ in range(num_layers)]
+    pools = [PageHome(layout, PagePool(layout, 0, "cpu", max_capacity=capacity)) for _ in range(num_layers)]
     return PrefixTree(PS, pools, make_eviction_order(order)), pools
+
+
+def _new_page(home):
+    page = home.add(1)[0]
+    home.unpin([page])
+    return page
 
 
 def _store_pages(tree, pools, tokens):
     """What a finished request does: allocate a page per layer for each whole page, insert, drop its refs."""
-    ids = [[pool.allocate() for pool in pools] for _ in range(len(tokens) // PS)]
+    ids = [[_new_page(pool) for pool in pools] for _ in range(len(tokens) // PS)]
     added = tree.insert(tokens, ids)
     for page in ids:
         for pool, host_id in zip(pools, page):
@@ -33,9 +40,9 @@ def test_match_returns_the_longest_cached_path_of_whole_pages():
     tree, pools = _tree()
     ids, added = _store_pages(tree, pools, [1, 2, 3, 4, 5, 6, 7])  # 3 whole pages; token 7 is not cached
     assert added == 3 and tree.num_pages == 3
-    assert [n.host_ids for n in tree.match([1, 2, 3, 4, 9, 9])] == ids[:2]
-    assert [n.host_ids for n in tree.match([1, 2, 3, 4, 5, 6, 7, 8])] == ids
-    assert tree.match([1, 2, 3, 4, 5, 6], max_pages=1)[0].host_ids == ids[0]
+    assert [n.page_ids for n in tree.match([1, 2, 3, 4, 9, 9])] == ids[:2]
+    assert [n.page_ids for n in tree.match([1, 2, 3, 4, 5, 6, 7, 8])] == ids
+    assert tree.match([1, 2, 3, 4, 5, 6], max_pages=1)[0].page_ids == ids[0]
     assert tree.match([2, 1]) == []
     assert all(pool.refcount[:3] == [1, 1, 1] for pool in pools)  # the tree's own reference only
 
@@ -45,7 +52,7 @@ def test_inserting_a_cached_page_again_keeps_the_first_copy():
     first, _ = _store_pages(tree, pools, [1, 2, 3, 4])
     second, added = _store_pages(tree, pools, [1, 2, 3, 4, 5, 6])
     assert added == 1 and tree.num_pages == 3
-    assert [n.host_ids for n in tree.match([1, 2, 3, 4, 5, 6])] == first + second[2:]
+    assert [n.page_ids for n in tree.match([1, 2, 3, 4, 5, 6])] == first + second[2:]
     assert pools[0].num_used == 3  # the duplicate copies went back to the pool
 
 
@@ -59,9 +66,9 @@ def test_eviction_frees_least_recently_used_leaves_first_and_never_live_pages():
         pool.incref(host_id)  # a live request holds c
     assert tree.num_evictable() == 4
     assert tree.evict(1) == 1  # b's leaf (least recent evictable), not c (live) nor a
-    assert [n.host_ids for n in tree.match([3, 3, 4, 4])] == b[:1]
+    assert [n.page_ids for n in tree.match([3, 3, 4, 4])] == b[:1]
     assert tree.evict(10) == 3  # b's root page, then a's two pages; c stays
-    assert tree.num_pages == 1 and tree.match([5, 5])[0].host_ids == c[0]
+    assert tree.num_pages == 1 and tree.match([5, 5])[0].page_ids == c[0]
     assert all(pool.num_used == 1 for pool in pools)
 
 
@@ -69,11 +76,11 @@ def test_a_full_host_pool_reclaims_cached_pages_before_refusing():
     tree, pools = _tree(num_layers=1, capacity=4)
     pools[0].reclaim = tree.evict
     _store_pages(tree, pools, [1, 1, 2, 2, 3, 3, 4, 4])
-    assert pools[0].num_free == 0
-    held = [pools[0].allocate() for _ in range(4)]  # each allocation evicts the oldest leaf
-    assert tree.num_pages == 0 and sorted(held) == [0, 1, 2, 3]
+    assert pools[0].host.num_free == 0
+    held = [_new_page(pools[0]) for _ in range(4)]  # each allocation evicts the oldest leaf
+    assert tree.num_pages == 0 and sorted(pools[0].host_slots(held)) == [0, 1, 2, 3]
     with pytest.raises(PoolExhausted):
-        pools[0].allocate()
+        _new_page(pools[0])
 
 
 def test_clear_drops_only_the_trees_references():
@@ -117,8 +124,8 @@ def test_partial_match_finds_the_cached_page_sharing_the_most_leading_tokens():
     ids, _ = _store_pages(tree, pools, [1, 2, 3, 4, 5, 6])  # pages (1, 2), (3, 4), (5, 6)
     tokens = [1, 2, 3, 9, 9]
     path = tree.match(tokens, max_pages=2)
-    assert [n.host_ids for n in path] == ids[:1]  # (3, 9) is no cached page
+    assert [n.page_ids for n in path] == ids[:1]  # (3, 9) is no cached page
     node, shared = tree.match_partial(tokens, path, limit=3)
-    assert node.host_ids == ids[1] and shared == 1  # token 3 of page (3, 4)
+    assert node.page_ids == ids[1] and shared == 1  # token 3 of page (3, 4)
     assert tree.match_partial(tokens, path, limit=0) == (None, 0)
     assert tree.match_partial([7, 7], [], limit=1) == (None, 0)

@@ -60,12 +60,12 @@ def test_random_schedules_match_reference_and_hold_budget(seed, page_size, batch
         assert table.length[b] == ref.keys[b].shape[1]
         # Every complete page has a home copy; the host copy and its summary equal the stored tokens.
         n = table.num_complete(b)
-        ids = table.host_ids[b, :n]
+        ids = table.page_ids[b, :n]
         assert bool((ids >= 0).all())
-        host_k = table.host_pool.keys[ids].reshape(-1, HKV, D).transpose(0, 1)
+        host_k = table.home.read(ids)[0].reshape(-1, HKV, D).transpose(0, 1)
         torch.testing.assert_close(host_k, ref.keys[b][:, : n * page_size])
-        torch.testing.assert_close(table.host_pool.key_max[ids], table.host_pool.keys[ids].amax(dim=1))
-        torch.testing.assert_close(table.key_min[b, :n], table.host_pool.key_min[ids])
+        torch.testing.assert_close(table.home.key_max[ids], table.home.read(ids)[0].amax(dim=1))
+        torch.testing.assert_close(table.key_min[b, :n], table.home.key_min[ids])
         assert table.required_pages(b) <= set(table.resident_pages(b))
         assert table.slots_in_use(b) <= table.rules.slots_per_seq
 
@@ -103,13 +103,13 @@ def test_select_shares_pages_and_copies_tails():
     gen = torch.Generator().manual_seed(1)
     ref = Reference(2)
     step(store, request, ref, gen, 2, 10)
-    host_before = table.host_pool.num_used
+    host_before = table.home.num_used
     store.residency.complete_copies(table)
     table.select(torch.tensor([1, 1]))
-    assert table.host_pool.num_used == host_before // 2  # sequence 0's pages are gone, 1's are shared
+    assert table.home.num_used == host_before // 2  # sequence 0's pages are gone, 1's are shared
     for p in range(2):
-        assert table.host_ids[0, p] == table.host_ids[1, p]
-        assert table.host_pool.refcount[int(table.host_ids[0, p])] == 2
+        assert table.page_ids[0, p] == table.page_ids[1, p]
+        assert table.home.refcount[int(table.page_ids[0, p])] == 2
     assert table.tail_slot[0] != table.tail_slot[1]
     torch.testing.assert_close(table.device_pool.keys[table.tail_slot[0]], table.device_pool.keys[table.tail_slot[1]])
     ref.keys = [ref.keys[1], ref.keys[1]]
@@ -117,7 +117,7 @@ def test_select_shares_pages_and_copies_tails():
     step(store, request, ref, gen, 2, 3)
     device_pool = table.device_pool
     request.release()
-    assert table.host_pool.num_used == 0 and device_pool.num_used == 0
+    assert table.home.num_used == 0 and device_pool.num_used == 0
 
 
 def test_default_token_budget_is_what_the_device_holds():
@@ -141,11 +141,11 @@ def test_crop_then_continue_matches_reference(seed, page_size, first, cut, more)
     table.crop(0, keep)
     ref.crop(0, keep)
     assert table.length[0] == keep
-    assert table.host_pool.num_used == keep // page_size <= host_pages_before
-    assert bool((table.host_ids[0, keep // page_size :] < 0).all())
+    assert table.home.num_used == keep // page_size <= host_pages_before
+    assert bool((table.page_ids[0, keep // page_size :] < 0).all())
     step(store, request, ref, gen, 1, more)
     request.release()
-    assert table.host_pool.num_used == 0
+    assert table.home.num_used == 0
 
 
 def test_park_and_resume_keep_every_token():
