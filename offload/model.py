@@ -16,6 +16,7 @@ functions with transformers and switches the model's `config._attn_implementatio
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import threading
 import time
@@ -184,7 +185,8 @@ class OffloadedModel:
         model_config = self.model.config
         store = KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype()),
                         self.model.device, layer_windows(model_config), layer_chunks(model_config),
-                        reusable_prefixes=not has_layer_state(model_config))
+                        reusable_prefixes=not has_layer_state(model_config),
+                        identity=model_identity(self.model) if config.disk_dir is not None else None)
         store.recompute = self._recompute
         return store
 
@@ -473,6 +475,21 @@ class OffloadedModel:
             self.store.cache_prefix(cache.request)
         finally:
             cache.release()
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """A fingerprint of the model's config and weights (their names, shapes, dtypes and a strided
+    sample of each tensor's values): pages written to disk by one model are never read by another."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if tensor.device.type == "meta" or tensor.numel() == 0:
+                continue
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256]
+            digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _input_shape(input_ids, inputs_embeds) -> tuple[int, int]:

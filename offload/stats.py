@@ -50,6 +50,8 @@ class OffloadStats:
     recomputed_pages: int = 0  # pages a lower tier lost, recomputed from their token ids (all layers)
     recoveries: int = 0  # steps that found lost pages and recomputed them
     lower_bytes: int = 0  # bytes of pages held in the tiers below the host now (all layers)
+    prefix_disk_pages: int = 0  # prefix pages (all layers each) read from files an earlier process wrote
+    prefix_rejected_files: int = 0  # prefix page files refused (corrupt, truncated, another model's)
     tokens_generated: int = 0
     tokens_prefilled: int = 0  # tokens forwarded through the model in prefill (prefix hits excluded)
     prefix_hit_tokens: int = 0  # prompt tokens reused from the prefix cache instead of prefilled

@@ -35,6 +35,7 @@ from offload.store.home import PageHome
 from offload.store.layout import KVLayout
 from offload.store.planner import MAX_DECODE_QUERY, count_needed, plan
 from offload.store.pools import PagePool
+from offload.store.prefix_files import PrefixFiles
 from offload.store.prefix_tree import PrefixTree
 from offload.store.request import Request
 from offload.store.residency import Residency, log_once
@@ -64,7 +65,7 @@ class StoreClosed(RuntimeError):
 class KVStore:
     def __init__(self, config: OffloadConfig, layout: KVLayout, device: torch.device | str,
                  windows: list[int | None] | None = None, chunks: list[int | None] | None = None,
-                 reusable_prefixes: bool = True) -> None:
+                 reusable_prefixes: bool = True, identity: str | None = None) -> None:
         self.config = config
         self.layout = layout
         # Per layer: its sliding window (it attends and keeps only that), or None (full attention).
@@ -121,6 +122,11 @@ class KVStore:
         self.device_cache = DeviceCache()
         if self.tree is not None:
             self.tree.on_remove = self.device_cache.forget
+        # With a disk directory and the model's identity, cached prefixes also go to files that a
+        # later process reuses (store/prefix_files.py).
+        self.prefix_files = None
+        if self.tree is not None and config.disk_dir is not None and identity is not None:
+            self.prefix_files = PrefixFiles(config.disk_dir, layout, identity)
         self.active: Request | None = None
         self.requests: weakref.WeakSet[Request] = weakref.WeakSet()
         self._dead: list[Request] = []  # requests whose cache was garbage collected, released at a safe point
@@ -253,6 +259,9 @@ class KVStore:
 
     def _attach_prefix(self, request: Request, rows: Sequence[Sequence[int]], pads: Sequence[int]) -> int:
         ps = self.layout.page_size
+        if self.prefix_files is not None:
+            for row in rows:
+                self._load_prefix_files(list(row))
         # Every sequence must forward at least its last token (its logits start generation).
         paths = [self.tree.match(row, max(0, len(row) - 1) // ps) for row in rows]
         # Then the leading tokens of a cached next page that this prompt shares (token granularity).
@@ -368,7 +377,50 @@ class KVStore:
                 continue
             page_ids = page_ids[:n].tolist()
             added += self.tree.insert(ids[: n * ps].tolist(), page_ids)
+            if self.prefix_files is not None:
+                self._save_prefix_files(ids[: n * ps].tolist(), page_ids)
         return added
+
+    def _save_prefix_files(self, tokens: list[int], page_ids: list[list[int]]) -> None:
+        """Write the pages of a cached prefix that have no file yet (page_ids[p][layer])."""
+        files, ps = self.prefix_files, self.layout.page_size
+        hashes = files.hashes(tokens, len(page_ids))
+        missing = [p for p in range(len(page_ids)) if not files.has(hashes[p])]
+        if not missing:
+            return
+        per_layer = [home.read([page_ids[p][layer] for p in missing]) for layer, home in enumerate(self.homes)]
+        for i, p in enumerate(missing):
+            files.save(hashes[p], hashes[p - 1] if p else files.root, tokens[p * ps : (p + 1) * ps],
+                       [keys[i] for keys, _ in per_layer], [values[i] for _, values in per_layer])
+
+    def _load_prefix_files(self, row: list[int]) -> None:
+        """Extend the prefix tree with the pages of `row` that earlier processes left on disk."""
+        files, ps = self.prefix_files, self.layout.page_size
+        limit = max(0, len(row) - 1) // ps  # (the last token is always forwarded)
+        path = self.tree.match(row, limit)
+        if len(path) >= limit:
+            return
+        hashes = files.hashes(row, limit)
+        loaded: list[list[int]] = []
+        for p in range(len(path), limit):
+            found = files.load(hashes[p], hashes[p - 1] if p else files.root, row[p * ps : (p + 1) * ps])
+            if found is None:
+                break
+            ids = []
+            for home, keys, values in zip(self.homes, *found):
+                page = home.add(1)[0]
+                slot = home.host_slots([page])[0]
+                home.host.keys[slot], home.host.values[slot] = keys, values
+                home.key_min[page], home.key_max[page] = keys.amin(dim=0), keys.amax(dim=0)
+                home.unpin([page])
+                ids.append(page)
+            loaded.append(ids)
+        if loaded:
+            pages = [node.page_ids for node in path] + loaded
+            self.tree.insert(row[: len(pages) * ps], pages)
+            for ids in loaded:  # the tree holds them now
+                for home, page in zip(self.homes, ids):
+                    home.decref(page)
 
     # ------------------------------------------------------------------ one layer's step
     @torch.inference_mode()
@@ -482,6 +534,8 @@ class KVStore:
             "recomputed_pages": self.recovery.recomputed_pages,
             "recoveries": self.recovery.recoveries,
             "wire_pull_bytes": 0, "wire_attend_bytes": 0, "remote_attend_s": 0.0,
+            "prefix_disk_pages": self.prefix_files.loaded_pages if self.prefix_files else 0,
+            "prefix_rejected_files": self.prefix_files.rejected_files if self.prefix_files else 0,
         }
         if self.remote is not None:
             wire = self.remote.counters
