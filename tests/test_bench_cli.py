@@ -52,3 +52,16 @@ def test_the_readme_policy_table_is_the_committed_benchmark_results():
     root = Path(__file__).resolve().parents[1]
     results = load(root / "bench/results/policies.json", {"samples": 20}, keep_meta=True)
     assert summary_table(results) in (root / "README.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "exact,fast"], "--modes takes exact and/or sparse, got 'fast'"),
+    (["--configs", "a,e"], "--configs takes a,b,c,d, got 'e'"),
+])
+def test_bench_tiers_names_a_wrong_mode_or_configuration(capsys, argv, message):
+    """In process (a subprocess would take seconds): refused before any model is built."""
+    from offload.benchmarks.tiers import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
