@@ -195,6 +195,11 @@ class KVPolicy:
         """After `keep`: an output correction to apply (SparQ), or None."""
         return None
 
+    def device_weights(self, num_layers: int) -> list[float] | None:
+        """How the device page slots beyond each layer's minimum are shared over layers (relative
+        weights), or None: evenly."""
+        return None
+
 
 def newest(view: StepView, k: int) -> torch.Tensor:
     """[P] bool: the k newest alive pages."""

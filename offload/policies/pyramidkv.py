@@ -4,8 +4,9 @@ first layer to the last (kvpress's schedule: the top layer gets (budget - window
 beyond the window, the bottom one 2 (budget - window) minus that), with the same average.
 
 A layer's budget never exceeds the context: what a capped layer cannot use goes to the others, so
-a budget at least the context keeps everything. The device budget stays split evenly (a page
-slot is a cache, not the attended set)."""
+a budget at least the context keeps everything. The device budget follows the same schedule: the
+page slots beyond each layer's minimum (sinks, recent window, tail) are shared over layers in
+proportion to its budget beyond the window, so lower layers can keep what they select resident."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def layer_budgets(budget: int, num_layers: int, window: int, beta: float, cap: i
 
 class PyramidKVPolicy(SnapKVPolicy):
     name = "pyramidkv"
+
+    def device_weights(self, num_layers: int) -> list[float] | None:
+        if num_layers == 1:
+            return None
+        # The schedule's shape (window 0, no cap): linear from 2 - 1/beta down to 1/beta.
+        return layer_budgets(1_000_000, num_layers, 0, self.config.pyramid_beta, cap=2**62)
 
     def budget_pages(self, view: StepView) -> int:
         budgets = layer_budgets(view.budget, view.num_layers, self.config.observation_window, self.config.pyramid_beta,

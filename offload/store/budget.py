@@ -9,6 +9,7 @@ slots, at least its sinks, recent window and tail. The host tier and the tiers b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -70,10 +71,12 @@ def minimum_device_budget(config: OffloadConfig, layout: KVLayout, batch_size: i
 
 
 def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_tokens: int,
-                 windows=None, chunks=None, crop_margin: int = CROP_MARGIN) -> list[ResidencyRules]:
+                 windows=None, chunks=None, crop_margin: int = CROP_MARGIN,
+                 weights: list[float] | None = None) -> list[ResidencyRules]:
     """The residency rules of each layer for a batch under the device budget; ValueError if the
     budget cannot hold it. `windows[layer]` / `chunks[layer]`: that layer's sliding window or
-    attention chunk, or None (full attention)."""
+    attention chunk, or None (full attention). `weights[layer]`: how the full-attention layers
+    share the slots beyond their minimum (default: evenly); the token budget stays the even one."""
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
     cfg, lay = config, layout
@@ -110,11 +113,20 @@ def device_rules(config: OffloadConfig, layout: KVLayout, batch_size: int, max_t
         token_budget=cfg.token_budget if cfg.token_budget is not None else max(0, slots_per_seq - 1) * lay.page_size,
         skip_misses=cfg.sparse_misses == "skip",
     )
-    return [full if w is None else ResidencyRules(
+    per_layer = [full] * lay.num_layers
+    full_layers = [i for i, w in enumerate(windows) if w is None]
+    if weights is not None and len(full_layers) > 1:
+        # The same slots in total, each layer its minimum first, the rest by weight.
+        extra = (slots_per_seq - need) * len(full_layers)
+        total = sum(weights[i] for i in full_layers)
+        for i in full_layers:
+            slots = need + int(extra * weights[i] / total)
+            per_layer[i] = dataclasses.replace(full, slots_per_seq=min(slots, useful))
+    return [per_layer[i] if w is None else ResidencyRules(
         slots_per_seq=window_slots_per_seq(w, lay.page_size, max_tokens), sink_pages=0, recent_tokens=w - 1,
         promote_pages=0, sparse=False, token_budget=w, window=None if chunked else w, chunk=w if chunked else None,
         crop_margin=crop_margin)
-        for w, chunked in zip(windows, is_chunk)]
+        for i, (w, chunked) in enumerate(zip(windows, is_chunk))]
 
 
 def device_reserved_bytes(layout: KVLayout, batch_size: int, max_tokens: int, rules: list[ResidencyRules]) -> int:

@@ -294,7 +294,7 @@ class KVStore:
         if self.active is not None:
             self.park(self.active)
         rules = budget.device_rules(self.config, self.layout, request.batch_size, max_tokens, self.windows, self.chunks,
-                                    request.crop_margin)
+                                    request.crop_margin, self.policy.device_weights(self.layout.num_layers))
         request.grow(max_tokens)
         max_pages = self.layout.num_pages(max_tokens)
         capacities = [request.batch_size * r.slots_per_seq for r in rules]

@@ -107,6 +107,23 @@ def test_pyramidkv_gives_the_bottom_layer_more_pages_than_the_top():
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 4 > sizes[-1]
 
 
+def test_pyramidkv_splits_the_device_budget_unevenly_too():
+    from offload.store import budget
+    from offload.store.layout import KVLayout
+
+    layout = KVLayout(4, HKV, D, 16, torch.float32)
+    cfg = OffloadConfig.from_env({}, page_size=16, sink_tokens=16, recent_tokens=32, device_budget=1024 * 1024,
+                                 policy="pyramidkv")
+    even = budget.device_rules(cfg, layout, 2, 4096)
+    weights = POLICIES["pyramidkv"](cfg).device_weights(layout.num_layers)
+    uneven = budget.device_rules(cfg, layout, 2, 4096, weights=weights)
+    slots = [r.slots_per_seq for r in uneven]
+    assert slots == sorted(slots, reverse=True) and slots[0] > even[0].slots_per_seq > slots[-1]
+    assert min(slots) >= budget.min_slots_per_seq(cfg, 4096)  # sinks + recent window + tail everywhere
+    assert budget.device_reserved_bytes(layout, 2, 4096, uneven) <= cfg.device_budget
+    assert {r.token_budget for r in uneven} == {even[0].token_budget}  # the policy splits the token budget
+
+
 def test_fastgen_gives_each_head_the_cheapest_profile_that_recovers_its_attention():
     # Head 0 attends only the first page (special tokens); head 1 the newest pages (local).
     prompt = mass({0: 1.0}, {8: 0.5, 9: 0.5})
