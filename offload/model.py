@@ -34,7 +34,7 @@ from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
 from offload.store import budget
-from offload.store.kv_store import KVStore
+from offload.store.kv_store import LOWER_TIERS_NEED_KV_ONLY, KVStore
 from offload.store.page_table import CROP_MARGIN
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(OffloadConfig)}
@@ -64,6 +64,8 @@ class OffloadedModel:
         # Recurrent and conv layers scan the prompt; chunking it changes their numerics (not their
         # math), so such models prefill in one pass, as their own forward does.
         self._chunked_prefill = not has_layer_state(model.config)
+        if has_layer_state(model.config) and (self.config.disk_dir is not None or self.config.remote_lenders):
+            raise ValueError(LOWER_TIERS_NEED_KV_ONLY)
         self.store: KVStore | None = None
         self._lock = threading.RLock()  # one call at a time: the store serves one active request
         self._last_cache: weakref.ref[OffloadCache] | None = None
@@ -100,7 +102,8 @@ class OffloadedModel:
         original = _WRAPPED[self.model][0]
         # Exact mode whatever the user's: the probe compares against the unwrapped model.
         config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False, mode="exact",
-                                     token_budget=None, policy_effect="demote")
+                                     token_budget=None, policy_effect="demote", disk_dir=None, disk_budget=None,
+                                     remote_lenders=0)
         store = self._new_store(config)
 
         def run_wrapped(ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from offload.store.layout import KVLayout
 from offload.store.tiers import Partial, PagesLost, TierFull, attend_pages, empty_partial, merge_into
 
 READ_CHUNK_PAGES = 256  # most pages one disk read brings into memory at once when attending
+MAX_RUN = 256  # slots per preadv (3 buffers each, under the kernel's IOV_MAX of 1024)
 
 
 @dataclass(slots=True)
@@ -97,30 +98,35 @@ class DiskTier:
 
     def load(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(slots)
-        buf = np.empty((n, self.slot_bytes), dtype=np.uint8)
+        shape = (n, *self.layout.page_shape)
+        keys = torch.empty(shape, dtype=self.layout.dtype)
+        values = torch.empty(shape, dtype=self.layout.dtype)
+        # Each slot is read straight into its rows of keys and values (the slot's padding into a
+        # scratch buffer): one preadv per run of consecutive slots, no copy after it.
+        k_rows, v_rows = _as_bytes(keys), _as_bytes(values)
+        pad = np.empty(self.slot_bytes - self.layout.page_bytes, dtype=np.uint8)
         try:
             if self.fault_hook is not None:
                 self.fault_hook(list(slots))
             order = sorted(range(n), key=lambda i: slots[i])
             start = 0
-            while start < n:  # one pread per run of consecutive slots (coalesced reads)
+            while start < n:  # coalesced reads
                 end = start + 1
-                while end < n and slots[order[end]] == slots[order[end - 1]] + 1:
+                while end < n and end - start < MAX_RUN and slots[order[end]] == slots[order[end - 1]] + 1:
                     end += 1
-                run = np.empty((end - start, self.slot_bytes), dtype=np.uint8)
-                got = os.preadv(self.fd, [run], slots[order[start]] * self.slot_bytes)
-                if got < run.nbytes - (self.slot_bytes - self.layout.page_bytes):
-                    raise OSError(f"short read of disk slots {slots[order[start]]}..: {got} of {run.nbytes} bytes")
-                buf[order[start:end]] = run
+                buffers = []
+                for i in order[start:end]:
+                    buffers += [k_rows[i], v_rows[i]] + ([pad] if pad.size else [])
+                wanted = (end - start) * self.slot_bytes - pad.size  # (the last slot's padding may be past the end)
+                got = os.preadv(self.fd, buffers, slots[order[start]] * self.slot_bytes)
+                if got < wanted:
+                    raise OSError(f"short read of disk slots {slots[order[start]]}..: {got} of {wanted} bytes")
                 start = end
         except Exception as exc:
             self.counters.failed_reads += 1
             raise PagesLost(self.name, list(slots), exc) from exc
         self.counters.read_bytes += n * self.layout.page_bytes
         self.counters.read_pages += n
-        shape = (n, *self.layout.page_shape)
-        keys = _from_bytes(buf[:, : self.half_bytes], self.layout.dtype).reshape(shape)
-        values = _from_bytes(buf[:, self.half_bytes : 2 * self.half_bytes], self.layout.dtype).reshape(shape)
         return keys, values
 
     def release(self, slots: list[int]) -> None:
@@ -153,11 +159,16 @@ class DiskTier:
         return total
 
     def readahead(self, slots: list[int]) -> None:
-        if not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise") or not slots:
             return
+        ordered = sorted(slots)
         try:
-            for slot in slots:
-                os.posix_fadvise(self.fd, slot * self.slot_bytes, self.layout.page_bytes, os.POSIX_FADV_WILLNEED)
+            start = 0
+            for i in range(1, len(ordered) + 1):  # one hint per run of consecutive slots
+                if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+                    length = (ordered[i - 1] - ordered[start] + 1) * self.slot_bytes
+                    os.posix_fadvise(self.fd, ordered[start] * self.slot_bytes, length, os.POSIX_FADV_WILLNEED)
+                    start = i
         except OSError:
             pass  # a hint only
 
@@ -176,7 +187,3 @@ def _as_bytes(pages: torch.Tensor) -> np.ndarray:
     """[n, ...] CPU tensor -> its bytes as a uint8 array [n, page_bytes / 2] (no copy when contiguous)."""
     pages = pages.detach().to("cpu").contiguous()
     return pages.view(torch.uint8).reshape(pages.shape[0], -1).numpy()
-
-
-def _from_bytes(raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(raw)).view(dtype)

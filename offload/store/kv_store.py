@@ -43,8 +43,15 @@ from offload.store.split_attention import SplitAttention
 from offload.store.tiers import PagesLost, RecoveryCounters, Tier
 from offload.store.transfer import TransferEngine
 
+LOWER_TIERS_NEED_KV_ONLY = (
+    "a disk tier (OFFLOAD_DISK_DIR) or remote lenders (OFFLOAD_REMOTE_LENDERS) need pages that can be recomputed "
+    "from their token ids if a tier loses them; this model has recurrent or conv layers whose state KV pages alone "
+    "cannot rebuild: use the host tier only"
+)
 # Recoveries one layer's step may need before the store gives up (each restores what was lost).
 MAX_RECOVERIES = 8
+# Pages read at once to write prefix files.
+SAVE_CHUNK_PAGES = 256
 
 
 _LIVE: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
@@ -80,11 +87,7 @@ class KVStore:
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         host_max = budget.host_pages_per_layer(config, layout)
         if (config.disk_dir is not None or config.remote_lenders) and not reusable_prefixes:
-            raise ValueError(
-                "a disk tier (OFFLOAD_DISK_DIR) or remote lenders (OFFLOAD_REMOTE_LENDERS) need pages that can be "
-                "recomputed from their token ids if a tier loses them; this model has recurrent or conv layers whose "
-                "state KV pages alone cannot rebuild: use the host tier only"
-            )
+            raise ValueError(LOWER_TIERS_NEED_KV_ONLY)
         self.disk_counters = DiskCounters()
         self.remote = None  # RemoteCluster when lenders lend memory (offload/store/remote.py)
         if config.remote_lenders:
@@ -161,7 +164,8 @@ class KVStore:
         table, home = request.tables[layer], self.homes[layer]
         n = table.page_ids.shape[1]
         home.touch(table.page_ids.flatten(), page_mass[:, :n].flatten(), self.config.score_decay)
-        home.promote(table.page_ids[table.page_ids >= 0].tolist(), self.config.promote_pages * table.batch_size)
+        if table.rules.sparse:  # (exact mode reads every page each step wherever it is: swapping gains nothing)
+            home.promote(table.page_ids[table.page_ids >= 0].tolist(), self.config.promote_pages * table.batch_size)
         ahead = (layer + 1) % self.layout.num_layers
         self.homes[ahead].readahead(request.tables[ahead].page_ids)
 
@@ -386,12 +390,12 @@ class KVStore:
         files, ps = self.prefix_files, self.layout.page_size
         hashes = files.hashes(tokens, len(page_ids))
         missing = [p for p in range(len(page_ids)) if not files.has(hashes[p])]
-        if not missing:
-            return
-        per_layer = [home.read([page_ids[p][layer] for p in missing]) for layer, home in enumerate(self.homes)]
-        for i, p in enumerate(missing):
-            files.save(hashes[p], hashes[p - 1] if p else files.root, tokens[p * ps : (p + 1) * ps],
-                       [keys[i] for keys, _ in per_layer], [values[i] for _, values in per_layer])
+        for first in range(0, len(missing), SAVE_CHUNK_PAGES):  # bounded memory whatever the prompt
+            chunk = missing[first : first + SAVE_CHUNK_PAGES]
+            per_layer = [home.read([page_ids[p][layer] for p in chunk]) for layer, home in enumerate(self.homes)]
+            for i, p in enumerate(chunk):
+                files.save(hashes[p], hashes[p - 1] if p else files.root, tokens[p * ps : (p + 1) * ps],
+                           [keys[i] for keys, _ in per_layer], [values[i] for _, values in per_layer])
 
     def _load_prefix_files(self, row: list[int]) -> None:
         """Extend the prefix tree with the pages of `row` that earlier processes left on disk."""

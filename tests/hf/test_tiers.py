@@ -126,5 +126,7 @@ def test_models_with_recurrent_layers_refuse_lower_tiers(tmp_path):
     from tests.hf.families import tiny
 
     model = tiny("jamba", "JambaForCausalLM")
+    before = model.config._attn_implementation
     with pytest.raises(ValueError, match="recomputed from their token ids"):
-        OffloadedModel(model, disk_dir=str(tmp_path))._store()
+        OffloadedModel(model, disk_dir=str(tmp_path))  # refused when wrapped, before any change
+    assert model.config._attn_implementation == before
