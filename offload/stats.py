@@ -15,6 +15,7 @@ class OffloadStats:
     device_reserved_bytes: int = 0  # device-tier bytes allocated (pools + summaries)
     device_budget_bytes: int = 0
     host_bytes: int = 0  # host-tier bytes in use now (every live request and the prefix cache)
+    host_reserved_bytes: int = 0  # ... of which held for merged tokens (merging policies), not pages
     pages_resident: int = 0  # complete pages with a device copy now, all layers and sequences
     pages_total: int = 0  # complete pages now, all layers and sequences
     host_attn_s: float = 0.0

@@ -135,6 +135,13 @@ def device_reserved_bytes(layout: KVLayout, batch_size: int, max_tokens: int, ru
                for r in rules)
 
 
+def merged_pages(layout: KVLayout, batch_size: int, max_pages: int) -> int:
+    """Host page slots per layer that hold the merged tokens of merging policies (one float32 key
+    and value per page and KV head, and the page each is bound to), so they count in the budget."""
+    per_page = layout.num_kv_heads * (2 * layout.head_dim * 4 + 8)
+    return -(-batch_size * max_pages * per_page // layout.page_bytes)
+
+
 def host_pages_per_layer(config: OffloadConfig, layout: KVLayout) -> int:
     """Host page slots per layer under `config.host_budget`."""
     return config.host_budget // layout.num_layers // layout.page_bytes

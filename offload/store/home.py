@@ -157,6 +157,22 @@ class PageHome:
             )
         return host.allocate()
 
+    def reserve(self, num: int) -> list[int]:
+        """`num` host slots held for storage that is not pages (merged tokens), so that it counts
+        against the host budget; colder pages spill to make room. Give them back with `unreserve`."""
+        slots: list[int] = []
+        try:
+            for _ in range(num):
+                slots.append(self._host_slot_for_new())
+        except BaseException:
+            self.unreserve(slots)
+            raise
+        return slots
+
+    def unreserve(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.host.decref(slot)
+
     def host_slots(self, pages: list[int]) -> list[int]:
         return [self.host_slot[p] for p in pages]
 

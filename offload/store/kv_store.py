@@ -252,6 +252,7 @@ class KVStore:
         shared = sum(t.num_complete(b) for t in request.tables[:1] for b in range(batch_size))
         new_pages = batch_size * (max_tokens // self.layout.page_size) - shared
         unavailable = self.homes[0].num_used - (self.tree.num_evictable() if self.tree else 0)
+        unavailable += sum(len(r.tables[0].merged_slots) for r in self.requests)  # merged tokens' room (this one's too)
         lower = sum(t.capacity for t in self.homes[0].lower)
         try:
             budget.check_host_budget(self.config, self.layout, new_pages, unavailable, lower)
@@ -546,6 +547,10 @@ class KVStore:
             counters.update(wire_pull_bytes=wire.pull_bytes, wire_attend_bytes=wire.attend_bytes,
                             remote_attend_s=wire.remote_attend_s)
         return counters
+
+    def host_reserved_bytes(self) -> int:
+        """Host bytes held for merged tokens (merging policies) by every live request."""
+        return sum(len(t.merged_slots) for r in self.requests for t in r.tables) * self.layout.page_bytes
 
     def lower_bytes(self) -> int:
         return sum(t.num_used for h in self.homes for t in h.lower) * self.layout.page_bytes

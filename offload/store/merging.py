@@ -38,11 +38,7 @@ def merge_unkept(table: PageTable, keep: list[torch.Tensor], bind_threshold: flo
     With `bind_threshold` (D2O), each merged token is also bound, per KV head, to the kept page
     whose key centre is most similar to it (cosine >= the threshold), or to none (-1): then it is
     attended only while that page is kept, and a page bound nowhere is discarded."""
-    if table.merged_k is None:
-        shape = (table.batch_size, table.max_pages, table.layout.num_kv_heads, table.layout.head_dim)
-        table.merged_k, table.merged_v = torch.zeros(shape), torch.zeros(shape)
-        table.merged_valid = torch.zeros(table.batch_size, table.max_pages, dtype=torch.bool)
-        table.merged_into = torch.full(shape[:3], -1, dtype=torch.long)
+    table.reserve_merged()  # (made when the request opened; here for tables made otherwise)
     for b, kept in enumerate(keep):
         n = kept.shape[1]
         new = (table.alive(b) & ~kept.all(dim=0) & ~table.merged_valid[b, :n]).nonzero().flatten()

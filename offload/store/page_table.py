@@ -120,6 +120,7 @@ class PageTable:
         self.merged_v: torch.Tensor | None = None
         self.merged_valid: torch.Tensor | None = None  # [B, max_pages] bool
         self.merged_into: torch.Tensor | None = None  # [B, max_pages, H_kv] long, D2O: the kept page bound to
+        self.merged_slots: list[int] = []  # host slots reserved for the merged tokens (the host budget counts them)
 
     # ------------------------------------------------------------------ state
     def num_complete(self, b: int) -> int:
@@ -255,6 +256,7 @@ class PageTable:
             grown[:, :, : self.max_pages] = old[:, :, : self.max_pages]
             setattr(self, name, grown)
         if self.merged_k is not None:
+            self.reserve_merged(max_pages)
             pad = torch.zeros(bsz, extra, *self.merged_k.shape[2:])
             self.merged_k, self.merged_v = torch.cat([self.merged_k, pad], 1), torch.cat([self.merged_v, pad], 1)
             self.merged_valid = torch.cat([self.merged_valid, torch.zeros(bsz, extra, dtype=torch.bool)], 1)
@@ -401,10 +403,26 @@ class PageTable:
             dev_idx = idx.to(self.key_min.device)
             self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
 
+    def reserve_merged(self, max_pages: int | None = None) -> None:
+        """Merging policies: hold host slots for the merged tokens of up to `max_pages` pages per
+        sequence (default: the table's), and make their storage if it is not there yet."""
+        from offload.store.budget import merged_pages
+
+        wanted = merged_pages(self.layout, self.batch_size, max_pages or self.max_pages)
+        if wanted > len(self.merged_slots):
+            self.merged_slots += self.home.reserve(wanted - len(self.merged_slots))
+        if self.merged_k is None:
+            shape = (self.batch_size, self.max_pages, self.layout.num_kv_heads, self.layout.head_dim)
+            self.merged_k, self.merged_v = torch.zeros(shape), torch.zeros(shape)
+            self.merged_valid = torch.zeros(self.batch_size, self.max_pages, dtype=torch.bool)
+            self.merged_into = torch.full(shape[:3], -1, dtype=torch.long)
+
     def release(self) -> None:
         """Drop every reference this table holds (copies must be complete)."""
         if self.on_device:
             self.detach_device()
+        self.home.unreserve(self.merged_slots)
+        self.merged_slots = []
         for ref in self.page_ids[self.page_ids >= 0].tolist():
             self.home.decref(ref)
         self.page_ids.fill_(-1)

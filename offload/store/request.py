@@ -31,6 +31,14 @@ class Request:
         max_pages = layout.num_pages(max_tokens)
         track = store.policy.needs_mean_values
         self.tables = [PageTable(layout, batch_size, max_pages, pool, track) for pool in store.homes]
+        if store.policy.merges:  # merged tokens live on the host: their room is held from the start
+            try:
+                for table in self.tables:
+                    table.reserve_merged()
+            except BaseException:
+                for table in self.tables:
+                    table.release()
+                raise
         self.token_ids = torch.full((batch_size, max_tokens), -1, dtype=torch.long)  # -1: unknown
         self.rules: list[ResidencyRules] | None = None  # per layer, while active
         self.device_reserved_bytes = 0
@@ -85,6 +93,7 @@ class Request:
             device_budget_bytes=self.store.config.device_budget,
             link_s=now.link_s - start.link_s,
             host_bytes=self.store.host_used_bytes(),
+            host_reserved_bytes=self.store.host_reserved_bytes(),
             prefix_hit_tokens=self.prefix_hit_tokens,
             prefix_device_pages=self.device_reused_pages,
             prefix_cached_pages=self.store.prefix_cached_pages(),

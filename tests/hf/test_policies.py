@@ -58,7 +58,10 @@ def test_drop_frees_what_the_policy_leaves_and_reports_it(name):
     assert stats.dropped_pages > 0
     total_pages = stats.pages_total  # complete pages the request has now (dropped ones included)
     # A merging policy keeps one merged token (1/page_size of the bytes) of every page it dropped.
-    merged = stats.kv_bytes - stats.host_bytes  # merged tokens (kvmerger, d2o) live beside the host pool
+    pages_bytes = stats.host_bytes - stats.host_reserved_bytes  # (merged tokens' room is held in the host pool)
+    if POLICIES[name].merges:
+        assert stats.host_reserved_bytes > 0
+    merged = stats.kv_bytes - pages_bytes  # merged tokens (kvmerger, d2o)
     if POLICIES[name].merges and not POLICIES[name].binds_merges:
         assert merged == stats.dropped_bytes // 8  # every dropped page left one token (page_size 8)
     elif not POLICIES[name].merges:
@@ -66,10 +69,11 @@ def test_drop_frees_what_the_policy_leaves_and_reports_it(name):
     assert stats.kv_bytes + stats.dropped_bytes - merged == total_pages * layout_page_bytes
     for layer in stats.per_layer:
         assert layer["dropped_pages"] > 0
-    assert stats.host_bytes == stats.kv_bytes - merged  # the host pool shrank by exactly what was dropped
+    assert pages_bytes == stats.kv_bytes - merged  # the host pool's pages shrank by exactly what was dropped
     _, demoted = _generate(model, mode="sparse", policy=name, policy_effect="demote", token_budget=budget)
-    assert demoted.dropped_pages == 0 and demoted.kv_bytes == demoted.host_bytes
-    assert demoted.kv_bytes - stats.host_bytes == stats.dropped_bytes
+    assert demoted.host_reserved_bytes == stats.host_reserved_bytes
+    assert demoted.dropped_pages == 0 and demoted.kv_bytes == demoted.host_bytes - demoted.host_reserved_bytes
+    assert demoted.kv_bytes - pages_bytes == stats.dropped_bytes
 
 
 def test_config_refuses_what_a_policy_cannot_do():
@@ -91,6 +95,6 @@ def test_every_policy_decodes_a_padded_batch_at_a_small_budget(name, family):
     model = tiny_model(family)
     tokens, stats = _generate(model, mode="sparse", policy=name, token_budget=24)
     assert tokens.shape == (2, LENGTH + GREEDY["max_new_tokens"])
-    assert stats.needed_pages >= 0 and stats.kv_bytes == stats.host_bytes
+    assert stats.needed_pages >= 0 and stats.kv_bytes == stats.host_bytes - stats.host_reserved_bytes
     if POLICIES[name].reads_keys:
         assert stats.policy_read_bytes > 0

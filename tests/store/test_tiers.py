@@ -190,3 +190,15 @@ def test_a_disk_budget_needs_a_disk_dir():
 
     with pytest.raises(ValueError, match="OFFLOAD_DISK_DIR"):
         OffloadConfig(disk_budget="1GiB")
+
+
+def test_reserved_host_slots_count_against_the_budget(tmp_path):
+    layout = _layout()
+    home = PageHome(layout, PagePool(layout, 0, "cpu", max_capacity=4))  # no lower tier: nothing can spill
+    slots = home.reserve(3)  # e.g. merged tokens' room
+    assert home.used_bytes == 3 * layout.page_bytes
+    _fill(home, *_pages(1))
+    with pytest.raises(PoolExhausted, match="OFFLOAD_HOST_BUDGET"):
+        home.reserve(1)
+    home.unreserve(slots)
+    assert home.used_bytes == layout.page_bytes
