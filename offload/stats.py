@@ -35,6 +35,8 @@ class OffloadStats:
     dropped_bytes: int = 0  # ... their bytes: how much the KV footprint shrank
     kv_bytes: int = 0  # bytes of the complete pages this request holds now (all layers and sequences)
     gathered_bytes: int = 0  # host pages read into the device part (per-head selections)
+    device_read_bytes: int = 0  # KV bytes the device part read (counted per key attended)
+    host_read_bytes: int = 0  # KV bytes the host part read (whole pages attended there)
     merged_pages: int = 0  # merging policies: pages merged into one token per KV head
     policy_read_bytes: int = 0  # keys a policy read to choose pages (SparQ, the oracle)
     oracle_pages: int = 0  # measured runs (KVStore.measure): the oracle's top pages, per KV head and step

@@ -32,8 +32,10 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from offload import OffloadedModel
+from offload.benchmarks import projection
 from offload.store.transfer import TransferEngine
 
+PROJECTED = (32768, 131072)  # contexts the projection is printed for
 RESULTS = Path("bench/results")  # relative to where it runs: the package may be installed anywhere
 
 
@@ -125,6 +127,8 @@ def run_baseline(model, prompt, new_tokens, link_gbps):
         "tokens": [int(first)] + tokens[:-1], "decode_s": seconds, "tokens_per_s": new_tokens / seconds,
         "stall_share": emu.stall_s / seconds, "h2d_bytes_per_token": emu.h2d_bytes / new_tokens,
         "prefetch_recall": None, "mass_coverage": None,
+        # Every layer's KV crosses the link and is read on the device, each step.
+        "device_read_bytes_per_token": emu.h2d_bytes / new_tokens, "host_read_bytes_per_token": 0.0,
     }
 
 
@@ -156,6 +160,8 @@ def run_offload(model, prompt, new_tokens, budget, link_gbps, **config):
             "prefetch_precision": after.prefetch_precision,
             "mass_coverage": (after.mass_device - before.mass_device) / rows if rows else 1.0,
             "device_peak_bytes": after.device_peak_bytes, "device_budget_bytes": after.device_budget_bytes,
+            "device_read_bytes_per_token": (after.device_read_bytes - before.device_read_bytes) / new_tokens,
+            "host_read_bytes_per_token": (after.host_read_bytes - before.host_read_bytes) / new_tokens,
         }
         cache.release()
         return result
@@ -207,7 +213,11 @@ def main(argv=None) -> None:
             baseline = baseline or result
             baseline_tokens = baseline_tokens or result["tokens"]
             agree = sum(a == b for a, b in zip(result["tokens"], baseline_tokens)) / new_tokens
+            shares = {"device": result["device_read_bytes_per_token"] / kv_total,
+                      "host": result["host_read_bytes_per_token"] / kv_total,
+                      "link": result["h2d_bytes_per_token"] / kv_total}
             result.update(
+                shares=shares, projected_tokens_per_s={str(c): projection.project(shares, c) for c in PROJECTED},
                 config=name, context=context, new_tokens=new_tokens, kv_total_bytes=kv_total, device_budget=budget,
                 h2d_ratio_to_a=result["h2d_bytes_per_token"] / baseline["h2d_bytes_per_token"],
                 speedup_vs_a=result["tokens_per_s"] / baseline["tokens_per_s"], token_agreement_with_a=agree,
@@ -243,6 +253,22 @@ def main(argv=None) -> None:
             f"{100 * r['stall_share']:.1f}% | {r['h2d_bytes_per_token'] / 2**20:.3f} MiB | {r['h2d_ratio_to_a']:.4f} | "
             f"{recall} | {coverage} | {100 * r['token_agreement_with_a']:.0f}% |"
         )
+    lines += [
+        "",
+        f"Projection, not a measurement (`offload/benchmarks/projection.py`): the bytes each configuration read "
+        f"on the device, read on the host and moved over the link per token, as shares of the KV cache at the "
+        f"measured context, scaled to {projection.LLAMA3_8B.name} on {projection.H100_PCIE5.name} (device, host "
+        "part and link overlap; weights read every step; bandwidth-bound).",
+        "",
+        "| measured at | configuration | device / KV | host / KV | link / KV | "
+        + " | ".join(f"projected tokens/s at {c // 1024}k" for c in PROJECTED) + " |",
+        "|---|---|---|---|---|" + "---|" * len(PROJECTED),
+    ]
+    for r in rows:
+        s = r["shares"]
+        lines.append(f"| {r['context']} | {r['config']} | {s['device']:.3f} | {s['host']:.3f} | {s['link']:.4f} | "
+                     + " | ".join(f"{r['projected_tokens_per_s'][str(c)]:.1f}" for c in PROJECTED) + " |")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

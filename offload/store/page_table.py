@@ -48,6 +48,8 @@ class LayerCounters:
     mass_missed: float = 0.0  # measured runs: exact attention mass on pages the policy left out
     mass_measured_rows: int = 0  # query rows (x heads) measured
     merged_pages: int = 0  # merging policies: pages merged into one token per KV head
+    device_read_bytes: int = 0  # KV bytes the device part read (resident pages, tail, new tokens, gathers)
+    host_read_bytes: int = 0  # KV bytes the host part read (pages attended on the CPU or by a lower tier)
 
 
 @dataclass(slots=True)

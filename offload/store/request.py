@@ -18,7 +18,7 @@ LAYER_SUMS = (
     "device_attn_s", "host_attn_s", "stall_s", "needed_pages", "needed_on_device", "prefetch_issued_pages",
     "prefetch_hit_pages", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
     "dropped_pages", "gathered_bytes", "policy_read_bytes", "oracle_pages", "oracle_hits", "mass_missed",
-    "mass_measured_rows", "merged_pages",
+    "mass_measured_rows", "merged_pages", "device_read_bytes", "host_read_bytes",
 )
 
 

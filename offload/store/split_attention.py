@@ -82,6 +82,9 @@ class SplitAttention:
         out_d, lse_d, key_lse = dense_attention_scores(query, keys, values, visible, scale, softcap, score_rows=observe)
         # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
         table.counters.device_attn_s += time.perf_counter() - start
+        layout = table.layout
+        table.counters.device_read_bytes += int((key_pos >= 0).sum()) * layout.page_bytes // layout.page_size
+        table.counters.host_read_bytes += int(plan.host_counts.sum()) * layout.page_bytes
 
         if has_host:
             if future is not None:
