@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from offload.store.layout import KVLayout
-from offload.store.tiers import Partial, PagesLost, TierFull, attend_pages, empty_partial, merge_into
+from offload.store.tiers import Partial, PagesLost, TierFull, attend_loaded, empty_partial, merge_into
 
 READ_CHUNK_PAGES = 256  # most pages one disk read brings into memory at once when attending
 MAX_RUN = 256  # slots per preadv (3 buffers each, under the kernel's IOV_MAX of 1024)
@@ -141,18 +141,10 @@ class DiskTier:
         for first in range(0, table.shape[1], READ_CHUNK_PAGES):
             chunk = table[:, first : first + READ_CHUNK_PAGES]
             chunk_counts = (counts - first).clamp(min=0, max=chunk.shape[1])
-            wanted = [int(s) for b in range(bsz) for s in chunk[b, : int(chunk_counts[b])]]
-            if not wanted:
+            if not int(chunk_counts.sum()):
                 continue
-            keys, values = self.load(wanted)
-            local = torch.full_like(chunk, -1)
-            row = 0
-            for b in range(bsz):
-                used = int(chunk_counts[b])
-                local[b, :used] = torch.arange(row, row + used)
-                row += used
-            part = attend_pages(query, keys, values, local, chunk_counts, scale, observe, softcap, self.kernel,
-                                self.threads)
+            part = attend_loaded(self.load, query, chunk, chunk_counts, scale, observe, softcap, self.kernel,
+                                 self.threads)
             columns = torch.arange(first, first + chunk.shape[1]).expand(bsz, -1).clone()
             columns[torch.arange(chunk.shape[1])[None, :] >= chunk_counts[:, None]] = -1
             merge_into(total, part, columns)

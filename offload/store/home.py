@@ -26,7 +26,8 @@ import torch
 from offload.sizes import format_bytes
 from offload.store.layout import KVLayout
 from offload.store.pools import PagePool, PoolExhausted
-from offload.store.tiers import Partial, PagesLost, Tier, TierFull, attend_pages, empty_partial, merge_into
+from offload.store.tiers import (Partial, PagesLost, Tier, TierFull, attend_loaded, attend_pages, empty_partial,
+                                 merge_into)
 
 
 # A full host spills this fraction of its pages at once, so spilling is rare and batched.
@@ -413,15 +414,7 @@ class PageHome:
         try:
             if self.pull_remote is not None and hasattr(tier, "wire_bytes_attend") and self.pull_remote(
                     tier, counts, query, observe):
-                wanted = [int(s) for b in range(slots.shape[0]) for s in slots[b, : int(counts[b])]]
-                keys, values = tier.load(wanted)
-                local = torch.full_like(slots, -1)
-                row = 0
-                for b in range(slots.shape[0]):
-                    n = int(counts[b])
-                    local[b, :n] = torch.arange(row, row + n)
-                    row += n
-                return attend_pages(query, keys, values, local, counts, scale, observe, softcap, kernel, self.threads)
+                return attend_loaded(tier.load, query, slots, counts, scale, observe, softcap, kernel, self.threads)
             return tier.attend(query, slots, counts, scale, observe, softcap)
         except PagesLost as lost:
             self._lose(index, lost)

@@ -95,6 +95,7 @@ class KVStore:
 
             self.remote = RemoteCluster(layout, config.remote_lenders, config.remote_budget, config.remote_address,
                                         kernel=resolve_kernel(config.cpu_kernel), threads=config.cpu_threads)
+        self.disk_pages = budget.disk_pages_per_layer(config, layout) if config.disk_dir is not None else 0
         self.homes = [PageHome(layout, PagePool(layout, 0, "cpu", max_capacity=host_max, pin_memory=pin,
                                                 name=f"host pool (layer {i})"),
                                self._lower_tiers(i), name=f"pages (layer {i})",
@@ -140,8 +141,7 @@ class KVStore:
         """The tiers below the host for one layer: disk, then remote, as configured."""
         tiers: list[Tier] = []
         if self.config.disk_dir is not None:
-            capacity = budget.disk_pages_per_layer(self.config, self.layout)
-            tiers.append(DiskTier(self.layout, self.config.disk_dir, capacity, layer, self.disk_counters,
+            tiers.append(DiskTier(self.layout, self.config.disk_dir, self.disk_pages, layer, self.disk_counters,
                                   resolve_kernel(self.config.cpu_kernel), self.config.cpu_threads))
         if self.remote is not None:
             tiers.append(self.remote.tier(layer))

@@ -501,9 +501,6 @@ class RemoteTier:
         return slots
 
     def load(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ray = _import_ray()
-        from ray.exceptions import RayActorError
-
         slots = [int(s) for s in slots]
         shape = (len(slots), *self.layout.page_shape)
         keys = torch.empty(shape, dtype=self.layout.dtype)
@@ -511,15 +508,10 @@ class RemoteTier:
         groups = self._group(slots)  # lender -> (positions, lender slots)
         refs = {n: self._handle(n).get.remote(self.layer, remote) for n, (_, remote) in groups.items()
                 if n not in self.cluster.dead}
-        lost, cause, pulled = [], None, 0
+        replies, cause = self._collect(refs)
+        lost, pulled = [], 0
         for name, (positions, _) in groups.items():
-            pages = None
-            if name in refs:
-                try:
-                    pages = ray.get(refs[name])
-                except RayActorError as exc:
-                    self.cluster.mark_dead(name, exc)
-                    cause = exc
+            pages = replies.get(name)
             if pages is None:
                 lost += [slots[i] for i in positions]
                 continue
@@ -561,9 +553,6 @@ class RemoteTier:
     # ------------------------------------------------------------------ remote attention
     def attend(self, query: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, scale: float, observe: int,
                softcap: float | None) -> Partial:
-        ray = _import_ray()
-        from ray.exceptions import RayActorError
-
         bsz, num_heads, q_len, head_dim = query.shape
         width = table.shape[1]
         total = empty_partial(bsz, num_heads, q_len, head_dim, observe, width)
@@ -589,15 +578,10 @@ class RemoteTier:
             calls[name] = self._handle(name).attend.remote(self.layer, q, table_l, counts_l, float(scale), int(observe),
                                                            None if softcap is None else float(softcap))
             sent += q.nbytes + table_l.nbytes + counts_l.nbytes
-        lost, cause, received = [], None, 0
+        replies, cause = self._collect(calls)
+        lost, received = [], 0
         for name, (_, _, columns) in packed.items():
-            result = None
-            if name in calls:
-                try:
-                    result = ray.get(calls[name])
-                except RayActorError as exc:
-                    self.cluster.mark_dead(name, exc)
-                    cause = exc
+            result = replies.get(name)
             if result is None:
                 lost += [rows[b][c] for b, (_, cols) in enumerate(groups[name]) for c in cols]
                 continue
@@ -608,6 +592,21 @@ class RemoteTier:
         if lost:
             raise PagesLost(self.name, list(dict.fromkeys(lost)), cause)
         return total
+
+    def _collect(self, refs: dict[str, Any]) -> tuple[dict[str, Any], BaseException | None]:
+        """Each lender's reply to a call issued to all of them: {lender: result} for those that
+        answered; a lender found dead is marked dead (for every layer) and its death returned."""
+        ray = _import_ray()
+        from ray.exceptions import RayActorError
+
+        replies, cause = {}, None
+        for name, ref in refs.items():
+            try:
+                replies[name] = ray.get(ref)
+            except RayActorError as exc:
+                self.cluster.mark_dead(name, exc)
+                cause = exc
+        return replies, cause
 
     # ------------------------------------------------------------------ planner estimates
     def wire_bytes_pull(self, n_pages: int) -> int:

@@ -128,6 +128,21 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return Partial(out, lse, page_lse)
 
 
+def attend_loaded(load, query: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, scale: float, observe: int,
+                  softcap: float | None = None, kernel: str = "auto", threads: int | None = None) -> Partial:
+    """Partial attention over the pages of `table` [B, n] (slots, counts[b] per sequence) brought
+    here by `load(slots) -> (keys, values)`: a tier's pages read (disk) or pulled (remote)."""
+    wanted = [int(s) for b in range(table.shape[0]) for s in table[b, : int(counts[b])]]
+    keys, values = load(wanted)
+    local = torch.full_like(table, -1)  # the same table over the loaded rows
+    row = 0
+    for b in range(table.shape[0]):
+        n = int(counts[b])
+        local[b, :n] = torch.arange(row, row + n)
+        row += n
+    return attend_pages(query, keys, values, local, counts, scale, observe, softcap, kernel, threads)
+
+
 def merge_into(total: Partial, part: Partial, columns: torch.Tensor) -> Partial:
     """Merge `part` into `total` by log-sum-exp; part.page_lse's columns go to columns `columns`
     [B, n_part] of total.page_lse (-1: none)."""
