@@ -18,7 +18,7 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as exc:  # compile or link error, e.g. no OpenMP
+        except Exception as exc:  # compile or link error
             self._skip(ext.name, exc)
 
     @staticmethod
@@ -33,8 +33,8 @@ cpu_attention = Extension(
     "offload.kernels._cpu_attention",
     sources=["csrc/paged_attention.cpp"],
     depends=["csrc/paged_attention_impl.h"],
-    extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
-    extra_link_args=["-fopenmp"],
+    extra_compile_args=["-O3", "-std=c++17", "-pthread", "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
+    extra_link_args=["-pthread"],
     language="c++",
     optional=True,
 )

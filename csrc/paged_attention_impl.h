@@ -1,10 +1,10 @@
 // The paged attention work item, written once and compiled once per instruction set:
 // paged_attention.cpp includes this file inside a namespace per ISA, with OFFLOAD_ISA set
-// (2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = portable scalar) under a matching
+// (3 = AVX-512 + BF16, 2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = portable scalar) under a matching
 // `#pragma GCC target`, so one binary carries every variant and picks one at run time.
 // Work split, shapes and the online-softmax update: see offload/kernels/cpu_plan.py.
 
-#if OFFLOAD_ISA == 2
+#if OFFLOAD_ISA >= 2
 typedef __m512 vec;
 static const int W = 16;
 static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -209,6 +209,38 @@ static inline int64_t storage_index(int64_t e, int64_t d, int kind) {
   return e - o + (o & 1) * W + (o >> 1);
 }
 
+// Software prefetch of the block processed next (the next KV head of this page, or the first
+// of the next page), a few lines at each step of the current block's arithmetic (`tick`), so
+// the misses overlap the math instead of queueing behind each other. The next *head*, not the
+// next page's same head: with [page, token, KV head, D] pages one head's rows sit 2 KB apart
+// and fall into a few L1 sets, which the same head of another page shares.
+struct Prefetcher {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  size_t row_stride = 0;
+  int64_t lines_per_row = 1, next = 0, total = 0;
+  int per_score_block = 0, per_value_row = 0;
+
+  // rows x row_bytes of keys at k and values at v (same offsets); the block's arithmetic makes
+  // score_blocks ticks of per_score_block lines, then value_rows ticks of per_value_row.
+  void aim(const char* kp, const char* vp, size_t stride, int64_t rows, size_t row_bytes, int64_t score_blocks,
+           int64_t value_rows) {
+    k = kp, v = vp, row_stride = stride, next = 0;
+    lines_per_row = (int64_t)((row_bytes + 63) / 64);
+    total = OFFLOAD_PREFETCH ? 2 * rows * lines_per_row : 0;
+    // half the lines during the scores, the rest in the first half of the value pass
+    per_score_block = (int)((total / 2 + score_blocks - 1) / std::max<int64_t>(score_blocks, 1));
+    per_value_row = (int)((total + value_rows - 1) / std::max<int64_t>(value_rows, 1));
+  }
+  void none() { next = total = 0; }
+  inline void tick(int lines) {
+    for (int u = 0; u < lines && next < total; ++u, ++next) {
+      const int64_t line = next >> 1, row = line / lines_per_row;  // keys and values alternate
+      __builtin_prefetch((next & 1 ? v : k) + row * row_stride + (line - row * lines_per_row) * 64, 0, 2);
+    }
+  }
+};
+
 #if OFFLOAD_ISA > 0
 static const int T = W == 16 ? 4 : 2;  // keys per score block: 4 rows x T keys = W accumulators
 #endif
@@ -218,11 +250,12 @@ static const int T = W == 16 ? 4 : 2;  // keys per score block: 4 rows x T keys 
 // a block of T keys are independent accumulators, reduced together by a transpose tree.
 template <int KIND, int NR>
 static inline void scores_rows(const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
-                               int64_t sstride) {
+                               int64_t sstride, Prefetcher& pf) {
   const int nr = NR;
   int64_t t = 0;
 #if OFFLOAD_ISA > 0
   for (; t + T <= n; t += T) {
+    pf.tick(pf.per_score_block);
     vec acc[4 * T];
 #pragma GCC unroll 16
     for (int u = 0; u < 4 * T; ++u) acc[u] = vzero();
@@ -282,21 +315,76 @@ static inline void scores_rows(const float* const q[4], const char* k, size_t ks
 
 template <int KIND>
 static inline void scores(int nr, const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
-                          int64_t sstride) {
+                          int64_t sstride, Prefetcher& pf) {
   switch (nr) {
-    case 1: scores_rows<KIND, 1>(q, k, ks, n, d, s, sstride); break;
-    case 2: scores_rows<KIND, 2>(q, k, ks, n, d, s, sstride); break;
-    case 3: scores_rows<KIND, 3>(q, k, ks, n, d, s, sstride); break;
-    default: scores_rows<KIND, 4>(q, k, ks, n, d, s, sstride); break;
+    case 1: scores_rows<KIND, 1>(q, k, ks, n, d, s, sstride, pf); break;
+    case 2: scores_rows<KIND, 2>(q, k, ks, n, d, s, sstride, pf); break;
+    case 3: scores_rows<KIND, 3>(q, k, ks, n, d, s, sstride, pf); break;
+    default: scores_rows<KIND, 4>(q, k, ks, n, d, s, sstride, pf); break;
   }
 }
+
+#if OFFLOAD_ISA == 3
+// q.k for bf16 keys and a bf16 query (every query element exactly a bf16, checked by the caller):
+// vdpbf16ps multiplies bf16 pairs exactly and accumulates in float32, so the scores are those of
+// the float32 path up to summation order, with half the multiply-adds and no widening. The
+// query rows qb are bf16 bits in element order, unscaled; d % 32 == 0. Same blocking as
+// scores_rows: 4 rows x 4 keys of independent accumulators, reduced by one transpose tree.
+static inline vec vdot_bf16(vec acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+template <int NR>
+static inline void scores_dp_rows(const uint16_t* const qb[4], const char* k, size_t ks, int64_t n, int64_t d,
+                                  float scale, float* s, int64_t sstride, Prefetcher& pf) {
+  int64_t t = 0;
+  const vec vscale = vset1(scale);
+  for (; t + 4 <= n; t += 4) {
+    pf.tick(pf.per_score_block);
+    vec acc[16];
+#pragma GCC unroll 16
+    for (int u = 0; u < 16; ++u) acc[u] = vzero();
+    for (int64_t i = 0; i < d; i += 32) {
+      __m512i kv[4];
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) kv[u] = _mm512_loadu_si512(k + (t + u) * ks + i * 2);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        const __m512i qv = _mm512_loadu_si512(qb[j] + i);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) acc[j * 4 + u] = vdot_bf16(acc[j * 4 + u], qv, kv[u]);
+      }
+    }
+    float r[16];
+    vstore(r, vmul(vsum_lanes(acc), vscale));
+    for (int j = 0; j < NR; ++j)
+      for (int u = 0; u < 4; ++u) s[j * sstride + t + u] = r[j * 4 + u];
+  }
+  for (; t < n; ++t) {
+    for (int j = 0; j < NR; ++j) {
+      vec acc = vzero();
+      for (int64_t i = 0; i < d; i += 32)
+        acc = vdot_bf16(acc, _mm512_loadu_si512(qb[j] + i), _mm512_loadu_si512(k + t * ks + i * 2));
+      s[j * sstride + t] = vsum(acc) * scale;
+    }
+  }
+}
+
+static inline void scores_dp(int nr, const uint16_t* const qb[4], const char* k, size_t ks, int64_t n, int64_t d,
+                             float scale, float* s, int64_t sstride, Prefetcher& pf) {
+  switch (nr) {
+    case 1: scores_dp_rows<1>(qb, k, ks, n, d, scale, s, sstride, pf); break;
+    case 2: scores_dp_rows<2>(qb, k, ks, n, d, scale, s, sstride, pf); break;
+    case 3: scores_dp_rows<3>(qb, k, ks, n, d, scale, s, sstride, pf); break;
+    default: scores_dp_rows<4>(qb, k, ks, n, d, scale, s, sstride, pf); break;
+  }
+}
+#endif
 
 #if OFFLOAD_ISA > 0
 // One pass of accumulate_rows over elements [i, i + NV * W): NR x NV accumulators in registers
 // for all n value rows; NV even reads pairs (storage order), NV == 1 one vector (element order).
 template <int KIND, int NR, int NV>
 static inline void accumulate_pass(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
-                                   const char* v, size_t vs, int64_t n, int64_t i) {
+                                   const char* v, size_t vs, int64_t n, int64_t i, Prefetcher& pf) {
   vec a[NR][NV];
 #pragma GCC unroll 4
   for (int j = 0; j < NR; ++j)
@@ -304,6 +392,7 @@ static inline void accumulate_pass(float* const acc[4], const float alpha[4], co
     for (int c = 0; c < NV; ++c) a[j][c] = vmul(vload(acc[j] + i + c * W), vset1(alpha[j]));
   for (int64_t t = 0; t < n; ++t) {
     const char* vr = v + t * vs;
+    pf.tick(pf.per_value_row);
     vec vv[NV];
     if (NV == 1) {
       vv[0] = Row<KIND>::one(vr, i);
@@ -329,13 +418,13 @@ static inline void accumulate_pass(float* const acc[4], const float alpha[4], co
 // rows (row stride vs bytes): each value chunk is loaded and widened once for the NR rows.
 template <int KIND, int NR>
 static inline void accumulate_rows(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
-                                   const char* v, size_t vs, int64_t n, int64_t d) {
+                                   const char* v, size_t vs, int64_t n, int64_t d, Prefetcher& pf) {
   int64_t i = 0;
 #if OFFLOAD_ISA > 0
   constexpr int NV = W == 16 ? 4 : 2;  // vectors per pass: NR x NV accumulators fit the registers
-  for (; i + NV * W <= d; i += NV * W) accumulate_pass<KIND, NR, NV>(acc, alpha, w, wstride, v, vs, n, i);
-  for (; i + 2 * W <= d; i += 2 * W) accumulate_pass<KIND, NR, 2>(acc, alpha, w, wstride, v, vs, n, i);
-  for (; i + W <= d; i += W) accumulate_pass<KIND, NR, 1>(acc, alpha, w, wstride, v, vs, n, i);
+  for (; i + NV * W <= d; i += NV * W) accumulate_pass<KIND, NR, NV>(acc, alpha, w, wstride, v, vs, n, i, pf);
+  for (; i + 2 * W <= d; i += 2 * W) accumulate_pass<KIND, NR, 2>(acc, alpha, w, wstride, v, vs, n, i, pf);
+  for (; i + W <= d; i += W) accumulate_pass<KIND, NR, 1>(acc, alpha, w, wstride, v, vs, n, i, pf);
 #endif
   for (; i < d; ++i) {
     for (int j = 0; j < NR; ++j) {
@@ -348,12 +437,12 @@ static inline void accumulate_rows(float* const acc[4], const float alpha[4], co
 
 template <int KIND>
 static inline void accumulate(int nr, float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
-                              const char* v, size_t vs, int64_t n, int64_t d) {
+                              const char* v, size_t vs, int64_t n, int64_t d, Prefetcher& pf) {
   switch (nr) {
-    case 1: accumulate_rows<KIND, 1>(acc, alpha, w, wstride, v, vs, n, d); break;
-    case 2: accumulate_rows<KIND, 2>(acc, alpha, w, wstride, v, vs, n, d); break;
-    case 3: accumulate_rows<KIND, 3>(acc, alpha, w, wstride, v, vs, n, d); break;
-    default: accumulate_rows<KIND, 4>(acc, alpha, w, wstride, v, vs, n, d); break;
+    case 1: accumulate_rows<KIND, 1>(acc, alpha, w, wstride, v, vs, n, d, pf); break;
+    case 2: accumulate_rows<KIND, 2>(acc, alpha, w, wstride, v, vs, n, d, pf); break;
+    case 3: accumulate_rows<KIND, 3>(acc, alpha, w, wstride, v, vs, n, d, pf); break;
+    default: accumulate_rows<KIND, 4>(acc, alpha, w, wstride, v, vs, n, d, pf); break;
   }
 }
 
@@ -383,6 +472,7 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
   const size_t token_bytes = (size_t)(Hkv * D) * es;
   const char* kbase = (const char*)a.key_pages;
   const char* vbase = (const char*)a.value_pages;
+  Prefetcher pf;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t page = a.page_table[b * a.max_pages + p];
     if (page < 0 || page >= a.num_pages_total) {
@@ -390,19 +480,19 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
       return;
     }
     const int64_t ntok = p < n - 1 ? S : a.last_page_len[b];
-    // The next page, prefetched one KV head at a time while this page's heads compute: spread
-    // out, the prefetches overlap the arithmetic instead of stalling on full miss queues.
-    const int64_t next = p + OFFLOAD_PF_DIST < p1 ? a.page_table[b * a.max_pages + p + OFFLOAD_PF_DIST] : -1;
-    const bool prefetch = OFFLOAD_PREFETCH && next >= 0 && next < a.num_pages_total;
+    const int64_t next = p + 1 < p1 ? a.page_table[b * a.max_pages + p + 1] : -1;
+    const bool next_ok = next >= 0 && next < a.num_pages_total;
     for (int64_t kvh = h0; kvh < h1; ++kvh) {
       const size_t off0 = (size_t)(page * S) * token_bytes + (size_t)(kvh * D) * es;
-      if (prefetch) {
-        const size_t noff = (size_t)(next * S) * token_bytes + (size_t)(kvh * D) * es;
-        for (int64_t t = 0; t < S; ++t)
-          for (size_t c = 0; c < (size_t)D * es; c += 64) {
-            __builtin_prefetch(kbase + noff + t * token_bytes + c, 0, OFFLOAD_PF_HINT);
-            __builtin_prefetch(vbase + noff + t * token_bytes + c, 0, OFFLOAD_PF_HINT);
-          }
+      const int64_t pf_page = kvh + 1 < h1 ? page : next, pf_head = kvh + 1 < h1 ? kvh + 1 : h0;
+      if (kvh + 1 < h1 || next_ok) {
+        const size_t off = (size_t)(pf_page * S) * token_bytes + (size_t)(pf_head * D) * es;
+        const int64_t passes = (D + 4 * (W > 0 ? W : 1) - 1) / (4 * (W > 0 ? W : 1));
+        const int64_t rows_per_pass = (R + 3) / 4;
+        pf.aim(kbase + off, vbase + off, token_bytes, S, (size_t)D * es, rows_per_pass * ((S + 3) / 4),
+               rows_per_pass * S * passes);
+      } else {
+        pf.none();
       }
       const char* kp = kbase + off0;
       const char* vp = vbase + off0;
@@ -411,6 +501,7 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
       for (int64_t r0 = 0; r0 < R; r0 += 4) {
         const int nr = (int)std::min<int64_t>(4, R - r0);
         const float* qr[4];
+        const uint16_t* qbr[4];
         float* acc[4];
         float alpha[4] = {1.f, 1.f, 1.f, 1.f};
         int64_t tl[4], row[4];
@@ -421,10 +512,16 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
           if (a.causal) tl[j] = std::max<int64_t>(0, std::min(ntok, kv_len - Q + qi - p * S + 1));
           tmax = std::max(tmax, tl[j]);
           qr[j] = a.q + ((b * a.num_heads + h) * Q + qi) * D;
+          qbr[j] = a.qb ? a.qb + ((b * a.num_heads + h) * Q + qi) * D : nullptr;
           row[j] = ((b * a.num_heads + h) * NS + split) * Q + qi;
           acc[j] = a.part_acc + row[j] * D;
         }
-        if (tmax > 0) scores<KIND>(nr, qr, kp, token_bytes, tmax, D, sbuf, S);
+#if OFFLOAD_ISA == 3
+        if (KIND == 2 && a.qb) {
+          if (tmax > 0) scores_dp(nr, qbr, kp, token_bytes, tmax, D, a.scale, sbuf, S, pf);
+        } else
+#endif
+        if (tmax > 0) scores<KIND>(nr, qr, kp, token_bytes, tmax, D, sbuf, S, pf);
         if (a.softcap > 0.f)  // logit soft-capping, on the scaled scores, before the softmax
           for (int j = 0; j < nr; ++j)
             for (int64_t t = 0; t < tl[j]; ++t) sbuf[j * S + t] = a.softcap * std::tanh(sbuf[j * S + t] / a.softcap);
@@ -448,7 +545,7 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
           a.part_l[row[j]] = a.part_l[row[j]] * alpha[j] + total;
           if (plse) *plse = m_new + std::log(total);
         }
-        if (tmax > 0) accumulate<KIND>(nr, acc, alpha, sbuf, S, vp, token_bytes, tmax, D);
+        if (tmax > 0) accumulate<KIND>(nr, acc, alpha, sbuf, S, vp, token_bytes, tmax, D, pf);
       }
     }
   }

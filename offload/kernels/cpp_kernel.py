@@ -1,6 +1,6 @@
 """The C++ paged host-part kernel (csrc/), loaded with ctypes.
 
-setup.py builds csrc/ into `offload/kernels/_cpu_attention*.so` when a C++ compiler with OpenMP
+setup.py builds csrc/ into `offload/kernels/_cpu_attention*.so` when a C++ compiler
 is there; importing this module raises ImportError otherwise and `offload.kernels` records why.
 A plain C ABI through ctypes keeps the build free of Python and torch headers, and ctypes
 releases the GIL for the call, so the kernel runs while the main thread drives the accelerator.
@@ -16,7 +16,7 @@ import torch
 
 from offload.kernels.cpu_plan import DTYPE_CODES, check_cpu_buffers, default_threads, index_arrays, plan_split
 
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
 _ERRORS = {1: "a page index is out of range", 2: "out of memory for the split partials", 3: "that ISA is not supported by this CPU"}
 
 
@@ -27,8 +27,8 @@ def _load() -> ctypes.CDLL:
         if path.exists():
             return ctypes.CDLL(str(path))
     raise ImportError(
-        "the C++ extension offload/kernels/_cpu_attention is not built (reinstall with a C++ compiler "
-        "and OpenMP: pip install -e . or python setup.py build_ext --inplace)"
+        "the C++ extension offload/kernels/_cpu_attention is not built (reinstall with a C++ compiler: "
+        "pip install -e . or python setup.py build_ext --inplace)"
     )
 
 
@@ -38,7 +38,7 @@ _lib.offload_cpu_best_isa.argtypes = []
 _lib.offload_paged_attention.restype = ctypes.c_int
 _lib.offload_paged_attention.argtypes = (
     [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int]
-    + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float] * 2
 )
 
 BEST_ISA = int(_lib.offload_cpu_best_isa())
@@ -59,7 +59,8 @@ def paged_attention_cpp(
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ paged kernel; contract in `offload.kernels.paged_attention`. threads: None = every core
-    this process may use. isa: -1 the best this CPU has, or force 0 scalar / 1 AVX2 / 2 AVX-512."""
+    this process may use. isa: -1 the best this CPU has, or force 0 scalar / 1 AVX2 / 2 AVX-512 /
+    3 AVX-512 with BF16 (bf16 pages and a bf16 query: q.k by bf16 dot-product instructions)."""
     check_cpu_buffers(query, key_pages, value_pages, page_lse_out, page_table.shape[1])
     bsz, num_heads, q_len, head_dim = query.shape
     num_pages_total, page_size, num_kv_heads, _ = key_pages.shape
@@ -68,7 +69,7 @@ def paged_attention_cpp(
     split = plan_split(
         bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim, int(counts.max(initial=0)), threads
     )
-    q = (query.detach().to(torch.float32) * scale).contiguous()
+    q = query.detach().to(torch.float32).contiguous()  # scaled in the kernel: a bf16 query stays exact
     out = torch.empty(bsz, num_heads, q_len, head_dim, dtype=torch.float32)
     lse = torch.empty(bsz, num_heads, q_len, dtype=torch.float32)
     status = _lib.offload_paged_attention(
@@ -76,7 +77,7 @@ def paged_attention_cpp(
         table.ctypes.data, counts.ctypes.data, last.ctypes.data,
         bsz, num_heads, q_len, head_dim, num_kv_heads, page_size, table.shape[1], num_pages_total, int(bool(causal)),
         page_lse_out.data_ptr() if page_lse_out is not None else None, out.data_ptr(), lse.data_ptr(),
-        split.heads_per_item, split.num_head_groups, split.num_splits, int(threads), int(isa), float(softcap or 0.0),
+        split.heads_per_item, split.num_head_groups, split.num_splits, int(threads), int(isa), float(scale), float(softcap or 0.0),
     )
     if status:
         raise ValueError(f"C++ paged attention failed: {_ERRORS.get(status, f'status {status}')}")

@@ -99,6 +99,33 @@ def test_every_dtype(variant, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "page_size,heads,kv_heads,q_len,head_dim,lengths,causal",
+    [
+        (16, 8, 2, 1, 64, [37, 1, 16], False),  # head_dim % 32 == 0: bf16 dot products on AVX512-BF16
+        (16, 32, 8, 16, 128, [300, 5], True),  # Llama layout, a query block, odd key counts
+        (16, 4, 1, 3, 48, [33], True),  # head_dim % 32 != 0: the float32 path
+    ],
+)
+def test_bf16_query_and_pages(variant, page_size, heads, kv_heads, q_len, head_dim, lengths, causal):
+    """A bf16 model's query is exactly bf16: the C++ kernel then multiplies bf16 pairs with
+    vdpbf16ps (exact products, float32 sums), so the float32 tolerances still hold."""
+    args = list(make_case(page_size, heads, kv_heads, q_len, head_dim, lengths, torch.bfloat16, seed=3))
+    args[0] = args[0].to(torch.bfloat16)
+    scale = head_dim**-0.5
+    ref_out, ref_lse, ref_page_lse = naive_paged_attention(*args, scale, causal=causal)
+    page_lse = torch.full((len(lengths), heads, q_len, args[3].shape[1]), 7.0)
+    out, lse = run(variant, *args, scale, causal=causal, page_lse_out=page_lse, threads=2, softcap=None)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+    listed = ~ref_page_lse.isnan()
+    torch.testing.assert_close(page_lse.double()[listed], ref_page_lse[listed], atol=ATOL, rtol=RTOL)
+    capped, _ = run(variant, *args, scale, causal=causal, threads=1, softcap=2.0)
+    ref_capped, _, _ = naive_paged_attention(*args, scale, causal=causal, softcap=2.0)
+    torch.testing.assert_close(capped.double(), ref_capped, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "torch"])
 def test_thread_counts_and_splits_agree(variant):
     """One long sequence is split over page ranges (split-K); results do not depend on it."""
@@ -263,3 +290,27 @@ def test_bad_softcap_is_refused(bad):
     args = make_case(4, 2, 1, 1, 8, [5], torch.float32)
     with pytest.raises(ValueError, match="softcap"):
         paged_attention(*args, 0.3, softcap=bad)
+
+
+@pytest.mark.skipif("cpp" not in VARIANTS, reason="the C++ extension is not built here")
+def test_cpp_concurrent_callers_and_fork():
+    """The C++ helper pool serves one call at a time: a concurrent caller runs alone and still
+    gets the right answer; a forked child gets a fresh pool (helper threads do not survive fork)."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    args = make_case(16, 8, 2, 4, 64, [700, 333], torch.bfloat16, seed=5)
+    ref_out, ref_lse, _ = naive_paged_attention(*args, 0.125, causal=True)
+    call = lambda _: paged_attention(*args, 0.125, causal=True, kernel="cpp", threads=2)
+    call(0)  # the pool's helpers exist from here on
+    with ThreadPoolExecutor(4) as ex:
+        for out, lse in ex.map(call, range(16)):
+            torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        out = pool.apply_async(_cpp_call_in_child, (args,)).get(timeout=120)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+
+
+def _cpp_call_in_child(args):  # only the kernel: torch's own thread pool is not fork-safe
+    return paged_attention(*args, 0.125, causal=True, kernel="cpp", threads=2)[0]
