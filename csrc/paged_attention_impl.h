@@ -217,26 +217,29 @@ static inline int64_t storage_index(int64_t e, int64_t d, int kind) {
 struct Prefetcher {
   const char* k = nullptr;
   const char* v = nullptr;
-  size_t row_stride = 0;
-  int64_t lines_per_row = 1, next = 0, total = 0;
+  size_t row_stride = 0, row_bytes = 0;
+  size_t row = 0, col = 0, rows = 0;  // the next line: keys and values at row * row_stride + col
   int per_score_block = 0, per_value_row = 0;
 
   // rows x row_bytes of keys at k and values at v (same offsets); the block's arithmetic makes
   // score_blocks ticks of per_score_block lines, then value_rows ticks of per_value_row.
-  void aim(const char* kp, const char* vp, size_t stride, int64_t rows, size_t row_bytes, int64_t score_blocks,
+  void aim(const char* kp, const char* vp, size_t stride, int64_t n_rows, size_t bytes, int64_t score_blocks,
            int64_t value_rows) {
-    k = kp, v = vp, row_stride = stride, next = 0;
-    lines_per_row = (int64_t)((row_bytes + 63) / 64);
-    total = OFFLOAD_PREFETCH ? 2 * rows * lines_per_row : 0;
+    k = kp, v = vp, row_stride = stride, row_bytes = bytes, row = col = 0;
+    rows = OFFLOAD_PREFETCH ? (size_t)n_rows : 0;
+    const int64_t pairs = (int64_t)(rows * ((bytes + 63) / 64));  // a tick line = a key and a value line
     // half the lines during the scores, the rest in the first half of the value pass
-    per_score_block = (int)((total / 2 + score_blocks - 1) / std::max<int64_t>(score_blocks, 1));
-    per_value_row = (int)((total + value_rows - 1) / std::max<int64_t>(value_rows, 1));
+    per_score_block = (int)((pairs / 2 + score_blocks - 1) / std::max<int64_t>(score_blocks, 1));
+    per_value_row = (int)((pairs + value_rows - 1) / std::max<int64_t>(value_rows, 1));
   }
-  void none() { next = total = 0; }
+  void none() { row = rows = 0; }
   inline void tick(int lines) {
-    for (int u = 0; u < lines && next < total; ++u, ++next) {
-      const int64_t line = next >> 1, row = line / lines_per_row;  // keys and values alternate
-      __builtin_prefetch((next & 1 ? v : k) + row * row_stride + (line - row * lines_per_row) * 64, 0, 2);
+    for (int u = 0; u < lines && row < rows; ++u) {
+      const size_t off = row * row_stride + col;
+      __builtin_prefetch(k + off, 0, 2);
+      __builtin_prefetch(v + off, 0, 2);
+      col += 64;
+      if (col >= row_bytes) col = 0, ++row;
     }
   }
 };

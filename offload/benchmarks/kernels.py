@@ -68,7 +68,7 @@ def make_inputs(ctx: int, dtype: torch.dtype, q_len: int, bsz: int, gen: torch.G
     page_table = torch.randperm(total, generator=gen).view(bsz, pages_per_seq)  # scattered pages
     num_pages = torch.full((bsz,), pages_per_seq)
     last = torch.full((bsz,), PAGE_SIZE)
-    query = torch.randn(bsz, NUM_HEADS, q_len, HEAD_DIM, generator=gen)
+    query = torch.randn(bsz, NUM_HEADS, q_len, HEAD_DIM, generator=gen).to(dtype)  # a model of that dtype makes it
     return query, key_pages, value_pages, page_table, num_pages, last
 
 
