@@ -55,6 +55,7 @@ class OffloadConfig:
     cpu_threads: int = field(default_factory=_default_cpu_threads)
     cpu_kernel: str = "auto"
     emulate_link_gbps: float = 0.0
+    emulate_link_latency_us: float = 5.0  # per contiguous transfer, only with emulate_link_gbps
     prefill_chunk: int = 512
     prefetch: bool | None = None  # None: speculate in sparse mode only (see `speculates`)
     sparse_misses: str = "host"
@@ -140,6 +141,7 @@ class OffloadConfig:
                 f"{_name('sparse_misses')}={self.sparse_misses!r} is not accepted; expected one of {', '.join(SPARSE_MISSES)}"
             )
         self._check_float("emulate_link_gbps", minimum=0.0)
+        self._check_float("emulate_link_latency_us", minimum=0.0)
         if self.disk_dir is not None:
             if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
                 raise ValueError(f"{_name('disk_dir')}={self.disk_dir!r} must be a directory path")

@@ -20,7 +20,13 @@ class OffloadStats:
     pages_total: int = 0  # complete pages now, all layers and sequences
     host_attn_s: float = 0.0
     device_attn_s: float = 0.0
-    link_s: float = 0.0  # time the (emulated) link was busy
+    link_s: float = 0.0  # time the link was busy, both directions (emulated, or CUDA events)
+    h2d_link_s: float = 0.0  # ... with host -> device copies
+    d2h_link_s: float = 0.0  # ... with device -> host copies
+    h2d_transfers: int = 0  # contiguous host -> device copies: coalesced runs of pages, keys and values one each
+    d2h_transfers: int = 0  # contiguous device -> host copies (home copies)
+    d2h_wait_s: float = 0.0  # time readers of host copies waited for asynchronous home copies to land
+    failed_home_copies: int = 0  # home copies that failed in the background (rewritten synchronously)
     stall_s: float = 0.0  # time the compute waited on copies
     needed_pages: int = 0  # decode steps: pages (beyond sinks and recent window) the real query selected
     needed_on_device: int = 0  # ... of which were resident or in flight when the layer ran
@@ -77,8 +83,27 @@ class OffloadStats:
 
     @property
     def link_gbps(self) -> float:
-        """Achieved link bandwidth: bytes copied either way / time the (emulated) link was busy, in GB/s."""
+        """Achieved link bandwidth: bytes copied either way / time the link was busy, in GB/s."""
         return (self.h2d_bytes + self.d2h_bytes) / self.link_s / 1e9 if self.link_s > 0 else 0.0
+
+    @property
+    def h2d_gbps(self) -> float:
+        """Achieved host -> device bandwidth: bytes / time the link was busy with them, in GB/s."""
+        return self.h2d_bytes / self.h2d_link_s / 1e9 if self.h2d_link_s > 0 else 0.0
+
+    @property
+    def d2h_gbps(self) -> float:
+        """Achieved device -> host bandwidth (home copies), in GB/s."""
+        return self.d2h_bytes / self.d2h_link_s / 1e9 if self.d2h_link_s > 0 else 0.0
+
+    @property
+    def transfers(self) -> int:
+        return self.h2d_transfers + self.d2h_transfers
+
+    @property
+    def bytes_per_transfer(self) -> float:
+        """Mean size of a contiguous transfer, both directions: what coalescing raises."""
+        return (self.h2d_bytes + self.d2h_bytes) / self.transfers if self.transfers else 0.0
 
     @property
     def prefetch_recall(self) -> float:
@@ -114,6 +139,10 @@ class OffloadStats:
         data["h2d_bytes_per_token"] = self.h2d_bytes_per_token
         data["moved_bytes_per_token"] = self.moved_bytes_per_token
         data["link_gbps"] = self.link_gbps
+        data["h2d_gbps"] = self.h2d_gbps
+        data["d2h_gbps"] = self.d2h_gbps
+        data["transfers"] = self.transfers
+        data["bytes_per_transfer"] = self.bytes_per_transfer
         data["tokens_per_s"] = self.tokens_per_s
         data["prefetch_recall"] = self.prefetch_recall
         data["prefetch_precision"] = self.prefetch_precision
@@ -135,6 +164,11 @@ class OffloadStats:
             + (f" ({self.link_gbps:.1f} GB/s achieved)" if self.link_s > 0 else "")
             + (f", gathered {format_bytes(self.gathered_bytes)}" if self.gathered_bytes else "")
             + (f", read by the policy {format_bytes(self.policy_read_bytes)}" if self.policy_read_bytes else ""),
+            f"  transfers   : {self.h2d_transfers} h2d + {self.d2h_transfers} d2h, "
+            f"{format_bytes(int(self.bytes_per_transfer))} each on average"
+            + (f", h2d {self.h2d_gbps:.1f} GB/s, d2h {self.d2h_gbps:.1f} GB/s achieved" if self.link_s > 0 else "")
+            + (f", {self.d2h_wait_s:.3f} s waiting for home copies" if self.d2h_wait_s else "")
+            + (f", {self.failed_home_copies} home copies rewritten" if self.failed_home_copies else ""),
             f"  prefetch    : recall {self.prefetch_recall:.3f} ({self.needed_on_device}/{self.needed_pages} needed pages on the "
             f"device), precision {self.prefetch_precision:.3f} ({self.prefetch_hit_pages}/{self.prefetch_issued_pages}), "
             f"mass coverage {self.mass_coverage:.3f}, stall {self.stall_s:.3f} s"

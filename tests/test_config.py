@@ -20,6 +20,7 @@ BAD_VALUES = {
     "OFFLOAD_CPU_THREADS": ["0", "-1", "two"],
     "OFFLOAD_CPU_KERNEL": ["fastest", "cuda"],
     "OFFLOAD_EMULATE_LINK_GBPS": ["-1", "fast", "nan"],
+    "OFFLOAD_EMULATE_LINK_LATENCY_US": ["-1", "slow", "nan"],
     "OFFLOAD_PREFILL_CHUNK": ["0", "-1", "big"],
     "OFFLOAD_PROMOTE_PAGES": ["-1", "x"],
     "OFFLOAD_PREFETCH": ["maybe", "2"],

@@ -1,7 +1,7 @@
 """Appending a step's new tokens to a page table.
 
-The tail page fills first; a full tail becomes a complete page (home copy written to the host,
-summary recorded on both tiers); whole pages of new tokens go straight to the host, and the
+The tail page fills first; a full tail becomes a complete page (home copy written to the host
+asynchronously, summary recorded on both tiers); whole pages of new tokens go straight to the host, and the
 caller's residency decides which of them stay on the device without a copy (`fresh`).
 """
 
@@ -58,7 +58,8 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
         table.length[b] += take
         if offset + take == ps:
             page = table.length[b] // ps - 1
-            complete_pages(table, transfer, b, page, pool.keys[tail][None], pool.values[tail][None])
+            # (copies of the slot: its home copy lands asynchronously, and the slot may be reused before)
+            complete_pages(table, transfer, b, page, pool.keys[tail][None].clone(), pool.values[tail][None].clone())
             table.slots[b, page] = tail
             table.tail_slot[b] = -1
         # 2. Whole pages of new tokens: home copy on the host, kept on the device if chosen later.
@@ -93,15 +94,16 @@ def finish_tail(table: PageTable, b: int, appended: Appended) -> None:
 
 def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: int, keys: torch.Tensor,
                    values: torch.Tensor) -> None:
-    """Home copies (new pages of the layer's home) and summaries of pages first.. (keys/values: [n, page_size, H_kv, D], on the device)."""
+    """Home copies (new pages of the layer's home) and summaries of pages first.. (keys/values: [n, page_size, H_kv, D],
+    on the device, not written again: they are the source of the asynchronous home copies)."""
     n = keys.shape[0]
     home = table.home
     pages: list[int] = []
     while len(pages) < n:  # as many at a time as the host has room for (a full host spills between)
         i = len(pages)
         new = home.add(min(n - i, max(1, home.host.num_free)))
-        try:
-            transfer.to_host(keys[i : i + len(new)], values[i : i + len(new)], home.host, home.host_slots(new))
+        try:  # asynchronous: the pages are landing in their home until a reader settles the copy
+            transfer.to_host(home, new, keys[i : i + len(new)], values[i : i + len(new)])
         finally:
             home.unpin(new)
         pages += new

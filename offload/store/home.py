@@ -14,6 +14,11 @@ nothing here moves.
 
 A lower tier that cannot give a page back (`PagesLost`) leaves it lost: `lost` lists such pages,
 which the store recomputes from token ids and puts back with `restore`.
+
+A new page's home copy is written asynchronously (`TransferEngine.to_host`): until that copy is
+settled the page is *landing* (`landing`). Everything here that reads a host copy (`read`,
+`attend`, a spill) or frees or moves host slots (`_drop_host`, the pool growing) settles the
+copies concerned first (`settle`), so nothing reads a home copy before it has arrived.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class PageHome:
         self.reclaim: Callable[[int], int] | None = None
         self._lock = threading.RLock()  # the copy worker reads locations beside the caller
         self.pull_remote = None  # Callable[[Tier, counts, query, observe], bool]: pull pages instead of attending remotely
+        self.landing: dict[int, object] = {}  # page -> its home copy in flight (transfer.HomeCopy), until settled
+        host.before_grow = self.settle  # growing copies the pool: every copy into it must have landed
 
     # ------------------------------------------------------------------ references
     @property
@@ -119,6 +126,10 @@ class PageHome:
             for page in pages:
                 self.decref(page)
             raise
+        with self._lock:  # ascending slots in page order: their home copies coalesce into few transfers
+            for page, slot in zip(pages, sorted(self.host_slot[p] for p in pages)):
+                self.host_slot[page] = slot
+            self._version += 1
         return pages
 
     def _new_id(self) -> int:
@@ -175,7 +186,45 @@ class PageHome:
             self.host.decref(slot)
 
     def host_slots(self, pages: list[int]) -> list[int]:
-        return [self.host_slot[p] for p in pages]
+        """The host slot of each page (-1: not on the host)."""
+        with self._lock:
+            return [self.host_slot[p] for p in pages]
+
+    # ------------------------------------------------------------------ home copies in flight
+    def land(self, copy) -> None:
+        """Record a home copy in flight (`transfer.HomeCopy`) for its pages: readers settle it first.
+        Copies that have finished meanwhile are settled here, so their sources are let go."""
+        with self._lock:
+            finished = {c for c in self.landing.values()  # (failed ones wait for a reader: it gets the error)
+                        if c.done.is_set() and c.error is None and (c.event is None or c.event.query())}
+            for page in copy.pages:
+                self.landing[page] = copy
+        if finished:
+            self._settle(finished)
+
+    def settle(self, pages: list[int] | None = None) -> None:
+        """Wait until the home copies of `pages` (every page when None) have landed."""
+        if not self.landing:
+            return
+        with self._lock:
+            if pages is None:
+                copies = set(self.landing.values())
+            else:
+                copies = {self.landing[p] for p in pages if p in self.landing}
+        if copies:
+            self._settle(copies)
+
+    def _settle(self, copies: set) -> None:
+        try:
+            for copy in copies:  # (outside the lock: other readers may wait for the same copies)
+                copy.settle()
+        finally:
+            with self._lock:
+                for copy in copies:
+                    if copy.settled:
+                        for page in copy.pages:
+                            if self.landing.get(page) is copy:
+                                del self.landing[page]
 
     # ------------------------------------------------------------------ moving pages
     def spill(self, num: int) -> int:
@@ -203,6 +252,7 @@ class PageHome:
             if fit <= 0:
                 continue
             chosen, pages = pages[:fit], pages[fit:]
+            self.settle(chosen)
             slots = torch.tensor([self.host_slot[p] for p in chosen], dtype=torch.long)
             try:
                 stored = tier.store(self.host.keys.index_select(0, slots), self.host.values.index_select(0, slots))
@@ -260,6 +310,7 @@ class PageHome:
 
     def _drop_host(self, page: int) -> None:
         if self.host_slot[page] >= 0:
+            self.settle([page])  # (a copy still landing in the slot would overwrite its next page)
             self.host.decref(self.host_slot[page])
             self.host_slot[page] = -1
             self._version += 1
@@ -313,6 +364,7 @@ class PageHome:
         `PagesLost` if a lower tier cannot give one back."""
         pages = pages.tolist() if isinstance(pages, torch.Tensor) else list(pages)
         n = len(pages)
+        self.settle(pages)
         with self._lock:
             slots = [self.host_slot[p] for p in pages]
             lower = [(i, self.tier[p], self.tier_slot[p]) for i, (p, s) in enumerate(zip(pages, slots)) if s < 0]
@@ -366,6 +418,7 @@ class PageHome:
         pages by their tier (read in bounded chunks, or attended remotely), merged by log-sum-exp.
         `PagesLost` (after marking them) if a tier lost some."""
         kernel = kernel or self.kernel
+        self.settle()  # (a layer's copies left a step ago: they have landed by now)
         with self._lock:
             gone = [p for b in range(table.shape[0]) for p in table[b, : int(counts[b])].tolist()
                     if p in self.lost] if self.lost else []

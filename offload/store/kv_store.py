@@ -106,7 +106,7 @@ class KVStore:
         # Recomputes lost pages from their token ids: set by OffloadedModel (offload/recovery.py).
         self.recompute = None
         self.recovery = RecoveryCounters()
-        self.transfer = TransferEngine(config.emulate_link_gbps)
+        self.transfer = TransferEngine(config.emulate_link_gbps, emulate_link_latency_us=config.emulate_link_latency_us)
         # One worker runs host-part kernels while the calling thread computes the device part.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-host")
         self.runner = SplitAttention(resolve_kernel(config.cpu_kernel), config.cpu_threads, self.executor)

@@ -9,6 +9,8 @@ The device pool is allocated once at its budget; the host pool grows (doubling) 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from offload.sizes import format_bytes
@@ -45,6 +47,8 @@ class PagePool:
         self.refcount = [0] * capacity
         # Stack of free slots, lowest id on top, so allocation order is deterministic.
         self._free = list(range(capacity - 1, -1, -1))
+        # Called before growing reallocates keys/values (the host's `PageHome` settles copies into them).
+        self.before_grow: Callable[[], None] | None = None
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         shape = (capacity, *self.layout.page_shape)
@@ -80,6 +84,19 @@ class PagePool:
         self.refcount[slot] = 1
         return slot
 
+    def allocate_many(self, num: int) -> list[int]:
+        """`num` free slots (reference count 1 each), ascending: copies into them coalesce where
+        free slots are consecutive (slots freed together come back in reverse order)."""
+        slots: list[int] = []
+        try:
+            for _ in range(num):
+                slots.append(self.allocate())
+        except BaseException:
+            for slot in slots:
+                self.decref(slot)
+            raise
+        return sorted(slots)
+
     def incref(self, slot: int) -> None:
         if self.refcount[slot] <= 0:
             raise RuntimeError(f"{self.name}: incref of free slot {slot}")
@@ -101,6 +118,8 @@ class PagePool:
                 f"{self.name} is full: {old} pages of {format_bytes(self.layout.page_bytes)} "
                 f"({format_bytes(old * self.layout.page_bytes)}) are in use and the budget allows no more"
             )
+        if self.before_grow is not None:
+            self.before_grow()
         keys, values = self._alloc(new), self._alloc(new)
         keys[:old].copy_(self.keys)
         values[:old].copy_(self.values)

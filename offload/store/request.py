@@ -21,6 +21,10 @@ LAYER_SUMS = (
     "mass_measured_rows", "merged_pages", "device_read_bytes", "host_read_bytes",
 )
 
+# TransferEngine counters (cumulative over the store) reported as their change since the request opened.
+TRANSFER_SUMS = ("h2d_bytes", "d2h_bytes", "h2d_transfers", "d2h_transfers", "link_s", "h2d_link_s", "d2h_link_s",
+                 "d2h_wait_s", "failed_home_copies")
+
 
 class Request:
     def __init__(self, store, batch_size: int, max_tokens: int) -> None:
@@ -84,20 +88,20 @@ class Request:
         self.device_peak_bytes = max(self.device_peak_bytes, self.device_used_bytes())
 
     def stats(self) -> OffloadStats:
+        self.store.transfer.flush()  # (copies still running count their link time first)
         now, start = self.store.transfer.counters, self._transfer_start
         stats = OffloadStats(
-            h2d_bytes=now.h2d_bytes - start.h2d_bytes,
-            d2h_bytes=now.d2h_bytes - start.d2h_bytes,
             device_peak_bytes=self.device_peak_bytes,
             device_reserved_bytes=self.device_reserved_bytes,
             device_budget_bytes=self.store.config.device_budget,
-            link_s=now.link_s - start.link_s,
             host_bytes=self.store.host_used_bytes(),
             host_reserved_bytes=self.store.host_reserved_bytes(),
             prefix_hit_tokens=self.prefix_hit_tokens,
             prefix_device_pages=self.device_reused_pages,
             prefix_cached_pages=self.store.prefix_cached_pages(),
         )
+        for name in TRANSFER_SUMS:
+            setattr(stats, name, getattr(now, name) - getattr(start, name))
         for name, value in self.store.tier_counters().items():
             setattr(stats, name, value - self._tiers_start[name])
         stats.lower_bytes = self.store.lower_bytes()

@@ -39,8 +39,12 @@ class Residency:
         """Prepare (allocate = pin destination slots) and submit copies of host pages into the device."""
         if not pages:
             return
-        slots = [table.device_pool.allocate() for _ in pages]
         ids = [int(table.page_ids[b, p]) for p in pages]
+        # In host-slot order onto ascending device slots: consecutive pages copy as one transfer.
+        host = table.home.host_slots(ids)
+        order = sorted(range(len(pages)), key=lambda i: (host[i] < 0, host[i]))
+        pages, ids = [pages[i] for i in order], [ids[i] for i in order]
+        slots = table.device_pool.allocate_many(len(pages))
         batch = self.transfer.submit_h2d(table.home, ids, table.device_pool, slots)
         for p, slot in zip(pages, slots):
             table.inflight[b][p] = slot

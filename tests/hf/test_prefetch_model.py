@@ -109,3 +109,24 @@ def test_stats_report_the_achieved_link_bandwidth(case):
     assert stats.link_s > 0
     assert 0 < stats.link_gbps <= 2.0 + 1e-6  # never above the emulated link (a copy waits bytes / bandwidth)
     assert "GB/s achieved" in str(stats) and stats.as_dict()["link_gbps"] == stats.link_gbps
+    # Per direction, never above the emulated link either; every transfer counted, coalesced runs of pages.
+    assert 0 < stats.h2d_gbps <= 2.0 + 1e-6 and 0 < stats.d2h_gbps <= 2.0 + 1e-6
+    assert stats.link_s == pytest.approx(stats.h2d_link_s + stats.d2h_link_s)
+    assert stats.h2d_transfers > 0 and stats.d2h_transfers > 0
+    assert stats.bytes_per_transfer == (stats.h2d_bytes + stats.d2h_bytes) / stats.transfers
+    assert stats.as_dict()["bytes_per_transfer"] == stats.bytes_per_transfer
+
+
+def test_injected_home_copy_failures_keep_exact_outputs(case, monkeypatch):
+    model, ids, mask, ref = case
+    calls = {"n": 0}
+
+    def every_third_home_copy_fails(copy):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise OSError("injected home copy failure")
+
+    monkeypatch.setattr(TransferEngine, "home_fault_hook", staticmethod(every_third_home_copy_fails))
+    out, stats = _run(model, ids, mask, prefetch=True)
+    assert torch.equal(out, ref)
+    assert stats.failed_home_copies > 0

@@ -96,6 +96,7 @@ def test_budget_and_exactness_hold_under_random_interleavings(seed, page_size, s
             raise OSError("injected copy failure")
 
     store.transfer.fault_hook = flaky_link
+    store.transfer.home_fault_hook = flaky_link  # home copies lag and fail too: readers wait, failures are rewritten
     gen = _prefill(store, request, ref, batch, tokens=3 * page_size + 1, seed=seed)
     for op in ops:
         if op == "step":
@@ -113,6 +114,7 @@ def test_budget_and_exactness_hold_under_random_interleavings(seed, page_size, s
     store.residency.complete_copies(layer)
     if fail_rate == 0.0:
         assert layer.counters.failed_copies == 0
+    store.close()  # (settles the home copies still landing now, not at exit)
 
 
 def test_transfer_engine_counts_and_surfaces_errors():
