@@ -218,20 +218,22 @@ struct Prefetcher {
   const char* k = nullptr;
   const char* v = nullptr;
   size_t row_stride = 0, row_bytes = 0;
+  size_t block_rows = 0;
   size_t row = 0, col = 0, rows = 0;  // the next line: keys and values at row * row_stride + col
   int per_score_block = 0, per_value_row = 0;
 
-  // rows x row_bytes of keys at k and values at v (same offsets); the block's arithmetic makes
-  // score_blocks ticks of per_score_block lines, then value_rows ticks of per_value_row.
-  void aim(const char* kp, const char* vp, size_t stride, int64_t n_rows, size_t bytes, int64_t score_blocks,
-           int64_t value_rows) {
-    k = kp, v = vp, row_stride = stride, row_bytes = bytes, row = col = 0;
-    rows = OFFLOAD_PREFETCH ? (size_t)n_rows : 0;
-    const int64_t pairs = (int64_t)(rows * ((bytes + 63) / 64));  // a tick line = a key and a value line
+  // Blocks of n_rows rows of `bytes` each, `stride` apart; the block's arithmetic makes
+  // score_blocks ticks of per_score_block lines, then value_rows ticks of per_value_row. Once per
+  // work item: the same for every block.
+  void plan(size_t stride, int64_t n_rows, size_t bytes, int64_t score_blocks, int64_t value_rows) {
+    row_stride = stride, row_bytes = bytes, block_rows = OFFLOAD_PREFETCH ? (size_t)n_rows : 0;
+    const int64_t pairs = (int64_t)(block_rows * ((bytes + 63) / 64));  // a tick line = a key and a value line
     // half the lines during the scores, the rest in the first half of the value pass
     per_score_block = (int)((pairs / 2 + score_blocks - 1) / std::max<int64_t>(score_blocks, 1));
     per_value_row = (int)((pairs + value_rows - 1) / std::max<int64_t>(value_rows, 1));
   }
+  // The next block: keys at kp, values at vp (same offsets).
+  void aim(const char* kp, const char* vp) { k = kp, v = vp, row = col = 0, rows = block_rows; }
   void none() { row = rows = 0; }
   inline void tick(int lines) {
     for (int u = 0; u < lines && row < rows; ++u) {
@@ -476,6 +478,11 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
   const char* kbase = (const char*)a.key_pages;
   const char* vbase = (const char*)a.value_pages;
   Prefetcher pf;
+  {  // ticks per block: 4 rows at a time, scores 4 keys per tick, values one row per tick and pass
+    const int64_t passes = (D + 4 * (W > 0 ? W : 1) - 1) / (4 * (W > 0 ? W : 1));
+    const int64_t row_groups = (R + 3) / 4;
+    pf.plan(token_bytes, S, (size_t)D * es, row_groups * ((S + 3) / 4), row_groups * S * passes);
+  }
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t page = a.page_table[b * a.max_pages + p];
     if (page < 0 || page >= a.num_pages_total) {
@@ -490,10 +497,7 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
       const int64_t pf_page = kvh + 1 < h1 ? page : next, pf_head = kvh + 1 < h1 ? kvh + 1 : h0;
       if (kvh + 1 < h1 || next_ok) {
         const size_t off = (size_t)(pf_page * S) * token_bytes + (size_t)(pf_head * D) * es;
-        const int64_t passes = (D + 4 * (W > 0 ? W : 1) - 1) / (4 * (W > 0 ? W : 1));
-        const int64_t rows_per_pass = (R + 3) / 4;
-        pf.aim(kbase + off, vbase + off, token_bytes, S, (size_t)D * es, rows_per_pass * ((S + 3) / 4),
-               rows_per_pass * S * passes);
+        pf.aim(kbase + off, vbase + off);
       } else {
         pf.none();
       }
