@@ -5,6 +5,7 @@
     offload bench decode  [--quick]   # end-to-end decode against whole-layer offload, emulated link
     offload bench kernels [--quick]   # CPU paged-attention kernels against the read bandwidth
     offload bench tiers   [--quick]   # a 32k context decoded from disk and Ray lenders vs the two-tier store
+    offload bench crosslayer [--quick]  # training-free cross-layer KV reductions: KV bytes vs quality
 
 Every benchmark ships with the package (offload/benchmarks/), so these run from an installed
 wheel too. Results go to bench/results/ under the current directory (JSON, Markdown and, for
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 
 # subcommand -> module in offload.benchmarks with main(argv)
-BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels", "policies": "policies", "tiers": "tiers"}
+BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels", "policies": "policies", "tiers": "tiers",
+              "crosslayer": "crosslayer"}
 
 
 def _floats(text: str) -> list[float]:

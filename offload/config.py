@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from offload import envs, policies
+from offload.crosslayer.sharing import parse_sharing
 from offload.sizes import parse_bytes
 
 MODES = ("exact", "sparse")
@@ -79,6 +80,7 @@ class OffloadConfig:
     remote_budget: int | str = "1GiB"
     remote_address: str | None = None
     remote_attention: str = "auto"
+    kv_sharing: str | dict | None = None  # consumer layer -> producer layer, "1:0,3:2" (docs/crosslayer.md)
 
     def __post_init__(self) -> None:
         self.device_budget = parse_bytes(self.device_budget, _name("device_budget"))
@@ -169,6 +171,7 @@ class OffloadConfig:
             raise ValueError(f"{_name('remote_attention')}={self.remote_attention!r} is not accepted; expected one of "
                              f"{', '.join(REMOTE_ATTENTION)}")
         self._check_float("score_decay", minimum=0.0, maximum=1.0)
+        self.kv_sharing = parse_sharing(self.kv_sharing, _name("kv_sharing"))
 
     @property
     def speculates(self) -> bool:
@@ -226,6 +229,7 @@ def env_table_markdown() -> str:
     defaults["disk_dir"] = "unset (no disk tier)"
     defaults["disk_budget"] = "90% of the free space"
     defaults["remote_address"] = "unset (local or running Ray)"
+    defaults["kv_sharing"] = "unset (every layer keeps its own KV)"
     rows = ["| variable | field | default | example | meaning |", "|---|---|---|---|---|"]
     for var in envs.ENV_VARS.values():
         default = defaults[var.field]

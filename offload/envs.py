@@ -138,6 +138,8 @@ ENV_VARS: dict[str, EnvVar] = {
                "Remote pages: `remote` (the lender attends them and returns only (out, lse)), `pull` (bring the pages over the wire) or `auto` (per step, whichever moves fewer bytes).", "remote"),
         EnvVar("OFFLOAD_MERGE_THRESHOLD", "merge_threshold", _float,
                "`d2o`: least cosine similarity between a leaving page and a kept one for it to be merged (else it is dropped), in [-1, 1].", "0.7"),
+        EnvVar("OFFLOAD_KV_SHARING", "kv_sharing", _text,
+               "Cross-layer KV sharing for a model that does not declare it: `consumer:producer` pairs (layer 1 attends layer 0's KV with its own queries, and stores none). An approximation unless the model was trained that way (docs/crosslayer.md).", "1:0,3:2"),
     ]
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import logging
 import threading
 import time
 import weakref
@@ -29,7 +30,14 @@ from offload.config import OffloadConfig
 from offload.hf import attention as hf_attention
 from offload.hf import compat
 from offload.hf.cache import OffloadCache
-from offload.hf.layers import has_layer_state, layer_chunks, layer_windows, layout_from_model_config, text_config
+from offload.hf.layers import (
+    has_layer_state,
+    kv_sources,
+    layer_chunks,
+    layer_windows,
+    layout_from_model_config,
+    text_config,
+)
 from offload.hf.layer_inputs import LayerInputs, decoder_layers
 from offload.prefetch.predictor import QueryPredictor
 from offload.stats import OffloadStats
@@ -37,6 +45,7 @@ from offload.store import budget
 from offload.store.kv_store import LOWER_TIERS_NEED_KV_ONLY, KVStore
 from offload.store.page_table import CROP_MARGIN
 
+logger = logging.getLogger("offload")
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(OffloadConfig)}
 # model -> [its attention implementation before the first wrapper, live wrappers]: wrappers of one
 # model may unwrap in any order; the last one restores the original.
@@ -61,6 +70,12 @@ class OffloadedModel:
         compat.check_config(model)
         self.model = model
         self.config = config.replace(**overrides) if config is not None else OffloadConfig.from_env(**overrides)
+        if self.config.kv_sharing:
+            kv_sources(model.config, self.config.kv_sharing)  # refuse a map this model cannot run, now
+            logger.warning(
+                "kv_sharing=%s: layers %s attend the KV of layers %s instead of their own. This model was not "
+                "trained that way, so its outputs are an approximation of its own (docs/crosslayer.md)",
+                self.config.kv_sharing, list(self.config.kv_sharing), list(self.config.kv_sharing.values()))
         # Recurrent and conv layers scan the prompt; chunking it changes their numerics (not their
         # math), so such models prefill in one pass, as their own forward does.
         self._chunked_prefill = not has_layer_state(model.config)
@@ -103,7 +118,7 @@ class OffloadedModel:
         # Exact mode whatever the user's: the probe compares against the unwrapped model.
         config = self.config.replace(device_budget="1GiB", host_budget="1GiB", prefix_cache=False, mode="exact",
                                      token_budget=None, policy_effect="demote", disk_dir=None, disk_budget=None,
-                                     remote_lenders=0)
+                                     remote_lenders=0, kv_sharing=None)
         store = self._new_store(config)
 
         def run_wrapped(ids: torch.Tensor) -> torch.Tensor:
@@ -186,8 +201,9 @@ class OffloadedModel:
 
     def _new_store(self, config: OffloadConfig) -> KVStore:
         model_config = self.model.config
-        store = KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype()),
-                        self.model.device, layer_windows(model_config), layer_chunks(model_config),
+        sharing = config.kv_sharing
+        store = KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype(), sharing),
+                        self.model.device, layer_windows(model_config, sharing), layer_chunks(model_config, sharing),
                         reusable_prefixes=not has_layer_state(model_config),
                         identity=model_identity(self.model) if config.disk_dir is not None else None)
         store.recompute = self._recompute
@@ -236,16 +252,20 @@ class OffloadedModel:
     def minimum_device_budget(self, batch_size: int, max_tokens: int) -> int:
         """Smallest `device_budget` in bytes that holds sinks, recent windows, tails and page
         summaries of every layer for this batch (what `generate` checks before it starts)."""
-        layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
+        sharing = self.config.kv_sharing
+        layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype(), sharing)
         return budget.minimum_device_budget(self.config, layout, batch_size, max_tokens,
-                                            layer_windows(self.model.config), layer_chunks(self.model.config))
+                                            layer_windows(self.model.config, sharing),
+                                            layer_chunks(self.model.config, sharing))
 
     def device_token_capacity(self, batch_size: int, max_tokens: int) -> int:
         """Tokens of complete pages the device budget holds per layer and sequence (beside the
         tail page): the largest `token_budget` whose pages can all be resident at once."""
-        layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype())
+        sharing = self.config.kv_sharing
+        layout = layout_from_model_config(self.model.config, self.config.page_size, self._kv_dtype(), sharing)
         slots = min(budget.device_slots_per_seq(self.config, layout, batch_size, max_tokens,
-                                                layer_windows(self.model.config), layer_chunks(self.model.config)),
+                                                layer_windows(self.model.config, sharing),
+                                                layer_chunks(self.model.config, sharing)),
                     max_tokens // layout.page_size + 1)
         return max(0, slots - 1) * layout.page_size
 

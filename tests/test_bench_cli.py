@@ -13,6 +13,7 @@ COMMANDS = {
     "decode": ["--contexts", "2048", "--new-tokens", "2", "--layers", "1", "--budget-fraction", "0.5",
                "--configs", "a,b", "--out", "results/decode"],
     "kernels": ["--contexts", "256", "--threads", "1", "--out", "results/cpu"],
+    "crosslayer": ["--quick", "--models", "embedded", "--out", "results/crosslayer"],
 }
 
 
@@ -21,7 +22,7 @@ def _run(tmp_path, *args, timeout=300):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality"])
+@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality", "crosslayer"])
 def test_every_subcommand_has_help_outside_the_source_tree(tmp_path, command):
     run = _run(tmp_path, command, "--help")
     assert run.returncode == 0, run.stderr
@@ -52,6 +53,17 @@ def test_the_readme_policy_table_is_the_committed_benchmark_results():
     root = Path(__file__).resolve().parents[1]
     results = load(root / "bench/results/policies.json", {"samples": 20}, keep_meta=True)
     assert summary_table(results) in (root / "README.md").read_text()
+
+
+def test_the_readme_crosslayer_table_is_the_committed_benchmark_results():
+    """README's cross-layer summary is `offload bench crosslayer --summary` of bench/results/crosslayer.json."""
+    from pathlib import Path
+
+    from offload.benchmarks.crosslayer import Row, summary_table
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [Row(**r) for r in json.loads((root / "bench/results/crosslayer.json").read_text())["rows"]]
+    assert summary_table(rows) in (root / "README.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

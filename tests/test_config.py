@@ -44,6 +44,7 @@ BAD_VALUES = {
     "OFFLOAD_REMOTE_BUDGET": ["0", "lots"],
     "OFFLOAD_REMOTE_ADDRESS": ["nowhere", "ray://head", "head:port"],
     "OFFLOAD_REMOTE_ATTENTION": ["sometimes"],
+    "OFFLOAD_KV_SHARING": ["1", "1:1", "0:1", "a:b", "2:1,1:0", "1:0,1:0", "1:-1", "1:0:2"],
 }
 
 

@@ -13,7 +13,7 @@ import time
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
 
 from offload.config import OffloadConfig
 from offload.hf.layers import STORE_KINDS, cache_layer_types, kv_sources
@@ -78,6 +78,15 @@ class OffloadLayer(CacheLayerMixin):
         raise NotImplementedError("OffloadCache cannot be reset; create a new one with OffloadedModel.new_cache")
 
 
+class ConsumerLayer(DummyLayer):
+    """A layer that reads another layer's KV by `kv_sharing`: it keeps nothing. The model's attention
+    still computes this layer's keys and values and hands them to `update`, which returns them
+    untouched; the attention function then attends the producer's stored KV instead."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+
 class OffloadCache(Cache):
     """KV cache of one batch in a model's `KVStore`: opened on first use (or by `open`), then
     prefilled and decoded; parked between calls, released when done or garbage collected."""
@@ -93,17 +102,22 @@ class OffloadCache(Cache):
         # their state in transformers' own layer classes, as DynamicCache would.
         from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 
-        types, kwargs = cache_layer_types(model_config)
+        sharing = self.config.kv_sharing  # configured sharing (a model that declares none)
+        types, kwargs = cache_layer_types(model_config, sharing)
         self.store_index: dict[int, int] = {}  # decoder layer -> store layer
         layers = []
         for i, (kind, kw) in enumerate(zip(types, kwargs)):
             if kind in STORE_KINDS:
                 self.store_index[i] = len(self.store_index)
                 layers.append(OffloadLayer(self, i))
+            elif sharing and i in sharing:
+                layers.append(ConsumerLayer())
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         self.attention_idx = sorted(self.store_index)
-        self.kv_source = kv_sources(model_config)  # consumer layer -> producer layer (cross-layer KV sharing)
+        self.kv_source = kv_sources(model_config, sharing)  # consumer layer -> producer layer (cross-layer KV sharing)
+        # Declared sharing hands a consumer its producer's keys; configured sharing its own (unused) ones.
+        self.consumers_compute_kv = bool(sharing)
         self._produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # producer -> (its new keys, their positions)
         super().__init__(layers=layers)
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -268,7 +282,12 @@ class OffloadCache(Cache):
         nothing. Returns out [B, H, T, D] and lse [B, H, T] float32."""
         producer = self.kv_source[layer_idx]
         produced = self._produced.get(producer)
-        if produced is None or produced[0] is not key_states:
+        if self.consumers_compute_kv:  # its own new keys: they must be this step's tokens, as the producer's
+            same_step = produced is not None and key_states.shape[0] == produced[0].shape[0] and \
+                key_states.shape[2] == produced[0].shape[2]
+        else:
+            same_step = produced is not None and produced[0] is key_states
+        if not same_step:
             raise RuntimeError(
                 f"layer {layer_idx} shares layer {producer}'s KV, but the keys it attends are not the ones layer "
                 f"{producer} stored in this forward pass"

@@ -24,21 +24,28 @@ STORE_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 STATE_KINDS = ("conv", "linear_attention", "dummy")
 
 
-def cache_layer_types(model_config) -> tuple[list[str], list[dict]]:
-    """Per decoder layer, transformers' cache layer type and its init kwargs (as DynamicCache builds them)."""
+def cache_layer_types(model_config, kv_sharing: dict[int, int] | None = None) -> tuple[list[str], list[dict]]:
+    """Per decoder layer, transformers' cache layer type and its init kwargs (as DynamicCache builds them).
+    With `kv_sharing` (consumer -> producer, `OffloadConfig.kv_sharing`), consumers are "dummy"
+    layers that keep nothing, as transformers makes a config's own "reuse" layers."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text = text_config(model_config)
     try:
-        return get_layer_types_and_kwargs(text)
+        types, kwargs = get_layer_types_and_kwargs(text)
     except Exception:  # a config transformers' helper cannot read: full attention, as the config says
         n = text.num_hidden_layers
-        return list(getattr(text, "layer_types", None) or ["full_attention"] * n), [{} for _ in range(n)]
+        types, kwargs = list(getattr(text, "layer_types", None) or ["full_attention"] * n), [{} for _ in range(n)]
+    if kv_sharing:
+        types = ["dummy" if i in kv_sharing else t for i, t in enumerate(types)]
+        kwargs = [{} if i in kv_sharing else kw for i, kw in enumerate(kwargs)]
+    return types, kwargs
 
 
-def attention_layers(model_config) -> list[int]:
-    """Decoder layers whose KV the store keeps (the others keep their state in the cache itself)."""
-    return [i for i, t in enumerate(cache_layer_types(model_config)[0]) if t in STORE_KINDS]
+def attention_layers(model_config, kv_sharing: dict[int, int] | None = None) -> list[int]:
+    """Decoder layers whose KV the store keeps (the others keep their state in the cache itself, or
+    read another layer's KV)."""
+    return [i for i, t in enumerate(cache_layer_types(model_config, kv_sharing)[0]) if t in STORE_KINDS]
 
 
 def has_layer_state(model_config) -> bool:
@@ -47,11 +54,21 @@ def has_layer_state(model_config) -> bool:
     return any(t in ("conv", "linear_attention") for t in cache_layer_types(model_config)[0])
 
 
-def kv_sources(model_config) -> dict[int, int]:
-    """Cross-layer KV sharing (Gemma 3n, Gemma 4: `kv_sharing_modes`): each "reuse" layer -> the
-    layer whose KV it reads, the last "store" layer of the same layer type before it."""
+def kv_sources(model_config, kv_sharing: dict[int, int] | None = None) -> dict[int, int]:
+    """Cross-layer KV sharing: each consumer layer -> the layer whose KV it reads.
+
+    Declared by the config (Gemma 3n, Gemma 4: `kv_sharing_modes`): each "reuse" layer reads the last
+    "store" layer of the same layer type before it. Or given by `kv_sharing` (`OffloadConfig.kv_sharing`,
+    already parsed) for a model that declares none: checked against the model here."""
     text = text_config(model_config)
     modes = getattr(text, "kv_sharing_modes", None)
+    if kv_sharing:
+        if modes and "reuse" in modes:
+            raise ValueError(
+                f"kv_sharing={kv_sharing} (OFFLOAD_KV_SHARING) was given for a model whose config declares its own "
+                "cross-layer KV sharing (kv_sharing_modes), which offload follows; the two cannot be combined: "
+                "unset kv_sharing")
+        return configured_sources(model_config, kv_sharing)
     if not modes:
         return {}
     types = getattr(text, "layer_types", None) or ["full_attention"] * len(modes)
@@ -67,6 +84,27 @@ def kv_sources(model_config) -> dict[int, int]:
     return sources
 
 
+def configured_sources(model_config, kv_sharing: dict[int, int]) -> dict[int, int]:
+    """`kv_sharing` checked against the model: both layers exist and are attention layers whose KV the
+    store keeps, of the same kind (layer type, sliding window, attention chunk), so the consumer's mask
+    is the producer's. Raises ValueError naming the pair and the rule."""
+    types, kwargs = cache_layer_types(model_config)
+    for consumer, producer in kv_sharing.items():
+        for layer in (consumer, producer):
+            if layer >= len(types):
+                raise ValueError(f"kv_sharing (OFFLOAD_KV_SHARING) pair {consumer}:{producer}: the model has "
+                                 f"{len(types)} decoder layers (0..{len(types) - 1}), no layer {layer}")
+            if types[layer] not in STORE_KINDS:
+                raise ValueError(f"kv_sharing (OFFLOAD_KV_SHARING) pair {consumer}:{producer}: layer {layer} is a "
+                                 f"{types[layer]!r} layer, not an attention layer with a KV cache")
+        if (types[consumer], kwargs[consumer]) != (types[producer], kwargs[producer]):
+            raise ValueError(
+                f"kv_sharing (OFFLOAD_KV_SHARING) pair {consumer}:{producer}: layer {consumer} is {types[consumer]} "
+                f"{kwargs[consumer] or ''} and layer {producer} is {types[producer]} {kwargs[producer] or ''}; a "
+                "consumer must read a layer of the same kind (same window or chunk), whose KV spans what it attends")
+    return dict(kv_sharing)
+
+
 def is_latent_attention(model_config) -> bool:
     """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): the model caches compressed latents
     and hands attention per-head keys and values of different head sizes, expanded per token."""
@@ -74,7 +112,8 @@ def is_latent_attention(model_config) -> bool:
     return getattr(text, "kv_lora_rank", None) is not None and getattr(text, "v_head_dim", None) is not None
 
 
-def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -> KVLayout:
+def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype,
+                             kv_sharing: dict[int, int] | None = None) -> KVLayout:
     text = text_config(model_config)
     num_heads = text.num_attention_heads
     num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
@@ -84,18 +123,18 @@ def layout_from_model_config(model_config, page_size: int, dtype: torch.dtype) -
         # shorter of the two zero-padded to the longer (q.k and the output are unchanged).
         qk_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
         num_kv_heads, head_dim = num_heads, max(qk_dim, text.v_head_dim)
-    return KVLayout(len(attention_layers(model_config)), num_kv_heads, head_dim, page_size, dtype)
+    return KVLayout(len(attention_layers(model_config, kv_sharing)), num_kv_heads, head_dim, page_size, dtype)
 
 
-def layer_windows(model_config) -> list[int | None]:
+def layer_windows(model_config, kv_sharing: dict[int, int] | None = None) -> list[int | None]:
     """Per store layer (attention layer): its sliding window, or None."""
-    types, kwargs = cache_layer_types(model_config)
+    types, kwargs = cache_layer_types(model_config, kv_sharing)
     return [kw.get("sliding_window") if t == "sliding_attention" else None
             for t, kw in zip(types, kwargs) if t in STORE_KINDS]
 
 
-def layer_chunks(model_config) -> list[int | None]:
+def layer_chunks(model_config, kv_sharing: dict[int, int] | None = None) -> list[int | None]:
     """Per store layer (attention layer): its attention chunk (chunked attention, Llama 4), or None."""
-    types, kwargs = cache_layer_types(model_config)
+    types, kwargs = cache_layer_types(model_config, kv_sharing)
     return [kw.get("sliding_window") if t == "chunked_attention" else None
             for t, kw in zip(types, kwargs) if t in STORE_KINDS]
