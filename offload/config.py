@@ -62,6 +62,7 @@ class OffloadConfig:
     sparse_misses: str = "host"
     promote_pages: int = 4
     score_decay: float = 0.9
+    sticky_margin: float = 4.0  # nats a page off the device must out-bound a resident one by (QuestPolicy)
     prefix_cache: bool = True
     selector: str = "quest"
     scorer: str = "attention_mass"
@@ -171,6 +172,7 @@ class OffloadConfig:
             raise ValueError(f"{_name('remote_attention')}={self.remote_attention!r} is not accepted; expected one of "
                              f"{', '.join(REMOTE_ATTENTION)}")
         self._check_float("score_decay", minimum=0.0, maximum=1.0)
+        self._check_float("sticky_margin", minimum=0.0)
         self.kv_sharing = parse_sharing(self.kv_sharing, _name("kv_sharing"))
 
     @property

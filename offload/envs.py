@@ -102,6 +102,8 @@ ENV_VARS: dict[str, EnvVar] = {
                "Most pages promoted to the device per layer and sequence between decode steps (bounds h2d traffic).", "4"),
         EnvVar("OFFLOAD_SCORE_DECAY", "score_decay", _float,
                "Decay of the accumulated per-page attention mass each step (H2O-style criticality), in [0, 1].", "0.9"),
+        EnvVar("OFFLOAD_STICKY_MARGIN", "sticky_margin", _float,
+               "`quest` selection hysteresis, in nats: a page not on the device replaces a resident (or incoming) one only when its bound on q.k x scale is this much higher; keeps the selection, and so the copies, stable. 0 turns it off.", "1.0"),
         EnvVar("OFFLOAD_PREFIX_CACHE", "prefix_cache", _bool,
                "Keep the pages of finished requests in a prefix tree and reuse them for prompts that share a prefix (0 disables).", "0"),
         EnvVar("OFFLOAD_SELECTOR", "selector", _str,

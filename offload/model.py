@@ -56,6 +56,13 @@ _NOT_COPYABLE = (
 )
 
 
+def _after_attention(layer_idx: int) -> None:
+    """A decoder layer's attention is done (`LayerInputs`): the cache whose step this is may speculate."""
+    cache = hf_attention.active_cache()
+    if cache is not None:
+        cache.after_attention(layer_idx)
+
+
 class OffloadedModel:
     def __init__(self, model: torch.nn.Module, config: OffloadConfig | None = None, **overrides: Any) -> None:
         if not hasattr(model, "config") or not hasattr(model, "generate"):
@@ -107,6 +114,7 @@ class OffloadedModel:
             layers = decoder_layers(self.model)
             if layers is not None:
                 self._layer_inputs = LayerInputs(layers)
+                self._layer_inputs.on_after_attention = _after_attention
                 self._predictor = QueryPredictor(layers, self._layer_inputs)
             self._ids_hook = self.model.register_forward_pre_hook(_note_input_ids, with_kwargs=True)
             self._wrapped = True

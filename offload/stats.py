@@ -32,6 +32,7 @@ class OffloadStats:
     needed_on_device: int = 0  # ... of which were resident or in flight when the layer ran
     prefetch_issued_pages: int = 0
     prefetch_hit_pages: int = 0  # speculated pages that the real query then selected
+    prefetch_skipped: int = 0  # layer steps that did not speculate: their selections kept finding every page on the device
     skipped_pages: int = 0  # sparse mode, sparse_misses="skip": needed pages not attended
     failed_copies: int = 0  # pages whose copy failed (read from the host instead)
     failed_kernels: int = 0  # host-kernel failures recovered by the torch kernel
@@ -172,6 +173,7 @@ class OffloadStats:
             f"  prefetch    : recall {self.prefetch_recall:.3f} ({self.needed_on_device}/{self.needed_pages} needed pages on the "
             f"device), precision {self.prefetch_precision:.3f} ({self.prefetch_hit_pages}/{self.prefetch_issued_pages}), "
             f"mass coverage {self.mass_coverage:.3f}, stall {self.stall_s:.3f} s"
+            + (f", {self.prefetch_skipped} quiet layer steps not speculated" if self.prefetch_skipped else "")
             + (f", {self.skipped_pages} pages skipped" if self.skipped_pages else ""),
             f"  attention   : device {self.device_attn_s:.3f} s, host {self.host_attn_s:.3f} s"
             + (f" ({self.failed_copies} failed copies, {self.failed_kernels} failed kernels recovered)"

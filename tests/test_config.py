@@ -26,6 +26,7 @@ BAD_VALUES = {
     "OFFLOAD_PREFETCH": ["maybe", "2"],
     "OFFLOAD_SPARSE_MISSES": ["drop", "device"],
     "OFFLOAD_SCORE_DECAY": ["-0.1", "1.5", "slow"],
+    "OFFLOAD_STICKY_MARGIN": ["-1", "nan", "wide"],
     "OFFLOAD_PREFIX_CACHE": ["sometimes", "2"],
     "OFFLOAD_SELECTOR": ["oracle-ish", "1"],
     "OFFLOAD_SCORER": ["h3o"],

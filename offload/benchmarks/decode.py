@@ -12,9 +12,15 @@ one run, all with the same decode loop:
 
   (a) whole-layer offload: transformers' DynamicCache with every layer's full KV copied in each
       step, the next layer's copy overlapping the current layer (what `offloading=True` does)
-  (b) offload exact, no prefetch    (c) offload exact + prefetch    (d) offload sparse + prefetch
+  (b) offload exact, no prefetch    (c) offload exact + prefetch
+  (d) offload sparse + prefetch     (e) offload sparse, no prefetch   (sparse mode's defaults otherwise)
 
-The device budget is 10% of the KV cache at the final length. Reported per configuration:
+The device budget is 10% of the KV cache at the final length.
+
+`--model embedded` runs the package's trained model instead, on its pass-key prompts (the
+context before the question, then greedy decoding), with a 25% device budget by default: random
+weights attend almost uniformly, so only a trained model shows what selection and speculation
+do when attention moves. Reported per configuration:
 tokens/s, stall share of decode time, h2d bytes per token and its ratio to (a), prefetch recall,
 mass coverage and greedy-token agreement with (a). Results: bench/results/decode.{json,md}.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import platform
 import threading
 import time
@@ -169,6 +176,34 @@ def run_offload(model, prompt, new_tokens, budget, link_gbps, **config):
         om.unwrap()
 
 
+def _prompts(model, context: int, repeats: int, embedded_model: bool) -> list[torch.Tensor]:
+    """`repeats` prompts of about `context` tokens: random ids, or the embedded model's pass-key
+    samples up to their question (seeded: the same every run)."""
+    if embedded_model:
+        from offload.models import embedded
+
+        samples = embedded.task_samples("passkey", context, repeats, seed=0)
+        return [torch.from_numpy(s.input_ids[None, : s.context_end].copy()) for s in samples]
+    generator = torch.Generator().manual_seed(context)
+    return [torch.randint(3, model.config.vocab_size, (1, context), generator=generator) for _ in range(repeats)]
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One row from runs on different prompts: the median tokens/s, the mean of every other number."""
+    out = {}
+    for key, value in runs[0].items():
+        if key == "tokens":
+            continue
+        values = [r[key] for r in runs]
+        if key == "tokens_per_s":
+            out[key] = statistics.median(values)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = sum(values) / len(values)
+        else:
+            out[key] = value
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="offload bench decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,52 +212,68 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--link-gbps", type=float, default=25.0)
-    parser.add_argument("--budget-fraction", type=float, default=0.10)
+    parser.add_argument("--budget-fraction", type=float, default=None,
+                        help="device budget as a share of the KV cache (default 0.10; 0.25 with --model embedded)")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d to run (a always runs: the baseline)")
+    parser.add_argument("--configs", default="a,b,c,d,e", help="which of a,b,c,d,e to run (a always runs: the baseline)")
+    parser.add_argument("--model", choices=["llama-layout", "embedded"], default="llama-layout",
+                        help="random-weight Llama-3-8B layout (default) or the trained embedded model on pass-key prompts")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per configuration (each a different prompt); tokens/s is their median")
     parser.add_argument("--out", default=str(RESULTS / "decode"))
     args = parser.parse_args(argv)
-    contexts = args.contexts or ([8192] if args.quick else [8192, 32768])
-    new_tokens = args.new_tokens or (32 if args.quick else 256)
+    embedded_model = args.model == "embedded"
+    contexts = args.contexts or ([4096] if embedded_model else [8192] if args.quick else [8192, 32768])
+    new_tokens = args.new_tokens or (32 if args.quick else 64 if embedded_model else 256)
+    budget_fraction = args.budget_fraction if args.budget_fraction is not None else 0.25 if embedded_model else 0.10
     torch.set_num_threads(torch.get_num_threads())
-    model = build_model(args.layers, getattr(torch, args.dtype))
+    if embedded_model:
+        from offload.models import embedded
+
+        model = embedded.load_embedded_model()[0]
+    else:
+        model = build_model(args.layers, getattr(torch, args.dtype))
+    layers = model.config.num_hidden_layers
     rows = []
     for context in contexts:
-        torch.manual_seed(context)
-        prompt = torch.randint(3, model.config.vocab_size, (1, context))
+        prompts = _prompts(model, context, args.repeats, embedded_model)
         total = context + new_tokens
-        kv_total = total * kv_bytes_per_token_layer(model) * args.layers
-        budget = int(args.budget_fraction * kv_total)
+        kv_total = total * kv_bytes_per_token_layer(model) * layers
+        budget = int(budget_fraction * kv_total)
         common = dict(page_size=args.page_size)
         configs = {
-            "(a) whole-layer offload": lambda: run_baseline(model, prompt, new_tokens, args.link_gbps),
-            "(b) exact, no prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
-                                                          mode="exact", prefetch=False, **common),
-            "(c) exact + prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
-                                                        mode="exact", prefetch=True, **common),
-            "(d) sparse + prefetch": lambda: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
-                                                         mode="sparse", prefetch=True, sparse_misses="skip", **common),
+            "(a) whole-layer offload": lambda prompt: run_baseline(model, prompt, new_tokens, args.link_gbps),
+            "(b) exact, no prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                                 mode="exact", prefetch=False, **common),
+            "(c) exact + prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                               mode="exact", prefetch=True, **common),
+            "(d) sparse + prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                                mode="sparse", prefetch=True, **common),
+            "(e) sparse, no prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+                                                                  mode="sparse", prefetch=False, **common),
         }
         wanted = set(args.configs.split(",")) | {"a"}
         configs = {name: run for name, run in configs.items() if name[1] in wanted}
         baseline, baseline_tokens = None, None
         for name, run in configs.items():
             print(f"context {context}: {name} ...", flush=True)
-            result = run()
+            runs = [run(prompt) for prompt in prompts]
+            baseline_tokens = baseline_tokens or [r["tokens"] for r in runs]
+            agree = sum(sum(a == b for a, b in zip(r["tokens"], base)) for r, base in zip(runs, baseline_tokens))
+            result = _combine(runs)
             baseline = baseline or result
-            baseline_tokens = baseline_tokens or result["tokens"]
-            agree = sum(a == b for a, b in zip(result["tokens"], baseline_tokens)) / new_tokens
             shares = {"device": result["device_read_bytes_per_token"] / kv_total,
                       "host": result["host_read_bytes_per_token"] / kv_total,
                       "link": result["h2d_bytes_per_token"] / kv_total}
             result.update(
                 shares=shares, projected_tokens_per_s={str(c): projection.project(shares, c) for c in PROJECTED},
                 config=name, context=context, new_tokens=new_tokens, kv_total_bytes=kv_total, device_budget=budget,
+                repeats=len(runs), tokens_per_s_runs=[r["tokens_per_s"] for r in runs],
                 h2d_ratio_to_a=result["h2d_bytes_per_token"] / baseline["h2d_bytes_per_token"],
-                speedup_vs_a=result["tokens_per_s"] / baseline["tokens_per_s"], token_agreement_with_a=agree,
+                speedup_vs_a=result["tokens_per_s"] / baseline["tokens_per_s"],
+                token_agreement_with_a=agree / (new_tokens * len(runs)),
             )
-            result.pop("tokens")
             rows.append(result)
             print(f"   {result['tokens_per_s']:.2f} tok/s, stall {100 * result['stall_share']:.1f}%, "
                   f"h2d/token {result['h2d_bytes_per_token'] / 2**20:.2f} MiB ({result['h2d_ratio_to_a']:.3f} of a), "
@@ -230,17 +281,20 @@ def main(argv=None) -> None:
     meta = {
         "command": "offload bench decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_threads": torch.get_num_threads(),
-        "link_gbps": args.link_gbps, "budget_fraction": args.budget_fraction, "layers": args.layers,
-        "dtype": args.dtype, "page_size": args.page_size, "load_avg": list(__import__("os").getloadavg()),
-        "layout": "32 query heads, 8 KV heads, head_dim 128, hidden 512, random weights",
+        "link_gbps": args.link_gbps, "budget_fraction": budget_fraction, "layers": layers,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "page_size": args.page_size,
+        "load_avg": list(__import__("os").getloadavg()), "repeats": args.repeats, "model": args.model,
+        "layout": ("the embedded model (8 query heads, 2 KV heads, head_dim 16, trained), pass-key prompts"
+                   if embedded_model else "32 query heads, 8 KV heads, head_dim 128, hidden 512, random weights"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"Decode benchmark (`{meta['command']}`): {meta['layout']}, {args.layers} layers, {args.dtype}, "
-        f"emulated {args.link_gbps:g} GB/s link, device budget {100 * args.budget_fraction:.0f}% of the KV cache, "
-        f"page size {args.page_size}; load average {meta['load_avg'][0]:.1f} on {meta['cpu_threads']} threads.",
+        f"Decode benchmark (`{meta['command']}`): {meta['layout']}, {layers} layers, {meta['dtype']}, "
+        f"emulated {args.link_gbps:g} GB/s link, device budget {100 * budget_fraction:.0f}% of the KV cache, "
+        f"page size {args.page_size}; tokens/s the median of {args.repeats} run(s) on different prompts, "
+        f"the rest their mean; load average {meta['load_avg'][0]:.1f} on {meta['cpu_threads']} threads.",
         "",
         "| context | configuration | tokens/s | × (a) | stall share | h2d / token | ÷ (a) | recall | mass coverage | tokens = (a) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -253,6 +307,14 @@ def main(argv=None) -> None:
             f"{100 * r['stall_share']:.1f}% | {r['h2d_bytes_per_token'] / 2**20:.3f} MiB | {r['h2d_ratio_to_a']:.4f} | "
             f"{recall} | {coverage} | {100 * r['token_agreement_with_a']:.0f}% |"
         )
+    pairs = [(d, e) for d in rows for e in rows if d["context"] == e["context"]
+             and d["config"].startswith("(d)") and e["config"].startswith("(e)")]
+    for d, e in pairs:
+        lines += ["", f"Prefetch in sparse mode at {d['context']}: (d) / (e) tokens/s "
+                      f"{d['tokens_per_s'] / e['tokens_per_s']:.2f}x, recall {d['prefetch_recall']:.3f} against "
+                      f"{e['prefetch_recall']:.3f}, h2d bytes per token "
+                      + (f"{d['h2d_bytes_per_token'] / e['h2d_bytes_per_token']:.2f}x what the residency rule alone moves."
+                         if e["h2d_bytes_per_token"] else f"{d['h2d_bytes_per_token'] / 2**10:.1f} KiB (none without prefetch).")]
     lines += [
         "",
         f"Projection, not a measurement (`offload/benchmarks/projection.py`): the bytes each configuration read "

@@ -28,6 +28,12 @@ def set_active_cache(cache) -> None:
     _active.cache = weakref.ref(cache)  # never what keeps a cache (and its pages) alive
 
 
+def active_cache():
+    """The cache whose step runs on this thread, or None."""
+    ref = getattr(_active, "cache", None)
+    return ref() if ref is not None else None
+
+
 def offload_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -39,8 +45,7 @@ def offload_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D]; key/value [B, H_kv, T, D] (the new tokens); returns ([B, T, H, D], None)."""
-    ref = getattr(_active, "cache", None)
-    cache = ref() if ref is not None else None
+    cache = active_cache()
     layer_idx = getattr(module, "layer_idx", None)
     shared = cache is not None and layer_idx is not None and cache.is_consumer(layer_idx)
     if cache is None or layer_idx is None or not (shared or cache.has_staged(layer_idx)):

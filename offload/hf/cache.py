@@ -122,6 +122,7 @@ class OffloadCache(Cache):
         super().__init__(layers=layers)
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_query: dict[int, torch.Tensor] = {}
+        self._speculating = False  # this forward is a decode step that speculates
         self.pending_input_ids: torch.Tensor | None = None  # set by OffloadedModel's forward hook
         # True while every stored token sits at its index among the real tokens (generate's
         # positions): only then may its pages enter the prefix cache.
@@ -251,13 +252,17 @@ class OffloadCache(Cache):
             ids = self.pending_input_ids
             self.request.record_tokens(valid, ids if ids is not None and ids.shape == valid.shape else None)
         speculate = self.config.speculates and q_len <= MAX_DECODE_QUERY
+        self._speculating = speculate
         if speculate:
-            self._speculate_next(layer_idx, query)
+            self._last_query[layer_idx] = query
+            if self.predictor is None or not self.predictor.after_attention:
+                self._speculate_next(layer_idx)  # (else once this layer's attention is done: after_attention)
         out, lse = self.store.attend(self.request, store_layer, query, keys, values, valid, scale, return_lse=True,
                                      softcap=softcap, has_readers=layer_idx in self._produced)
         if speculate and last:
             # The next step's first layer: its query now is the best guess for its query then.
-            self.store.speculate(self.request, 0, self._last_query[self.attention_idx[0]])
+            if self.store.speculation_due(self.request, 0):
+                self.store.speculate(self.request, 0, self._last_query[self.attention_idx[0]])
         layer.seen += q_len
         if value_dim is not None:
             out = out[..., :value_dim]
@@ -328,13 +333,20 @@ class OffloadCache(Cache):
                     "store from the config, so it refuses rather than attend the wrong span"
                 )
 
-    def _speculate_next(self, layer_idx: int, query: torch.Tensor) -> None:
+    def after_attention(self, layer_idx: int) -> None:
+        """Layer l's attention is done and its residual captured (`LayerInputs`): speculate layer l+1
+        from it, so the copies overlap layer l's MLP."""
+        if self._speculating and self.request is not None and layer_idx in self.store_index:
+            self._speculate_next(layer_idx)
+
+    def _speculate_next(self, layer_idx: int) -> None:
         """Issue layer l+1's likely pages now, so the copies overlap layer l's compute."""
-        self._last_query[layer_idx] = query
         position = self.attention_idx.index(layer_idx) + 1
         if position >= len(self.attention_idx):
             return
         nxt = self.attention_idx[position]  # the next attention layer
+        if not self.store.speculation_due(self.request, position):
+            return
         predicted = self.predictor.predict(layer_idx, nxt) if self.predictor is not None else None
         if predicted is None:
             predicted = self._last_query.get(nxt)  # no predictor: that layer's query one step ago

@@ -95,7 +95,7 @@ class StepView:
     budget:       tokens this layer may attend, the tail's included (`budget_pages` complete pages)
     alive:        [P] bool, the page exists (effect="drop" frees pages for good)
     query:        [H, Q, D] the step's queries
-    key_min/max:  [P, H_kv, D] page summaries (None on layers without them)
+    key_min/max:  [P, H_kv, D] float32 page summaries (None on layers without them)
     acc_mass:     [H_kv, P] attention mass summed over every step so far, never decayed
     last_mass:    [H_kv, P] the mass of the last step that attended the page
     prompt_mass:  [H_kv, P] the prompt's observation window: the last prefill step's observed rows
@@ -105,6 +105,7 @@ class StepView:
     tail_keys:    [t, H_kv, D] float32, the keys of the tail page (always attended)
     charge:       callable(bytes): a policy that reads keys reports the bytes it read
     mean_values:  callable() -> [H_kv, D], the mean of every stored value (SparQ)
+    resident:     [P] bool, the page is on the device or being copied there (None: unknown)
     """
 
     layer: int
@@ -129,6 +130,7 @@ class StepView:
     tail_keys: torch.Tensor | None = None
     charge: object = None
     mean_values: object = None
+    resident: torch.Tensor | None = None
 
     @property
     def num_kv_heads(self) -> int:

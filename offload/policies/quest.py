@@ -35,11 +35,19 @@ class QuestPolicy(KVPolicy):
     """Quest: the sinks and the recent window (at most half the budget), then the pages with the
     highest upper bound of q.k, computed from page summaries alone (nothing is read). The paper
     selects by the bound alone; the sinks and recent window are this runtime's addition. One selection for every head (the
-    bound is maximised over heads), re-made every step: a selector, never dropping."""
+    bound is maximised over heads), re-made every step: a selector, never dropping. Pages on the device (or on
+    their way) count `OffloadConfig.sticky_margin` nats more, so the selection changes only for a clearly
+    better page."""
 
     name = "quest"
     evicts = False
     speculates = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        from offload.policies import make_selector  # (the registry imports this module)
+
+        self.selector = make_selector(config.selector)
 
     def keep(self, view: StepView) -> torch.Tensor:
         k = view.budget_pages
@@ -52,5 +60,11 @@ class QuestPolicy(KVPolicy):
         rest = k - int(required.sum())
         if rest <= 0 or view.key_min is None:
             return view.shared(required)
-        bound = page_upper_bounds(view.query[None], view.key_min[None], view.key_max[None])[0].cpu()
+        # In nats: a page not on the device takes a resident one's place only when its bound is
+        # `sticky_margin` higher (hysteresis; without it the bounds' noise churns the selection,
+        # and every change is a copy or a host read).
+        bound = self.selector.score(view.query[None], view.key_min[None], view.key_max[None])[0].cpu() * view.scale
+        margin = self.config.sticky_margin
+        if margin and view.resident is not None:
+            bound = bound + margin * view.resident.float()
         return view.shared(fill(required, bound, rest, view.alive))

@@ -1,37 +1,57 @@
-"""`Prefetcher`: copy the pages a predicted query selects before the layer runs.
+"""`Prefetcher`: copy the pages a predicted query will select before the layer runs.
 
-As many pages as the device holds are selected, not just the token budget: the real query's
-pages rank near the top of the predicted ones, so a wider net catches more of them. Room is
-made by evicting the lowest-priority resident pages that the prediction does not want; the
-copies are two-phase (`Residency.issue`), so the layer waits only for pages still in flight.
+The prediction asks the layer's own KV policy, with the predicted query in place of the real
+one, so it follows the same rule as the real selection: the same budget, sinks and recent
+window, and the same stickiness (`sticky_margin`: a page on the device stays chosen unless
+another clearly beats it). Only the pages that rule would newly bring in are copied; room is
+made by evicting the lowest-priority resident pages the prediction does not want. While a
+layer's selections keep finding everything on the device, it speculates ever less often (`due`):
+a stable selection needs no copies, and a prediction costs about what a selection does. The copies
+are two-phase (`Residency.issue`), so the layer waits only for pages still in flight, and a
+page in flight counts as on the device for the real selection's stickiness.
 """
 
 from __future__ import annotations
 
 import torch
 
-from offload.policies import PageSelector
+from offload.policies import KVPolicy
 from offload.store.page_table import PageTable
-from offload.store.planner import select_pages
 from offload.store.residency import Residency
+from offload.store.selection import view_of
+
+# A layer whose selections were all on the device for a while speculates less often: after n
+# such steps only when n is a power of two, and at least every MAX_QUIET_INTERVAL steps. A miss
+# (a selected page read from the host) brings speculation back at every step.
+MAX_QUIET_INTERVAL = 16
+
+
+def due(quiet_steps: int) -> bool:
+    """Whether a layer speculates, given its consecutive decode steps without a miss."""
+    if quiet_steps < 2:
+        return True
+    if quiet_steps >= MAX_QUIET_INTERVAL:
+        return quiet_steps % MAX_QUIET_INTERVAL == 0
+    return quiet_steps & (quiet_steps - 1) == 0
 
 
 class Prefetcher:
-    def __init__(self, selector: PageSelector, residency: Residency) -> None:
-        self.selector = selector
+    def __init__(self, policy: KVPolicy, residency: Residency) -> None:
+        self.policy = policy
         self.residency = residency
 
-    def speculate(self, table: PageTable, predicted_query: torch.Tensor) -> None:
-        """Issue copies of the pages `predicted_query` [B, H, Q, D] selects that are not on the device."""
-        capacity = (table.rules.slots_per_seq - 1) * table.layout.page_size
-        selected = select_pages(table, self.selector, predicted_query, capacity)
+    def speculate(self, table: PageTable, predicted_query: torch.Tensor, layer: int = 0, num_layers: int = 1) -> None:
+        """Issue copies of the pages the policy would newly select for `predicted_query` [B, H, Q, D]
+        (whether it is `due` is the caller's question, asked before predicting)."""
+        scale = table.scale if table.scale is not None else table.layout.head_dim ** -0.5
         for b in range(table.batch_size):
-            wanted = selected[b]
-            missing = sorted(wanted - set(table.resident_pages(b)) - set(table.inflight[b]))
+            view = view_of(table, b, table.rules.token_budget, predicted_query[b], layer, num_layers, scale)
+            wanted = self.policy.keep(view).any(dim=0)
+            missing = (wanted & ~view.resident).nonzero().flatten().tolist()
             if not missing:
                 continue
-            room = self.residency.make_room(table, b, wanted, len(missing))
-            # Most promising first: the predicted bound order is lost in the set, so use scores then recency.
+            room = self.residency.make_room(table, b, set(wanted.nonzero().flatten().tolist()), len(missing))
+            # Most critical first when room is short, then the newer page.
             score = table.scores[b].tolist()
             missing.sort(key=lambda p: (-score[p], -p))
             chosen = missing[: max(0, room)]

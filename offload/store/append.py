@@ -112,6 +112,7 @@ def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: in
     if table.key_min is not None:  # (sliding layers keep no device summaries)
         table.key_min[b, first : first + n] = key_min
         table.key_max[b, first : first + n] = key_max
+        table.summaries_changed()
     ids = torch.tensor(pages, dtype=torch.long)
     home.key_min[ids] = key_min.to(home.key_min.device)
     home.key_max[ids] = key_max.to(home.key_max.device)

@@ -25,8 +25,8 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.kernels import merge_partials, resolve_kernel
-from offload.policies import make_eviction_order, make_policy, make_scorer, make_selector
-from offload.prefetch.prefetcher import Prefetcher
+from offload.policies import make_eviction_order, make_policy, make_scorer
+from offload.prefetch.prefetcher import Prefetcher, due
 from offload.store import budget, merging, selection
 from offload.store.append import append, finish_tail
 from offload.store.device_cache import DeviceCache
@@ -110,13 +110,12 @@ class KVStore:
         # One worker runs host-part kernels while the calling thread computes the device part.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-host")
         self.runner = SplitAttention(resolve_kernel(config.cpu_kernel), config.cpu_threads, self.executor)
-        self.selector = make_selector(config.selector)
         self.policy = make_policy(config)
         self.drops = config.policy_effect == "drop"
         self.measure = False  # benchmarks: compare each decode choice with exact attention (reads every key)
         self.scorer = make_scorer(config.scorer, config.score_decay)
         self.residency = Residency(self.transfer, make_eviction_order(config.device_eviction))
-        self.prefetcher = Prefetcher(self.selector, self.residency)
+        self.prefetcher = Prefetcher(self.policy, self.residency)
         self.tree: PrefixTree | None = None
         # (a model with recurrent or conv layers cannot resume from KV pages alone: no prefix reuse)
         if config.prefix_cache and reusable_prefixes:
@@ -459,6 +458,7 @@ class KVStore:
         if self.active is not request:
             self.activate(request)
         table = request.tables[layer]
+        table.scale = scale
         if query.shape[0] != table.batch_size:
             raise ValueError(f"batch size {query.shape[0]} differs from the {table.batch_size} this cache was reserved for")
         chosen, decode = None, query.shape[2] <= MAX_DECODE_QUERY
@@ -517,13 +517,23 @@ class KVStore:
         result = self.runner.run(layer_plan, table, query, empty, empty, scale, softcap)
         return result.out, result.lse
 
+    def speculation_due(self, request: Request, layer: int) -> bool:
+        """Whether `layer` speculates this step (`prefetch.prefetcher.due`): ask before predicting."""
+        table = request.tables[layer]
+        if (self.active is not request or table.rules is None or table.rules.local or not self.policy.speculates):
+            return False
+        if due(table.quiet_steps):
+            return True
+        table.counters.prefetch_skipped += 1
+        return False
+
     @torch.inference_mode()
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:
         """Prefetch the pages a predicted query [B, H, Q, D] of `layer` selects, before it runs."""
         table = request.tables[layer]
         if (self.active is request and predicted_query.shape[0] == request.batch_size and not table.rules.local
                 and self.policy.speculates):
-            self.prefetcher.speculate(table, predicted_query)
+            self.prefetcher.speculate(table, predicted_query, layer, self.layout.num_layers)
 
     # ------------------------------------------------------------------ state
     def host_used_bytes(self) -> int:

@@ -35,6 +35,7 @@ class LayerCounters:
     needed_on_device: int = 0  # ... of which resident or in flight when the layer ran
     prefetch_issued_pages: int = 0
     prefetch_hit_pages: int = 0  # issued pages that the real query then needed
+    prefetch_skipped: int = 0  # speculations left out: the layer's selections were all on the device
     skipped_pages: int = 0  # sparse mode with skip_misses: needed pages not attended
     failed_copies: int = 0
     failed_kernels: int = 0
@@ -101,9 +102,12 @@ class PageTable:
         self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
         self.last_used = torch.zeros(batch_size, max_pages, dtype=torch.float64)  # step of last selection
         self.step = 0
+        self.scale: float | None = None  # the layer's attention scale, once it attended (speculation uses it)
+        self.quiet_steps = 0  # consecutive decode steps whose selected pages were all on the device
         self.dropped = [0] * batch_size  # sliding layers: leading pages freed (out of the window)
         self.key_min: torch.Tensor | None = None  # [B, max_pages, H_kv, D] on the device
         self.key_max: torch.Tensor | None = None
+        self._float_summaries: tuple[torch.Tensor, torch.Tensor] | None = None  # (made by float_summaries)
         self.counters = LayerCounters()
         # What KV policies read (offload.policies): attention mass per KV head and page (the extra
         # column collects keys of no page), the prompt's observation, each sequence's own state.
@@ -127,6 +131,19 @@ class PageTable:
     # ------------------------------------------------------------------ state
     def num_complete(self, b: int) -> int:
         return self.length[b] // self.layout.page_size
+
+    def summaries_changed(self) -> None:
+        """Call after writing key_min / key_max: `float_summaries` is made again on next use."""
+        self._float_summaries = None
+
+    def float_summaries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_min, key_max in float32, as [B, max_pages, H_kv, D] views of [B, H_kv, D, max_pages]
+        tensors: the layout of the selector's matmuls, made once per change of the summaries
+        rather than converted at every selection and speculation."""
+        if self._float_summaries is None:
+            self._float_summaries = tuple(
+                t.float().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for t in (self.key_min, self.key_max))
+        return self._float_summaries
 
     def alive(self, b: int) -> torch.Tensor:
         """[num_complete] bool: complete pages that exist (a dropped or out-of-window page does not)."""
@@ -194,6 +211,7 @@ class PageTable:
         windowed = rules.local  # a sliding or chunked layer selects nothing: no summaries
         self.key_min = None if windowed else torch.zeros(shape, dtype=self.layout.dtype, device=device)
         self.key_max = None if windowed else torch.zeros(shape, dtype=self.layout.dtype, device=device)
+        self.summaries_changed()
         for b in range(self.batch_size):
             n = self.num_complete(b)
             if n and not windowed:
@@ -240,6 +258,7 @@ class PageTable:
             pool.decref(slot)
         self.slots.fill_(-1)
         self.device_pool, self.key_min, self.key_max = None, None, None
+        self.summaries_changed()
 
     def _grow(self, max_pages: int) -> None:
         if max_pages <= self.max_pages:
@@ -404,6 +423,7 @@ class PageTable:
         if self.key_min is not None:
             dev_idx = idx.to(self.key_min.device)
             self.key_min, self.key_max = self.key_min[dev_idx], self.key_max[dev_idx]
+            self.summaries_changed()
 
     def reserve_merged(self, max_pages: int | None = None) -> None:
         """Merging policies: hold host slots for the merged tokens of up to `max_pages` pages per

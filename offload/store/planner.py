@@ -1,7 +1,7 @@
 """Planning one layer's step: which pages a query attends, and where (device part or host part).
 
-`select_pages` asks the selector which non-required pages a decode query needs; `plan` turns
-that and the table's residency into a `LayerPlan`, the only thing `run` reads. Planning never
+The KV policy says which pages a decode query attends (`store/selection.py`); `plan` turns that
+and the table's residency into a `LayerPlan`, the only thing `run` reads. Planning never
 moves data: copies are issued and completed by `Residency`, before planning.
 """
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.policies import PageSelector
 from offload.store.page_table import PageTable
 
 # Query blocks longer than this are prefill: attended exactly whatever the mode, no speculation.
@@ -56,32 +55,13 @@ class LayerPlan:
     head_keep: torch.Tensor | None = None
 
 
-def select_pages(table: PageTable, selector: PageSelector, query: torch.Tensor, token_budget: int | None = None) -> list[set[int]]:
-    """Per sequence, the non-required complete pages a query selects: the selector's highest
-    scores, as many as fit `token_budget` (default: the rules') beside sinks, recent window and tail."""
-    ps = table.layout.page_size
-    token_budget = table.rules.token_budget if token_budget is None else token_budget
-    selected = []
-    for b in range(table.batch_size):
-        required = table.required_pages(b)
-        fixed_tokens = len(required) * ps + table.length[b] % ps
-        k = max(0, (token_budget - fixed_tokens) // ps)
-        alive = table.alive(b).tolist()
-        candidates = [p for p in range(table.num_complete(b)) if p not in required and alive[p]]
-        if k >= len(candidates) or k == 0:
-            selected.append(set(candidates) if k else set())
-            continue
-        idx = torch.tensor(candidates, dtype=torch.long, device=table.key_min.device)
-        scores = selector.score(query[b : b + 1], table.key_min[b : b + 1, idx], table.key_max[b : b + 1, idx])[0]
-        selected.append({candidates[i] for i in torch.topk(scores, k).indices.tolist()})
-    return selected
-
-
 def count_needed(table: PageTable, needed: list[set[int]]) -> None:
     """Recall bookkeeping: needed pages already resident or in flight, speculation hits."""
     table.step += 1
+    missed = False
     for b in range(table.batch_size):
         on_device = needed[b] & (set(table.resident_pages(b)) | set(table.inflight[b]))
+        missed |= len(on_device) < len(needed[b])
         table.counters.needed_pages += len(needed[b])
         table.counters.needed_on_device += len(on_device)
         table.counters.prefetch_hit_pages += len(needed[b] & table.issued[b])
@@ -89,6 +69,7 @@ def count_needed(table: PageTable, needed: list[set[int]]) -> None:
         if needed[b]:
             table.last_used[b, torch.tensor(sorted(needed[b]), dtype=torch.long)] = float(table.step)
     table.last_needed = needed
+    table.quiet_steps = 0 if missed else table.quiet_steps + 1
 
 
 def new_positions(table: PageTable, new_valid: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from offload.store.planner import new_positions
 # PageTable counters summed into OffloadStats.
 LAYER_SUMS = (
     "device_attn_s", "host_attn_s", "stall_s", "needed_pages", "needed_on_device", "prefetch_issued_pages",
-    "prefetch_hit_pages", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
+    "prefetch_hit_pages", "prefetch_skipped", "skipped_pages", "failed_copies", "failed_kernels", "mass_device", "mass_rows",
     "dropped_pages", "gathered_bytes", "policy_read_bytes", "oracle_pages", "oracle_hits", "mass_missed",
     "mass_measured_rows", "merged_pages", "device_read_bytes", "host_read_bytes",
 )

@@ -56,17 +56,27 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
         count = int(table.alive(b).sum()) * ps + used
         return (table.value_sum[b] / max(1, count)).to(query.device)
 
+    summaries = table.float_summaries() if table.key_min is not None else None
     tail = pool.keys[table.tail_slot[b], :used].float() if used else pool.keys.new_zeros(0, *pool.keys.shape[2:]).float()
     return StepView(
         layer=layer, num_layers=num_layers, num_pages=n, length=table.length[b], page_size=ps,
         budget=policy_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,
         alive=table.alive(b), query=query,
-        key_min=table.key_min[b, :n] if table.key_min is not None else None,
-        key_max=table.key_max[b, :n] if table.key_max is not None else None,
+        key_min=summaries[0][b, :n] if summaries is not None else None,
+        key_max=summaries[1][b, :n] if summaries is not None else None,
         acc_mass=table.acc_mass[b, :, :n], last_mass=table.last_mass[b, :, :n], prompt_mass=table.prompt_mass[b, :, :n],
         prompt_length=table.prompt_length[b], state=table.policy_state[b], scale=scale,
         read_keys=read_keys, tail_keys=tail, charge=charge, mean_values=mean_values,
+        resident=on_device(table, b, n),
     )
+
+
+def on_device(table: PageTable, b: int, n: int) -> torch.Tensor:
+    """[n] bool: sequence b's complete pages that are resident or being copied in."""
+    on = table.slots[b, :n] >= 0
+    if table.inflight[b]:
+        on[list(table.inflight[b])] = True
+    return on
 
 
 def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, num_layers: int,

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload.store.planner import select_pages
+from offload.store.selection import on_device, view_of
 from offload.store.transfer import TransferEngine
 from tests.store.conftest import D, H, Reference, make_store, step
 
@@ -141,22 +141,53 @@ def test_emulated_link_takes_bytes_over_bandwidth():
     assert engine.counters.link_s >= 0.005
 
 
-def test_speculation_fills_every_free_slot_in_predicted_order():
-    # token_budget selects 1 page, but the device has room for 5 beside sinks, recent and tail:
-    # speculation casts the wider net, so near misses of the prediction are still resident.
-    store, request, layer = make_store(1, 80, page_size=4, slack_slots=5, sink_tokens=4, recent_tokens=4, token_budget=12)
+def _policy_pages(store, table, query, b=0):
+    """The complete pages the store's policy selects for `query` [1, H, 1, D] now."""
+    view = view_of(table, b, table.rules.token_budget, query[b], 0, 1, D ** -0.5)
+    return set(store.policy.keep(view).any(dim=0).nonzero().flatten().tolist())
+
+
+def test_speculation_copies_what_the_policy_would_newly_select():
+    # The prediction follows the real selection's rule (budget, sinks, recent window, stickiness):
+    # it copies exactly the pages that rule would bring in, evicting only pages it does not want.
+    store, request, layer = make_store(1, 80, page_size=4, slack_slots=5, sink_tokens=4, recent_tokens=4,
+                                       token_budget=28, sticky_margin=0.0)
     ref = Reference(1)
     _prefill(store, request, ref, tokens=64)
-    assert len(select_pages(layer, store.selector, torch.randn(1, H, 1, D))[0]) == 1
-    query = torch.randn(1, H, 1, D)
-    capacity = (layer.rules.slots_per_seq - 1) * 4
-    predicted = select_pages(layer, store.selector, query, capacity)[0]
-    assert len(predicted) > 1
-    store.residency.make_room(layer, 0, keep=set(), num=100)
+    query = torch.randn(1, H, 1, D, generator=torch.Generator().manual_seed(3))
+    predicted = _policy_pages(store, layer, query)
+    before = set(layer.resident_pages(0))
     store.prefetcher.speculate(layer, query)
+    issued = set(layer.inflight[0])
+    assert issued == predicted - before and issued
+    assert layer.counters.prefetch_issued_pages == len(issued)
     store.residency.complete_copies(layer)
     assert predicted <= set(layer.resident_pages(0))
     assert layer.slots_in_use(0) <= layer.rules.slots_per_seq
+    store.prefetcher.speculate(layer, query)  # nothing new to bring: no copy
+    assert not layer.inflight[0]
+
+
+def test_stickiness_keeps_resident_pages_unless_clearly_beaten():
+    # With a margin larger than any bound difference, the selection keeps what is on the device;
+    # with none, it follows the bounds alone (and then differs for a query unlike the last).
+    store, request, layer = make_store(1, 80, page_size=4, slack_slots=5, sink_tokens=4, recent_tokens=4,
+                                       token_budget=28, sticky_margin=1e6)
+    ref = Reference(1)
+    _prefill(store, request, ref, tokens=64)
+    on = on_device(layer, 0, layer.num_complete(0))
+    query = torch.randn(1, H, 1, D, generator=torch.Generator().manual_seed(5))
+    sticky = _policy_pages(store, layer, query)
+    chosen_on = {p for p in sticky if bool(on[p])}
+    budget_pages = (28 - layer.length[0] % 4) // 4
+    assert len(chosen_on) == min(budget_pages, int(on.sum()))
+    store.policy.config.sticky_margin = 0.0
+    free = _policy_pages(store, layer, query)
+    view = view_of(layer, 0, layer.rules.token_budget, query[0], 0, 1, D ** -0.5)
+    bound = store.policy.selector.score(query, view.key_min[None], view.key_max[None])[0]
+    required = layer.required_pages(0)
+    rest = sorted(set(range(layer.num_complete(0))) - required, key=lambda p: (-float(bound[p]), -p))
+    assert free == required | set(rest[: len(free - required)])
 
 
 def test_rebalance_keeps_the_pages_the_last_query_selected():
