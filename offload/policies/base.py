@@ -162,6 +162,38 @@ class StepView:
 
 
 @dataclass(slots=True)
+class BatchView:
+    """What a batched policy (`KVPolicy.keep_batch`) sees for every sequence of one layer at one
+    decode step: `StepView`'s fields that a page-summary selector reads, padded to P pages.
+
+    num_pages:  [B] long, complete pages per sequence (pages at or past it are padding)
+    length:     [B] long, stored tokens per sequence
+    alive:      [B, P] bool, the page exists (False for padding)
+    query:      [B, H, Q, D]
+    key_min/max: [B, P, H_kv, D] float32 summaries (None on layers without them)
+    resident:   [B, P] bool, on the device or being copied there
+    """
+
+    num_pages: torch.Tensor
+    length: torch.Tensor
+    page_size: int
+    budget: int
+    sink_pages: int
+    recent_tokens: int
+    alive: torch.Tensor
+    query: torch.Tensor
+    key_min: torch.Tensor | None
+    key_max: torch.Tensor | None
+    resident: torch.Tensor
+    scale: float
+
+    @property
+    def budget_pages(self) -> torch.Tensor:
+        """[B] long: complete pages that fit the budget beside each tail's tokens."""
+        return ((self.budget - self.length % self.page_size) // self.page_size).clamp(min=0)
+
+
+@dataclass(slots=True)
 class Interpolation:
     """SparQ's mean-value interpolation: out = alpha * attention(kept) + (1 - alpha) * mean(V).
 
@@ -192,6 +224,11 @@ class KVPolicy:
 
     def keep(self, view: StepView) -> torch.Tensor:
         raise NotImplementedError
+
+    # A policy that chooses from page summaries alone may also choose for a whole batch at once:
+    # `keep_batch(BatchView) -> [B, P] bool`, one selection per sequence shared by its KV heads,
+    # equal to `keep` of each sequence's `StepView`. The store then skips the per-sequence calls.
+    keep_batch = None
 
     def interpolation(self) -> "Interpolation | None":
         """After `keep`: an output correction to apply (SparQ), or None."""
@@ -240,3 +277,20 @@ def fill(keep: torch.Tensor, score: torch.Tensor, k: int, alive: torch.Tensor) -
         rows = torch.arange(keep.shape[0])[:, None].expand_as(top.indices)
         keep[rows[finite], top.indices[finite]] = True
     return keep[0] if squeeze else keep
+
+
+def fill_rows(keep: torch.Tensor, score: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`fill` with its own k per row: add to each row of keep [B, P] its k[b] highest-scoring
+    allowed pages not kept yet (ties: the newer page). Returns a new tensor."""
+    keep = keep.clone()
+    k = k.clamp(min=0)
+    most = int(k.max()) if k.numel() else 0
+    if most > 0:
+        num_pages = keep.shape[1]
+        ranked = score.double() + torch.arange(num_pages, dtype=torch.float64) * 1e-12
+        ranked = ranked.masked_fill(keep | ~allowed, float("-inf"))
+        top = ranked.topk(min(most, num_pages), dim=1)
+        take = torch.isfinite(top.values) & (torch.arange(top.indices.shape[1])[None, :] < k[:, None])
+        rows = torch.arange(keep.shape[0])[:, None].expand_as(top.indices)
+        keep[rows[take], top.indices[take]] = True
+    return keep

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.policies.base import KVPolicy, PageSelector, StepView, fill, recency, sinks
+from offload.policies.base import BatchView, KVPolicy, PageSelector, StepView, fill, fill_rows, recency, sinks
 
 
 def page_upper_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
@@ -68,3 +68,25 @@ class QuestPolicy(KVPolicy):
         if margin and view.resident is not None:
             bound = bound + margin * view.resident.float()
         return view.shared(fill(required, bound, rest, view.alive))
+
+    def keep_batch(self, view: BatchView) -> torch.Tensor:
+        """`keep` for every sequence at once: [B, P] bool, the same pages as each sequence's `keep`."""
+        bsz, num_pages = view.alive.shape
+        k = view.budget_pages
+        fixed = k // 2
+        position = torch.arange(num_pages)
+        sink_pages = torch.clamp(fixed, max=view.sink_pages)
+        required = (position[None, :] < sink_pages[:, None]) & view.alive
+        if view.recent_tokens > 0:
+            first = (view.length - view.recent_tokens).clamp(min=0) // view.page_size
+            window = view.alive & (position[None, :] >= first[:, None])
+            newer = position.to(torch.float32)[None, :].expand(bsz, -1)
+            required = fill_rows(required, newer, fixed - required.sum(dim=1), window)
+        rest = k - required.sum(dim=1)
+        if view.key_min is None or not bool((rest > 0).any()):
+            return required
+        bound = self.selector.score(view.query, view.key_min, view.key_max).cpu() * view.scale
+        margin = self.config.sticky_margin
+        if margin:
+            bound = bound + margin * view.resident.float()
+        return fill_rows(required, bound, rest, view.alive)

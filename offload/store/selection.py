@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.policies import Interpolation, KVPolicy, StepView
-from offload.policies.base import fill
+from offload.policies.base import BatchView, fill
 from offload.policies.oracle import exact_page_mass
 from offload.store.page_table import PageTable
 
@@ -71,6 +71,37 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
     )
 
 
+def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale: float) -> list[torch.Tensor] | None:
+    """Per sequence, the [num_complete] bool pages a batched policy (`KVPolicy.keep_batch`) keeps
+    for query [B, H, Q, D], in one call for the whole batch; None when the policy has no batched form."""
+    if policy.keep_batch is None:
+        return None
+    counts = [table.num_complete(b) for b in range(table.batch_size)]
+    width = max(counts, default=0)
+    if width == 0:
+        return [torch.zeros(0, dtype=torch.bool) for _ in counts]
+    num_pages = torch.tensor(counts, dtype=torch.long)
+    real = torch.arange(width)[None, :] < num_pages[:, None]
+    alive = (table.page_ids[:, :width] >= 0) & real
+    resident = table.slots[:, :width] >= 0
+    for b, inflight in enumerate(table.inflight):
+        if inflight:
+            resident[b, list(inflight)] = True
+    summaries = table.float_summaries() if table.key_min is not None else None
+    view = BatchView(
+        num_pages=num_pages, length=torch.tensor(table.length, dtype=torch.long), page_size=table.layout.page_size,
+        budget=table.rules.token_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,
+        alive=alive, query=query, key_min=summaries[0][:, :width] if summaries else None,
+        key_max=summaries[1][:, :width] if summaries else None, resident=resident & real, scale=scale)
+    keep = policy.keep_batch(view)
+    if keep.shape != (table.batch_size, width) or keep.dtype != torch.bool:
+        raise RuntimeError(f"policy {policy.name!r} returned {tuple(keep.shape)} {keep.dtype} from keep_batch; "
+                           f"expected ({table.batch_size}, {width}) bool")
+    if (keep & ~alive).any():
+        raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
+    return [keep[b, :n] for b, n in enumerate(counts)]
+
+
 def on_device(table: PageTable, b: int, n: int) -> torch.Tensor:
     """[n] bool: sequence b's complete pages that are resident or being copied in."""
     on = table.slots[b, :n] >= 0
@@ -86,16 +117,22 @@ def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, 
     _open_prompt(table)
     attend, needed, keeps, interps = [], [], [], []
     per_head = False
+    batched = keep_batched(table, policy, query, scale) if not measure else None
     for b in range(table.batch_size):
-        view = view_of(table, b, table.rules.token_budget, query[b], layer, num_layers, scale)
-        keep = policy.keep(view)
-        n, num_kv = view.num_pages, view.num_kv_heads
-        if keep.shape != (num_kv, n) or keep.dtype != torch.bool:
-            raise RuntimeError(f"policy {policy.name!r} returned {tuple(keep.shape)} {keep.dtype}; expected ({num_kv}, {n}) bool")
-        if (keep & ~view.alive[None, :]).any():
-            raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
-        union = keep.any(dim=0)
-        per_head |= bool((keep != union[None, :]).any())
+        if batched is not None:  # (one selection for every KV head: checked by keep_batched)
+            view, union = None, batched[b]
+            keep = union[None, :].expand(table.layout.num_kv_heads, -1)
+        else:
+            view = view_of(table, b, table.rules.token_budget, query[b], layer, num_layers, scale)
+            keep = policy.keep(view)
+            n, num_kv = view.num_pages, view.num_kv_heads
+            if keep.shape != (num_kv, n) or keep.dtype != torch.bool:
+                raise RuntimeError(f"policy {policy.name!r} returned {tuple(keep.shape)} {keep.dtype}; "
+                                   f"expected ({num_kv}, {n}) bool")
+            if (keep & ~view.alive[None, :]).any():
+                raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
+            union = keep.any(dim=0)
+            per_head |= bool((keep != union[None, :]).any())
         pages = set(union.nonzero().flatten().tolist())
         attend.append(pages)
         needed.append(pages - table.required_pages(b))

@@ -270,3 +270,36 @@ def test_d2o_binds_a_leaving_page_to_its_most_similar_kept_page_or_discards_it()
         assert attend_merged(table, query, [keep], torch.ones(1, 1, dtype=torch.bool), 0.3, binds=True) is not None
         gone = torch.tensor([[True, False, False, False]] * 2)
         assert attend_merged(table, query, [gone], torch.ones(1, 1, dtype=torch.bool), 0.3, binds=True) is None
+
+
+@pytest.mark.parametrize("margin", [0.0, 4.0])
+@pytest.mark.parametrize("recent_tokens", [0, 10])
+def test_quest_batched_keep_equals_each_sequences_keep(margin, recent_tokens):
+    # Awkward sizes: sequences with 0, 1 and several pages, tails of every length, dropped pages,
+    # budgets below and above the sinks + recent window, random resident sets.
+    from offload.policies.base import BatchView
+
+    policy = POLICIES["quest"](config(sticky_margin=margin))
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(12):
+        counts = [0, 1, int(torch.randint(2, 14, (1,), generator=gen))][: 1 + trial % 3] + [9, 13]
+        tails = [int(torch.randint(0, PS, (1,), generator=gen)) for _ in counts]
+        budget = int(torch.randint(1, 12, (1,), generator=gen)) * PS
+        width = max(counts)
+        query = torch.randn(len(counts), H, 1, D, generator=gen)
+        key_min = torch.randn(len(counts), width, HKV, D, generator=gen)
+        key_max = key_min + torch.rand(len(counts), width, HKV, D, generator=gen)
+        alive = (torch.rand(len(counts), width, generator=gen) > 0.2) & (torch.arange(width)[None, :] < torch.tensor(counts)[:, None])
+        resident = (torch.rand(len(counts), width, generator=gen) > 0.5) & alive
+        lengths = torch.tensor([n * PS + t for n, t in zip(counts, tails)])
+        batch = policy.keep_batch(BatchView(
+            num_pages=torch.tensor(counts), length=lengths, page_size=PS, budget=budget, sink_pages=1,
+            recent_tokens=recent_tokens, alive=alive, query=query, key_min=key_min, key_max=key_max,
+            resident=resident, scale=SCALE))
+        for b, n in enumerate(counts):
+            one = view(num_pages=n, tail=tails[b], sink_pages=1, recent_tokens=recent_tokens, alive=alive[b, :n],
+                       query=query[b])
+            one.budget = budget
+            one.key_min, one.key_max, one.resident = key_min[b, :n], key_max[b, :n], resident[b, :n]
+            assert kept(policy.keep(one))[0] == batch[b, :n].nonzero().flatten().tolist(), (trial, b)
+            assert not bool(batch[b, n:].any())
