@@ -20,7 +20,7 @@ from offload.kernels.torch_ref import dense_attention_scores
 from offload.store.page_table import PageTable
 from offload.store.planner import LayerPlan
 from offload.store.residency import log_once
-from offload.store.tiers import PagesLost
+from offload.store.tiers import PagesLost, attend_pages
 
 
 @dataclass(slots=True)
@@ -65,7 +65,34 @@ class SplitAttention:
             host = self._host_part(*args) if future is None else None
 
         start = time.perf_counter()
-        keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values)
+        # On the CPU the device pool is host memory: its complete pages (every query sees all their
+        # keys) go through the paged kernel in place rather than gathered into a contiguous copy.
+        paged = None
+        device_slots, device_pos = plan.device_slots, plan.device_pos
+        if table.device_pool.device.type == "cpu" and plan.head_keep is None and plan.window is None \
+                and plan.chunk is None and device_slots.shape[1] > 1:
+            ps = table.layout.page_size
+            num_dev = device_slots.shape[1] - 1  # (the last column is the tail)
+            page_pos = device_pos[:, : num_dev * ps : ps]
+            counts = (page_pos >= 0).sum(dim=1)
+            # (a layer reading another's KV may find pages reaching its queries' own positions:
+            # those need the causal mask, so such a step gathers as before)
+            queries = plan.new_pos
+            earliest = torch.where(queries >= 0, queries, torch.iinfo(torch.long).max).amin(dim=1)
+            before = bool(((page_pos < 0) | (page_pos + ps <= earliest[:, None])).all())
+            if before and bool(counts.any()):
+                pool = table.device_pool
+                try:
+                    paged = attend_pages(query, pool.keys, pool.values, device_slots[:, :num_dev], counts, scale,
+                                         observe, softcap, self.cpu_kernel, self.cpu_threads)
+                except Exception as exc:  # the gathered torch path below is always there
+                    table.counters.failed_kernels += 1
+                    log_once("kernel", f"the {self.cpu_kernel} kernel failed (on the device pool)", exc)
+            if paged is not None:
+                paged_pages = torch.where(page_pos >= 0, page_pos.div(ps, rounding_mode="floor"), -1)
+                table.counters.device_read_bytes += int(counts.sum()) * table.layout.page_bytes
+                device_slots, device_pos = device_slots[:, num_dev:], device_pos[:, num_dev * ps :]
+        keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots, device_pos)
         new_pos = plan.new_pos.to(key_pos.device)
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
         if plan.window is not None:  # transformers' sliding window: kv_idx > q_idx - window
@@ -80,6 +107,8 @@ class SplitAttention:
             seen = head_keep.gather(2, page[:, None, :].expand(-1, head_keep.shape[1], -1))  # [B, H_kv, T_dev]
             visible = visible[:, None, :, :] & seen[:, :, None, :]
         out_d, lse_d, key_lse = dense_attention_scores(query, keys, values, visible, scale, softcap, score_rows=observe)
+        if paged is not None:
+            out_d, lse_d = merge_partials(paged.out.to(out_d.device), paged.lse.to(lse_d.device), out_d, lse_d)
         # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
         table.counters.device_attn_s += time.perf_counter() - start
         layout = table.layout
@@ -108,17 +137,21 @@ class SplitAttention:
             table.counters.mass_rows += int(rows.sum())
         # Padding rows see no key: zeros (their lse is -inf in both parts, so the merge gave zeros too).
         out = out.masked_fill((plan.new_pos < 0).to(out.device)[:, None, :, None], 0.0)
-        mass = self._page_mass(table, plan, lse[:, :, lse.shape[2] - observe :], key_lse, key_pos,
-                               host.page_lse if host is not None else None)
+        pages_lse = [] if host is None else [(host.page_lse, plan.host_pages)]
+        if paged is not None:
+            pages_lse.append((paged.page_lse, paged_pages))
+        mass = self._page_mass(table, lse[:, :, lse.shape[2] - observe :], key_lse, key_pos, pages_lse)
         return RunResult(out, lse, mass)
 
     # ------------------------------------------------------------------ parts
-    def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values):
-        """Contiguous device-part K/V: [B, H_kv, T_dev, D] each, and key positions [B, T_dev] (-1 = no key)."""
+    def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values, device_slots, device_pos):
+        """Contiguous K/V of the device part's `device_slots` [B, n] (key positions `device_pos`
+        [B, n * page_size]), the gathered pages and the new tokens: [B, H_kv, T_dev, D] each, and key
+        positions [B, T_dev] (-1 = no key)."""
         pool = table.device_pool
-        slots = plan.device_slots.to(pool.device)
+        slots = device_slots.to(pool.device)
         shape = (table.batch_size, -1, table.layout.num_kv_heads, table.layout.head_dim)
-        key_parts, value_parts, pos_parts = [pool.keys[slots].reshape(shape)], [pool.values[slots].reshape(shape)], [plan.device_pos]
+        key_parts, value_parts, pos_parts = [pool.keys[slots].reshape(shape)], [pool.values[slots].reshape(shape)], [device_pos]
         if plan.gather_ids is not None:  # host pages read here (window pages, per-head selections), masked like the rest
             ps = table.layout.page_size
             real = (plan.gather_pos[:, ::ps] >= 0).flatten()  # (padding entries hold no page: zeros)
@@ -154,12 +187,13 @@ class SplitAttention:
         result.out, result.lse, result.page_lse = part.out, part.lse, part.page_lse
 
     @staticmethod
-    def _page_mass(table: PageTable, plan: LayerPlan, lse, key_lse, key_pos, host_page_lse) -> torch.Tensor:
+    def _page_mass(table: PageTable, lse, key_lse, key_pos, pages_lse) -> torch.Tensor:
         """Attention mass per KV head and logical page [B, H_kv, max_pages + 1], summed over the
         query heads of each KV head and the observed rows.
 
-        lse [B, H, O] is the merged log-sum-exp of the observed rows; a key's (or a host page's)
-        share of a row is exp(its lse - the row's lse)."""
+        lse [B, H, O] is the merged log-sum-exp of the observed rows; a key's (or a paged part's
+        page's) share of a row is exp(its lse - the row's lse). pages_lse: (page_lse [B, H, O, n],
+        logical pages [B, n], -1 where none) of each part run by the paged kernel."""
         ps = table.layout.page_size
         sink = table.max_pages  # the extra column collects keys of no page
         bsz, num_kv = table.batch_size, table.layout.num_kv_heads
@@ -176,10 +210,12 @@ class SplitAttention:
             pos = key_pos.cpu()
             page = torch.where(pos >= 0, pos // ps, torch.full_like(pos, sink)).clamp(max=sink)
             mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), key_mass)
-        if host_page_lse is not None and plan.host_pages.numel():
-            host_lse = safe_lse.to(host_page_lse.device)[..., None]
-            host_mass = torch.exp(host_page_lse - host_lse).masked_fill(~finite.to(host_page_lse.device)[..., None], 0.0)
-            page = torch.where(plan.host_pages >= 0, plan.host_pages, torch.full_like(plan.host_pages, sink))
-            mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), per_kv_head(host_mass))
+        for page_lse, pages in pages_lse:
+            if not pages.numel():
+                continue
+            part_lse = safe_lse.to(page_lse.device)[..., None]
+            part_mass = torch.exp(page_lse - part_lse).masked_fill(~finite.to(page_lse.device)[..., None], 0.0)
+            page = torch.where(pages >= 0, pages, torch.full_like(pages, sink))
+            mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), per_kv_head(part_mass).cpu())
         mass[:, :, sink] = 0.0
         return mass

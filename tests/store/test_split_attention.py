@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from offload.store import split_attention
 from offload.store.planner import OBSERVATION_WINDOW, plan
 from tests.reference import naive_attention
 from tests.store.conftest import HKV, SCALE, D, H, Reference, make_store, step
@@ -25,9 +26,17 @@ def _naive_page_mass(ref: Reference, query, keys, page_size, max_pages, observe)
     return mass
 
 
+@pytest.mark.parametrize("device_path", ["paged", "gathered"])
 @pytest.mark.parametrize("new_tokens", [1, 5, 40])
 @pytest.mark.parametrize("page_size", [1, 4, 5])
-def test_run_gives_exact_output_and_page_mass(new_tokens, page_size):
+def test_run_gives_exact_output_and_page_mass(new_tokens, page_size, device_path, monkeypatch):
+    # On the CPU the device part attends resident pages with the paged kernel in place; when that
+    # kernel fails it gathers them for the torch path: both exact, masses included.
+    if device_path == "gathered":
+        def failing(*args, **kwargs):
+            raise RuntimeError("injected device-part kernel failure")
+
+        monkeypatch.setattr(split_attention, "attend_pages", failing)
     gen = torch.Generator().manual_seed(new_tokens * 10 + page_size)
     store, request, table = make_store(2, 120, page_size=page_size, slack_slots=2)
     ref = Reference(2)
@@ -47,6 +56,7 @@ def test_run_gives_exact_output_and_page_mass(new_tokens, page_size):
     torch.testing.assert_close(result.page_mass.double()[:, : table.max_pages], expected_mass[:, : table.max_pages],
                                rtol=1e-4, atol=1e-4)
     assert float(result.page_mass[:, -1].abs().sum()) == 0.0  # the spare column collects nothing
+    assert table.counters.failed_kernels == (1 if device_path == "gathered" else 0)
 
 
 @pytest.mark.parametrize("page_size", [4, 5])
