@@ -138,9 +138,10 @@ class WorkPool {
   // fn(args, i, scratch) for every i in [0, items), on this thread plus up to `helpers` others;
   // scratch is a per-thread buffer of scratch_floats floats.
   void run(Fn fn, const ItemArgs& args, int64_t items, int helpers, size_t scratch_floats) {
-    std::unique_lock<std::mutex> call(call_mu_, std::try_to_lock);
     helpers = (int)std::min<int64_t>(helpers, items - 1);
-    if (!call.owns_lock() || helpers <= 0) {  // another call is using the helpers: run alone
+    std::unique_lock<std::mutex> call(call_mu_, std::defer_lock);
+    if (helpers > 0) call.try_lock();  // (a one-thread call never holds the helpers from another)
+    if (!call.owns_lock()) {  // one thread asked for, or another call is using the helpers: run alone
       std::vector<float> scratch(scratch_floats);
       for (int64_t i = 0; i < items; ++i) fn(args, i, scratch.data());
       return;

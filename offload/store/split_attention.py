@@ -83,8 +83,12 @@ class SplitAttention:
             if before and bool(counts.any()):
                 pool = table.device_pool
                 try:
+                    # The kernel's helper threads serve one call at a time: beside a host part that
+                    # reads at least as many pages, the device part takes one thread and leaves them.
+                    smaller = has_host and int(counts.sum()) <= int(plan.host_counts.sum())
+                    threads = 1 if smaller else self.cpu_threads
                     paged = attend_pages(query, pool.keys, pool.values, device_slots[:, :num_dev], counts, scale,
-                                         observe, softcap, self.cpu_kernel, self.cpu_threads)
+                                         observe, softcap, self.cpu_kernel, threads)
                 except Exception as exc:  # the gathered torch path below is always there
                     table.counters.failed_kernels += 1
                     log_once("kernel", f"the {self.cpu_kernel} kernel failed (on the device pool)", exc)
