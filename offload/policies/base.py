@@ -187,6 +187,16 @@ class BatchView:
     resident: torch.Tensor
     scale: float
 
+    @classmethod
+    def of(cls, view: StepView) -> "BatchView":
+        """A batch of one: `view`'s sequence (nothing counts as resident where `view` does not say)."""
+        resident = view.resident if view.resident is not None else torch.zeros(view.num_pages, dtype=torch.bool)
+        return cls(
+            num_pages=torch.tensor([view.num_pages]), length=torch.tensor([view.length]), page_size=view.page_size,
+            budget=view.budget, sink_pages=view.sink_pages, recent_tokens=view.recent_tokens, alive=view.alive[None],
+            query=view.query[None], key_min=None if view.key_min is None else view.key_min[None],
+            key_max=None if view.key_max is None else view.key_max[None], resident=resident[None], scale=view.scale)
+
     @property
     def budget_pages(self) -> torch.Tensor:
         """[B] long: complete pages that fit the budget beside each tail's tokens."""

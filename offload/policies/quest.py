@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.policies.base import BatchView, KVPolicy, PageSelector, StepView, fill, fill_rows, recency, sinks
+from offload.policies.base import BatchView, KVPolicy, PageSelector, StepView, fill_rows
 
 
 def page_upper_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
@@ -50,30 +50,13 @@ class QuestPolicy(KVPolicy):
         self.selector = make_selector(config.selector)
 
     def keep(self, view: StepView) -> torch.Tensor:
-        k = view.budget_pages
-        fixed = k // 2  # sinks and recent window take at most half the budget: the rest is selected
-        required = sinks(view, min(view.sink_pages, fixed))
-        if view.recent_tokens > 0:  # the recent window, newest first
-            first = max(0, (view.length - view.recent_tokens) // view.page_size)
-            window = view.alive & (torch.arange(view.num_pages) >= first)
-            required = fill(required, recency(view), fixed - int(required.sum()), window)
-        rest = k - int(required.sum())
-        if rest <= 0 or view.key_min is None:
-            return view.shared(required)
-        # In nats: a page not on the device takes a resident one's place only when its bound is
-        # `sticky_margin` higher (hysteresis; without it the bounds' noise churns the selection,
-        # and every change is a copy or a host read).
-        bound = self.selector.score(view.query[None], view.key_min[None], view.key_max[None])[0].cpu() * view.scale
-        margin = self.config.sticky_margin
-        if margin and view.resident is not None:
-            bound = bound + margin * view.resident.float()
-        return view.shared(fill(required, bound, rest, view.alive))
+        return view.shared(self.keep_batch(BatchView.of(view))[0])
 
     def keep_batch(self, view: BatchView) -> torch.Tensor:
-        """`keep` for every sequence at once: [B, P] bool, the same pages as each sequence's `keep`."""
+        """[B, P] bool: each sequence's pages (`keep` is a batch of one)."""
         bsz, num_pages = view.alive.shape
         k = view.budget_pages
-        fixed = k // 2
+        fixed = k // 2  # sinks and recent window take at most half the budget: the rest is selected
         position = torch.arange(num_pages)
         sink_pages = torch.clamp(fixed, max=view.sink_pages)
         required = (position[None, :] < sink_pages[:, None]) & view.alive
@@ -85,6 +68,9 @@ class QuestPolicy(KVPolicy):
         rest = k - required.sum(dim=1)
         if view.key_min is None or not bool((rest > 0).any()):
             return required
+        # In nats: a page not on the device takes a resident one's place only when its bound is
+        # `sticky_margin` higher (hysteresis; without it the bounds' noise churns the selection,
+        # and every change is a copy or a host read).
         bound = self.selector.score(view.query, view.key_min, view.key_max).cpu() * view.scale
         margin = self.config.sticky_margin
         if margin:

@@ -517,11 +517,16 @@ class KVStore:
         result = self.runner.run(layer_plan, table, query, empty, empty, scale, softcap)
         return result.out, result.lse
 
+    def _may_speculate(self, request: Request, layer: int) -> bool:
+        """`layer` of the active request selects pages with a policy that speculation serves."""
+        rules = request.tables[layer].rules
+        return self.active is request and rules is not None and not rules.local and self.policy.speculates
+
     def speculation_due(self, request: Request, layer: int) -> bool:
         """Whether `layer` speculates this step (`prefetch.prefetcher.due`): ask before predicting."""
-        table = request.tables[layer]
-        if (self.active is not request or table.rules is None or table.rules.local or not self.policy.speculates):
+        if not self._may_speculate(request, layer):
             return False
+        table = request.tables[layer]
         if due(table.quiet_steps):
             return True
         table.counters.prefetch_skipped += 1
@@ -530,10 +535,8 @@ class KVStore:
     @torch.inference_mode()
     def speculate(self, request: Request, layer: int, predicted_query: torch.Tensor) -> None:
         """Prefetch the pages a predicted query [B, H, Q, D] of `layer` selects, before it runs."""
-        table = request.tables[layer]
-        if (self.active is request and predicted_query.shape[0] == request.batch_size and not table.rules.local
-                and self.policy.speculates):
-            self.prefetcher.speculate(table, predicted_query, layer, self.layout.num_layers)
+        if self._may_speculate(request, layer) and predicted_query.shape[0] == request.batch_size:
+            self.prefetcher.speculate(request.tables[layer], predicted_query, layer, self.layout.num_layers)
 
     # ------------------------------------------------------------------ state
     def host_used_bytes(self) -> int:

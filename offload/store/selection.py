@@ -83,16 +83,15 @@ def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale:
     num_pages = torch.tensor(counts, dtype=torch.long)
     real = torch.arange(width)[None, :] < num_pages[:, None]
     alive = (table.page_ids[:, :width] >= 0) & real
-    resident = table.slots[:, :width] >= 0
-    for b, inflight in enumerate(table.inflight):
-        if inflight:
-            resident[b, list(inflight)] = True
+    resident = torch.zeros(table.batch_size, width, dtype=torch.bool)
+    for b, n in enumerate(counts):
+        resident[b, :n] = on_device(table, b, n)
     summaries = table.float_summaries() if table.key_min is not None else None
     view = BatchView(
         num_pages=num_pages, length=torch.tensor(table.length, dtype=torch.long), page_size=table.layout.page_size,
         budget=table.rules.token_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,
         alive=alive, query=query, key_min=summaries[0][:, :width] if summaries else None,
-        key_max=summaries[1][:, :width] if summaries else None, resident=resident & real, scale=scale)
+        key_max=summaries[1][:, :width] if summaries else None, resident=resident, scale=scale)
     keep = policy.keep_batch(view)
     if keep.shape != (table.batch_size, width) or keep.dtype != torch.bool:
         raise RuntimeError(f"policy {policy.name!r} returned {tuple(keep.shape)} {keep.dtype} from keep_batch; "

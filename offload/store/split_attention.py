@@ -65,37 +65,8 @@ class SplitAttention:
             host = self._host_part(*args) if future is None else None
 
         start = time.perf_counter()
-        # On the CPU the device pool is host memory: its complete pages (every query sees all their
-        # keys) go through the paged kernel in place rather than gathered into a contiguous copy.
-        paged = None
-        device_slots, device_pos = plan.device_slots, plan.device_pos
-        if table.device_pool.device.type == "cpu" and plan.head_keep is None and plan.window is None \
-                and plan.chunk is None and device_slots.shape[1] > 1:
-            ps = table.layout.page_size
-            num_dev = device_slots.shape[1] - 1  # (the last column is the tail)
-            page_pos = device_pos[:, : num_dev * ps : ps]
-            counts = (page_pos >= 0).sum(dim=1)
-            # (a layer reading another's KV may find pages reaching its queries' own positions:
-            # those need the causal mask, so such a step gathers as before)
-            queries = plan.new_pos
-            earliest = torch.where(queries >= 0, queries, torch.iinfo(torch.long).max).amin(dim=1)
-            before = bool(((page_pos < 0) | (page_pos + ps <= earliest[:, None])).all())
-            if before and bool(counts.any()):
-                pool = table.device_pool
-                try:
-                    # The kernel's helper threads serve one call at a time: beside a host part that
-                    # reads at least as many pages, the device part takes one thread and leaves them.
-                    smaller = has_host and int(counts.sum()) <= int(plan.host_counts.sum())
-                    threads = 1 if smaller else self.cpu_threads
-                    paged = attend_pages(query, pool.keys, pool.values, device_slots[:, :num_dev], counts, scale,
-                                         observe, softcap, self.cpu_kernel, threads)
-                except Exception as exc:  # the gathered torch path below is always there
-                    table.counters.failed_kernels += 1
-                    log_once("kernel", f"the {self.cpu_kernel} kernel failed (on the device pool)", exc)
-            if paged is not None:
-                paged_pages = torch.where(page_pos >= 0, page_pos.div(ps, rounding_mode="floor"), -1)
-                table.counters.device_read_bytes += int(counts.sum()) * table.layout.page_bytes
-                device_slots, device_pos = device_slots[:, num_dev:], device_pos[:, num_dev * ps :]
+        paged, paged_pages, device_slots, device_pos = self._paged_device_part(plan, table, query, scale, softcap,
+                                                                                has_host)
         keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots, device_pos)
         new_pos = plan.new_pos.to(key_pos.device)
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
@@ -148,6 +119,40 @@ class SplitAttention:
         return RunResult(out, lse, mass)
 
     # ------------------------------------------------------------------ parts
+    def _paged_device_part(self, plan: LayerPlan, table: PageTable, query, scale, softcap, has_host: bool):
+        """On the CPU the device pool is host memory: its complete pages (every query sees all their
+        keys) go through the paged kernel in place rather than gathered into a contiguous copy.
+        Returns (the paged part's Partial or None, its logical pages [B, n] (-1: none), and the device
+        slots and key positions left for the gathered path)."""
+        slots, positions = plan.device_slots, plan.device_pos
+        if (table.device_pool.device.type != "cpu" or plan.head_keep is not None or plan.window is not None
+                or plan.chunk is not None or slots.shape[1] <= 1):
+            return None, None, slots, positions
+        ps = table.layout.page_size
+        num_dev = slots.shape[1] - 1  # (the last column is the tail)
+        page_pos = positions[:, : num_dev * ps : ps]
+        counts = (page_pos >= 0).sum(dim=1)
+        # A layer reading another's KV may find pages reaching its queries' own positions: those
+        # need the causal mask, so such a step gathers as before.
+        earliest = torch.where(plan.new_pos >= 0, plan.new_pos, torch.iinfo(torch.long).max).amin(dim=1)
+        before = bool(((page_pos < 0) | (page_pos + ps <= earliest[:, None])).all())
+        if not before or not bool(counts.any()):
+            return None, None, slots, positions
+        # The kernel's helper threads serve one call at a time: beside a host part that reads at
+        # least as many pages, the device part takes one thread and leaves them.
+        smaller = has_host and int(counts.sum()) <= int(plan.host_counts.sum())
+        pool = table.device_pool
+        try:
+            paged = attend_pages(query, pool.keys, pool.values, slots[:, :num_dev], counts, scale, plan.observe,
+                                 softcap, self.cpu_kernel, 1 if smaller else self.cpu_threads)
+        except Exception as exc:  # the gathered torch path is always there
+            table.counters.failed_kernels += 1
+            log_once("kernel", f"the {self.cpu_kernel} kernel failed (on the device pool)", exc)
+            return None, None, slots, positions
+        table.counters.device_read_bytes += int(counts.sum()) * table.layout.page_bytes
+        pages = torch.where(page_pos >= 0, page_pos.div(ps, rounding_mode="floor"), -1)
+        return paged, pages, slots[:, num_dev:], positions[:, num_dev * ps :]
+
     def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values, device_slots, device_pos):
         """Contiguous K/V of the device part's `device_slots` [B, n] (key positions `device_pos`
         [B, n * page_size]), the gathered pages and the new tokens: [B, H_kv, T_dev, D] each, and key
