@@ -5,7 +5,7 @@
 //
 // Shapes (all row-major, contiguous):
 //   q            [B, H, Q, D] float32, not scaled (scale is an argument)
-//   key/value    [P, S, H_kv, D] float32 (kind 0) | fp16 bits (kind 1) | bf16 bits (kind 2)
+//   key/value    [P, H_kv, S, D] float32 (kind 0) | fp16 bits (kind 1) | bf16 bits (kind 2)
 //   page_table   [B, max_pages] int64; num_pages, last_page_len [B] int64
 //   out          [B, H, Q, D] float32; lse [B, H, Q] float32; page_lse [B, H, Q, max_pages] or null
 

@@ -211,9 +211,8 @@ static inline int64_t storage_index(int64_t e, int64_t d, int kind) {
 
 // Software prefetch of the block processed next (the next KV head of this page, or the first
 // of the next page), a few lines at each step of the current block's arithmetic (`tick`), so
-// the misses overlap the math instead of queueing behind each other. The next *head*, not the
-// next page's same head: with [page, token, KV head, D] pages one head's rows sit 2 KB apart
-// and fall into a few L1 sets, which the same head of another page shares.
+// the misses overlap the math instead of queueing behind each other. With head-major pages
+// ([page, KV head, token, D]) a block is one contiguous run of S rows.
 struct Prefetcher {
   const char* k = nullptr;
   const char* v = nullptr;
@@ -474,14 +473,16 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
   const int64_t per_split = (n + NS - 1) / NS;
   const int64_t p0 = split * per_split, p1 = std::min(n, p0 + per_split);
   const size_t es = KIND == 0 ? 4 : 2;
-  const size_t token_bytes = (size_t)(Hkv * D) * es;
+  const size_t row_bytes = (size_t)D * es;  // one token of one KV head
+  const size_t block_bytes = (size_t)S * row_bytes;  // one KV head of one page: contiguous
+  const size_t page_bytes = (size_t)Hkv * block_bytes;
   const char* kbase = (const char*)a.key_pages;
   const char* vbase = (const char*)a.value_pages;
   Prefetcher pf;
   {  // ticks per block: 4 rows at a time, scores 4 keys per tick, values one row per tick and pass
     const int64_t passes = (D + 4 * (W > 0 ? W : 1) - 1) / (4 * (W > 0 ? W : 1));
     const int64_t row_groups = (R + 3) / 4;
-    pf.plan(token_bytes, S, (size_t)D * es, row_groups * ((S + 3) / 4), row_groups * S * passes);
+    pf.plan(row_bytes, S, row_bytes, row_groups * ((S + 3) / 4), row_groups * S * passes);
   }
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t page = a.page_table[b * a.max_pages + p];
@@ -493,10 +494,10 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
     const int64_t next = p + 1 < p1 ? a.page_table[b * a.max_pages + p + 1] : -1;
     const bool next_ok = next >= 0 && next < a.num_pages_total;
     for (int64_t kvh = h0; kvh < h1; ++kvh) {
-      const size_t off0 = (size_t)(page * S) * token_bytes + (size_t)(kvh * D) * es;
+      const size_t off0 = (size_t)page * page_bytes + (size_t)kvh * block_bytes;
       const int64_t pf_page = kvh + 1 < h1 ? page : next, pf_head = kvh + 1 < h1 ? kvh + 1 : h0;
       if (kvh + 1 < h1 || next_ok) {
-        const size_t off = (size_t)(pf_page * S) * token_bytes + (size_t)(pf_head * D) * es;
+        const size_t off = (size_t)pf_page * page_bytes + (size_t)pf_head * block_bytes;
         pf.aim(kbase + off, vbase + off);
       } else {
         pf.none();
@@ -525,10 +526,10 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
         }
 #if OFFLOAD_ISA == 3
         if (KIND == 2 && a.qb) {
-          if (tmax > 0) scores_dp(nr, qbr, kp, token_bytes, tmax, D, a.scale, sbuf, S, pf);
+          if (tmax > 0) scores_dp(nr, qbr, kp, row_bytes, tmax, D, a.scale, sbuf, S, pf);
         } else
 #endif
-        if (tmax > 0) scores<KIND>(nr, qr, kp, token_bytes, tmax, D, sbuf, S, pf);
+        if (tmax > 0) scores<KIND>(nr, qr, kp, row_bytes, tmax, D, sbuf, S, pf);
         if (a.softcap > 0.f)  // logit soft-capping, on the scaled scores, before the softmax
           for (int j = 0; j < nr; ++j)
             for (int64_t t = 0; t < tl[j]; ++t) sbuf[j * S + t] = a.softcap * std::tanh(sbuf[j * S + t] / a.softcap);
@@ -552,7 +553,7 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
           a.part_l[row[j]] = a.part_l[row[j]] * alpha[j] + total;
           if (plse) *plse = m_new + std::log(total);
         }
-        if (tmax > 0) accumulate<KIND>(nr, acc, alpha, sbuf, S, vp, token_bytes, tmax, D, pf);
+        if (tmax > 0) accumulate<KIND>(nr, acc, alpha, sbuf, S, vp, row_bytes, tmax, D, pf);
       }
     }
   }

@@ -62,7 +62,7 @@ def read_bandwidth_gbps(threads: int, buffer_bytes: int = 1 << 30) -> float:
 def make_inputs(ctx: int, dtype: torch.dtype, q_len: int, bsz: int, gen: torch.Generator):
     pages_per_seq = ctx // PAGE_SIZE
     total = bsz * pages_per_seq
-    shape = (total, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    shape = (total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM)  # head-major pages, as the store keeps them
     key_pages = torch.randn(shape, generator=gen).to(dtype)
     value_pages = torch.randn(shape, generator=gen).to(dtype)
     page_table = torch.randperm(total, generator=gen).view(bsz, pages_per_seq)  # scattered pages
@@ -75,7 +75,8 @@ def make_inputs(ctx: int, dtype: torch.dtype, q_len: int, bsz: int, gen: torch.G
 def contiguous_kv(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
     """[B, H_kv, T, D] copy of the paged KV, the layout the torch baselines need."""
     bsz, n = page_table.shape
-    return pages[page_table.reshape(-1)].view(bsz, n * PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    return pages[page_table.reshape(-1)].view(bsz, n, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM).transpose(1, 2).reshape(
+        bsz, NUM_KV_HEADS, n * PAGE_SIZE, HEAD_DIM)
 
 
 def grouped_matmul(query, keys, values, scale):

@@ -71,11 +71,11 @@ def check_paged_inputs(
         raise ValueError(f"query must be [B, H, Q, D]; got shape {tuple(query.shape)}")
     if key_pages.dim() != 4 or key_pages.shape != value_pages.shape:
         raise ValueError(
-            "key_pages and value_pages must both be [num_pages, page_size, H_kv, D]; "
+            "key_pages and value_pages must both be [num_pages, H_kv, page_size, D]; "
             f"got {tuple(key_pages.shape)} and {tuple(value_pages.shape)}"
         )
     bsz, num_heads, _, head_dim = query.shape
-    _, _, num_kv_heads, kv_dim = key_pages.shape
+    _, num_kv_heads, page_size, kv_dim = key_pages.shape
     if kv_dim != head_dim:
         raise ValueError(f"head_dim of query ({head_dim}) and key_pages ({kv_dim}) differ")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
@@ -90,10 +90,12 @@ def check_paged_inputs(
         raise ValueError(f"num_pages and last_page_len must be [B={bsz}]; got {tuple(num_pages.shape)}, {tuple(last_page_len.shape)}")
     if bool((num_pages < 0).any()) or bool((num_pages > page_table.shape[1]).any()):
         raise ValueError(f"num_pages must be in [0, {page_table.shape[1]}]; got {num_pages.tolist()}")
-    page_size = key_pages.shape[1]
     used = num_pages > 0
     if bool(((last_page_len < 1) | (last_page_len > page_size))[used].any()):
-        raise ValueError(f"last_page_len must be in [1, page_size={page_size}] for non-empty rows; got {last_page_len.tolist()}")
+        raise ValueError(
+            f"last_page_len must be in [1, page_size={page_size}] for non-empty rows; got {last_page_len.tolist()} "
+            "(pages are [num_pages, H_kv, page_size, D], head-major: page_size is dimension 2)"
+        )
     cols = torch.arange(page_table.shape[1], device=page_table.device)
     listed = cols[None, :] < num_pages[:, None].to(page_table.device)
     ids = page_table[listed]
@@ -120,7 +122,9 @@ def paged_attention(
     """Attend queries to paged KV; return (out [B, H, Q, D] float32, lse [B, H, Q] float32).
 
     query:         [B, H, Q, D], any float dtype (computed in float32)
-    key_pages:     [num_pages_total, page_size, H_kv, D] float32 | float16 | bfloat16; H % H_kv == 0
+    key_pages:     [num_pages_total, H_kv, page_size, D] float32 | float16 | bfloat16; H % H_kv == 0.
+                   Head-major pages: each KV head's tokens of a page are one contiguous block,
+                   so the kernels read every block front to back (docs/kernels.md, "Page layout")
     value_pages:   same shape and dtype as key_pages
     page_table:    [B, max_pages] integer; row b lists, in key order, the pages sequence b attends
     num_pages:     [B] integer, how many entries of each row are used (0: the row attends nothing)

@@ -63,7 +63,7 @@ def paged_attention_cpp(
     3 AVX-512 with BF16 (bf16 pages and a bf16 query: q.k by bf16 dot-product instructions)."""
     check_cpu_buffers(query, key_pages, value_pages, page_lse_out, page_table.shape[1])
     bsz, num_heads, q_len, head_dim = query.shape
-    num_pages_total, page_size, num_kv_heads, _ = key_pages.shape
+    num_pages_total, num_kv_heads, page_size, _ = key_pages.shape
     table, counts, last = index_arrays(page_table, num_pages, last_page_len)
     threads = threads or default_threads()
     split = plan_split(

@@ -75,7 +75,7 @@ def check_cpu_buffers(
             raise ValueError(f"{name} must be in CPU memory for the CPU kernels; got device {t.device}")
     for name, t in (("key_pages", key_pages), ("value_pages", value_pages)):
         if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous [num_pages, page_size, H_kv, D]; got strides {t.stride()}")
+            raise ValueError(f"{name} must be contiguous [num_pages, H_kv, page_size, D]; got strides {t.stride()}")
     if page_lse_out is not None:
         bsz, num_heads, q_len, _ = query.shape
         want = (bsz, num_heads, q_len, max_pages)

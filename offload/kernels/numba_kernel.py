@@ -34,24 +34,24 @@ _NEG_INF = np.float32(-np.inf)
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _widen_page(src, page, kvh, ntok, kind, bits, dst):
-    """dst[:ntok] = src[page, :ntok, kvh, :] as float32. bits is dst's memory seen as uint32."""
+    """dst[:ntok] = src[page, kvh, :ntok, :] as float32. bits is dst's memory seen as uint32."""
     head_dim = dst.shape[1]
     if kind == 0:
         for t in range(ntok):
             for d in range(head_dim):
-                dst[t, d] = src[page, t, kvh, d]
+                dst[t, d] = src[page, kvh, t, d]
     elif kind == 2:  # bf16: the high 16 bits of a float32
         for t in range(ntok):
             for d in range(head_dim):
-                bits[t, d] = np.uint32(src[page, t, kvh, d]) << 16
+                bits[t, d] = np.uint32(src[page, kvh, t, d]) << 16
     else:  # fp16
         for t in range(ntok):
             for d in range(head_dim):
-                bits[t, d] = (np.uint32(src[page, t, kvh, d]) & 0x7FFF) << 13
+                bits[t, d] = (np.uint32(src[page, kvh, t, d]) & 0x7FFF) << 13
             for d in range(head_dim):
                 dst[t, d] = dst[t, d] * _FP16_REBIAS
             for d in range(head_dim):
-                h = np.uint32(src[page, t, kvh, d])
+                h = np.uint32(src[page, kvh, t, d])
                 b = bits[t, d]
                 if (h & 0x7C00) == 0x7C00:  # inf / nan
                     b |= 0x7F800000
@@ -99,10 +99,10 @@ def _paged_attention_nb(
     q, key_pages, value_pages, kind, page_table, num_pages, last_page_len, causal,
     want_page_lse, page_lse, heads_per_item, num_groups, num_splits, out, lse, softcap,
 ):
-    """q [B, H, Q, D] float32, pre-scaled; key/value_pages [P, S, H_kv, D] float32 or uint16 bits;
+    """q [B, H, Q, D] float32, pre-scaled; key/value_pages [P, H_kv, S, D] float32 or uint16 bits;
     out [B, H, Q, D], lse [B, H, Q], page_lse [B, H, Q, max_pages] written in place."""
     bsz, num_heads, q_len, head_dim = q.shape
-    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    num_kv_heads, page_size = key_pages.shape[1], key_pages.shape[2]
     group = num_heads // num_kv_heads
     part_acc = np.empty((bsz, num_heads, num_splits, q_len, head_dim), np.float32)
     part_m = np.empty((bsz, num_heads, num_splits, q_len), np.float32)
@@ -197,7 +197,7 @@ def paged_attention_numba(
     core this process may use (capped by Numba's pool size)."""
     check_cpu_buffers(query, key_pages, value_pages, page_lse_out, page_table.shape[1])
     bsz, num_heads, q_len, head_dim = query.shape
-    num_kv_heads = key_pages.shape[2]
+    num_kv_heads = key_pages.shape[1]
     table, counts, last = index_arrays(page_table, num_pages, last_page_len)
     threads = min(threads or default_threads(), numba.config.NUMBA_NUM_THREADS)
     split = plan_split(

@@ -96,6 +96,12 @@ def _dense(query, keys, values, visible, scale, softcap):
     return out, lse.reshape(bsz, num_heads, q_len), scores.reshape(bsz, num_heads, q_len, kv_len)
 
 
+def head_major_tokens(pages: torch.Tensor) -> torch.Tensor:
+    """Pages [n, H_kv, page_size, D] -> each KV head's tokens in order: [H_kv, n * page_size, D]."""
+    n, num_kv_heads, page_size, head_dim = pages.shape
+    return pages.transpose(0, 1).reshape(num_kv_heads, n * page_size, head_dim)
+
+
 def paged_attention_torch(
     query: torch.Tensor,
     key_pages: torch.Tensor,
@@ -115,7 +121,7 @@ def paged_attention_torch(
     kernel signature and ignored: torch's intra-op pool is process-wide, not ours to resize.
     """
     bsz, num_heads, q_len, head_dim = query.shape
-    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    num_kv_heads, page_size = key_pages.shape[1], key_pages.shape[2]
     out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device)
     for b in range(bsz):
@@ -124,10 +130,8 @@ def paged_attention_torch(
             continue
         ids = page_table[b, :n].long()
         kv_len = (n - 1) * page_size + int(last_page_len[b])
-        k = key_pages.index_select(0, ids).reshape(n * page_size, num_kv_heads, head_dim)[:kv_len]
-        v = value_pages.index_select(0, ids).reshape(n * page_size, num_kv_heads, head_dim)[:kv_len]
-        k = k.permute(1, 0, 2).unsqueeze(0)
-        v = v.permute(1, 0, 2).unsqueeze(0)
+        k = head_major_tokens(key_pages.index_select(0, ids))[:, :kv_len].unsqueeze(0)
+        v = head_major_tokens(value_pages.index_select(0, ids))[:, :kv_len].unsqueeze(0)
         key_pos = torch.arange(kv_len, device=query.device)
         if causal:
             query_pos = torch.arange(q_len, device=query.device) + (kv_len - q_len)
@@ -192,7 +196,7 @@ def paged_attention_blocked(
     from offload.kernels.merge import merge_partials
 
     bsz, num_heads, q_len, head_dim = query.shape
-    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    page_size = key_pages.shape[2]
     block_pages = max(1, block_tokens // page_size)
     out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device)
@@ -204,9 +208,9 @@ def paged_attention_blocked(
             count = block.numel() * page_size
             if first + block_pages >= n:  # the row's last page may be partial
                 count -= page_size - int(last_page_len[b])
-            k = key_pages.index_select(0, block).reshape(-1, num_kv_heads, head_dim)[:count]
-            v = value_pages.index_select(0, block).reshape(-1, num_kv_heads, head_dim)[:count]
-            o, l = _attend_block(query[b : b + 1], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], scale, softcap)
+            k = head_major_tokens(key_pages.index_select(0, block))[:, :count]
+            v = head_major_tokens(value_pages.index_select(0, block))[:, :count]
+            o, l = _attend_block(query[b : b + 1], k[None], v[None], scale, softcap)
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]
     return out, lse

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from offload.store.layout import page_tokens
+
 
 class PageSelector:
     """Estimates, from page summaries alone, how much a query will attend each page."""
@@ -101,7 +103,7 @@ class StepView:
     prompt_mass:  [H_kv, P] the prompt's observation window: the last prefill step's observed rows
     prompt_length: tokens stored when the prompt ended (-1: no prompt seen)
     state:        per sequence, a policy's own memory (emptied when a new prompt is stored)
-    read_keys:    callable(pages [n] long) -> keys [n, page_size, H_kv, D] float32 from their tier
+    read_keys:    callable(pages [n] long) -> keys [n, H_kv, page_size, D] float32 from their tier (pages' layout)
     tail_keys:    [t, H_kv, D] float32, the keys of the tail page (always attended)
     charge:       callable(bytes): a policy that reads keys reports the bytes it read
     mean_values:  callable() -> [H_kv, D], the mean of every stored value (SparQ)
@@ -143,8 +145,8 @@ class StepView:
 
     def stored_keys(self, pages: torch.Tensor) -> torch.Tensor:
         """[n * page_size + t, H_kv, D] float32: the keys of `pages` (read from their tier), then the tail's."""
-        page_keys = self.read_keys(pages).to(self.query.device)  # [n, ps, H_kv, D]
-        return torch.cat([page_keys.reshape(-1, *page_keys.shape[2:]), self.tail_keys.to(page_keys)], dim=0)
+        page_keys = page_tokens(self.read_keys(pages).to(self.query.device))  # [n * ps, H_kv, D]
+        return torch.cat([page_keys, self.tail_keys.to(page_keys)], dim=0)
 
     def page_mass(self, probs: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         """[H_kv, P]: the attention probabilities [H, Q, T] over `stored_keys(pages)` summed per page

@@ -53,8 +53,8 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
         offset = table.length[b] % ps
         take = min(ps - offset, keys.shape[0])
         tail = table.tail_slot[b]
-        pool.keys[tail, offset : offset + take] = keys[:take]
-        pool.values[tail, offset : offset + take] = values[:take]
+        pool.keys[tail, :, offset : offset + take] = keys[:take].transpose(0, 1)
+        pool.values[tail, :, offset : offset + take] = values[:take].transpose(0, 1)
         table.length[b] += take
         if offset + take == ps:
             page = table.length[b] // ps - 1
@@ -67,8 +67,8 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
         num_full = rest_k.shape[0] // ps
         if num_full:
             first = table.length[b] // ps
-            page_k = rest_k[: num_full * ps].reshape(num_full, *table.layout.page_shape)
-            page_v = rest_v[: num_full * ps].reshape(num_full, *table.layout.page_shape)
+            page_k = table.layout.to_pages(rest_k[: num_full * ps])
+            page_v = table.layout.to_pages(rest_v[: num_full * ps])
             complete_pages(table, transfer, b, first, page_k, page_v)
             for i in range(num_full):
                 fresh[first + i] = (page_k[i], page_v[i])
@@ -87,14 +87,14 @@ def finish_tail(table: PageTable, b: int, appended: Appended) -> None:
     leftover = appended.leftover
     if leftover is not None:
         n = leftover[0].shape[0]
-        pool.keys[table.tail_slot[b], :n] = leftover[0]
-        pool.values[table.tail_slot[b], :n] = leftover[1]
+        pool.keys[table.tail_slot[b], :, :n] = leftover[0].transpose(0, 1)
+        pool.values[table.tail_slot[b], :, :n] = leftover[1].transpose(0, 1)
         table.length[b] += n
 
 
 def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: int, keys: torch.Tensor,
                    values: torch.Tensor) -> None:
-    """Home copies (new pages of the layer's home) and summaries of pages first.. (keys/values: [n, page_size, H_kv, D],
+    """Home copies (new pages of the layer's home) and summaries of pages first.. (keys/values: [n, H_kv, page_size, D],
     on the device, not written again: they are the source of the asynchronous home copies)."""
     n = keys.shape[0]
     home = table.home
@@ -107,7 +107,7 @@ def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: in
         finally:
             home.unpin(new)
         pages += new
-    key_min, key_max = keys.amin(dim=1), keys.amax(dim=1)
+    key_min, key_max = keys.amin(dim=2), keys.amax(dim=2)  # over each page's tokens: [n, H_kv, D]
     table.page_ids[b, first : first + n] = torch.tensor(pages, dtype=torch.long)
     if table.key_min is not None:  # (sliding layers keep no device summaries)
         table.key_min[b, first : first + n] = key_min

@@ -347,7 +347,7 @@ class PageHome:
         return lost
 
     def restore(self, page: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Put recomputed data [page_size, H_kv, D] back for a lost page (on the host)."""
+        """Put recomputed data [H_kv, page_size, D] back for a lost page (on the host)."""
         with self._lock:
             if self.host_slot[page] < 0:
                 self.host_slot[page] = self._host_slot_for_new()
@@ -360,7 +360,7 @@ class PageHome:
     # ------------------------------------------------------------------ reading
     def read(self, pages: list[int] | torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [n, page_size, H_kv, D] of `pages`, from wherever they are (CPU).
+        """Keys and values [n, H_kv, page_size, D] of `pages`, from wherever they are (CPU).
         `PagesLost` if a lower tier cannot give one back."""
         pages = pages.tolist() if isinstance(pages, torch.Tensor) else list(pages)
         n = len(pages)

@@ -280,7 +280,7 @@ class KVStore:
                 tail = None
                 if cut:
                     keys, values = table.home.read([cut_page.page_ids[layer]])
-                    tail = (keys[0, :cut].clone(), values[0, :cut].clone())
+                    tail = (keys[0, :, :cut].transpose(0, 1).clone(), values[0, :, :cut].transpose(0, 1).clone())
                 table.attach_pages(b, [node.page_ids[layer] for node in path[:full]], tail)
             request.token_ids[b, :reuse] = torch.tensor(list(row[:reuse]), dtype=torch.long)
             request.prefix_hit_tokens += reuse
@@ -415,7 +415,7 @@ class KVStore:
                 page = home.add(1)[0]
                 slot = home.host_slots([page])[0]
                 home.host.keys[slot], home.host.values[slot] = keys, values
-                home.key_min[page], home.key_max[page] = keys.amin(dim=0), keys.amax(dim=0)
+                home.key_min[page], home.key_max[page] = keys.amin(dim=1), keys.amax(dim=1)  # over the page's tokens
                 home.unpin([page])
                 ids.append(page)
             loaded.append(ids)

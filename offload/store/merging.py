@@ -18,10 +18,10 @@ from offload.store.page_table import PageTable
 
 
 def merge_page(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys/values [ps, H_kv, D] -> the merged key and value [H_kv, D]: Gaussian-kernel weighted
-    means around the pivot (the medoid: the token with the highest mean cosine similarity to the
-    page's other keys, so an outlier never leads)."""
-    k, v = keys.float(), values.float()
+    """keys/values of one page [H_kv, ps, D] -> the merged key and value [H_kv, D]: Gaussian-kernel
+    weighted means around the pivot (the medoid: the token with the highest mean cosine similarity
+    to the page's other keys, so an outlier never leads)."""
+    k, v = keys.float().transpose(0, 1), values.float().transpose(0, 1)  # [ps, H_kv, D]
     unit = torch.nn.functional.normalize(k, dim=-1).transpose(0, 1)  # [H_kv, ps, D]
     similarity = torch.matmul(unit, unit.transpose(1, 2)).mean(dim=-1)  # [H_kv, ps]
     pivot = k.gather(0, similarity.argmax(dim=-1)[None, :, None].expand(1, -1, k.shape[-1]))  # [1, H_kv, D]
@@ -45,7 +45,7 @@ def merge_unkept(table: PageTable, keep: list[torch.Tensor], bind_threshold: flo
         if not new.numel():
             continue
         ids = table.page_ids[b, new]
-        keys, values = table.home.read(ids)  # [m, ps, H_kv, D]
+        keys, values = table.home.read(ids)  # [m, H_kv, ps, D]
         for i, page in enumerate(new.tolist()):
             table.merged_k[b, page], table.merged_v[b, page] = merge_page(keys[i], values[i])
         table.merged_valid[b, new] = True

@@ -222,8 +222,8 @@ class PageTable:
             parked = self.parked_tails[b]
             if parked is not None:
                 used = parked[0].shape[0]
-                device_pool.keys[self.tail_slot[b], :used] = parked[0].to(device)
-                device_pool.values[self.tail_slot[b], :used] = parked[1].to(device)
+                device_pool.keys[self.tail_slot[b], :, :used] = parked[0].transpose(0, 1).to(device)
+                device_pool.values[self.tail_slot[b], :, :used] = parked[1].transpose(0, 1).to(device)
                 self.parked_tails[b] = None
 
     def adopt_resident(self, kept: dict[int, int]) -> int:
@@ -250,8 +250,8 @@ class PageTable:
             if tail >= 0:
                 used = self.length[b] % ps
                 if used:
-                    self.parked_tails[b] = (pool.keys[tail, :used].to("cpu", copy=True),
-                                            pool.values[tail, :used].to("cpu", copy=True))
+                    self.parked_tails[b] = (pool.keys[tail, :, :used].transpose(0, 1).to("cpu", copy=True),
+                                            pool.values[tail, :, :used].transpose(0, 1).to("cpu", copy=True))
                 pool.decref(tail)
             self.tail_slot[b] = -1
         for slot in self.slots[self.slots >= 0].tolist():
@@ -332,7 +332,7 @@ class PageTable:
         tail_kv = None
         if cut and keep_pages < old_length // ps:  # the new tail was a complete page
             keys, values = self.home.read([int(self.page_ids[b, keep_pages])])
-            tail_kv = (keys[0, :cut].clone(), values[0, :cut].clone())
+            tail_kv = (keys[0, :, :cut].transpose(0, 1).clone(), values[0, :, :cut].transpose(0, 1).clone())
         for p in range(keep_pages, old_length // ps):
             if self.slots[b, p] >= 0:
                 pool.decref(int(self.slots[b, p]))
@@ -352,8 +352,8 @@ class PageTable:
             if pool is None:
                 self.parked_tails[b] = tail_kv
             else:
-                pool.keys[self.tail_slot[b], :cut] = tail_kv[0].to(pool.device)
-                pool.values[self.tail_slot[b], :cut] = tail_kv[1].to(pool.device)
+                pool.keys[self.tail_slot[b], :, :cut] = tail_kv[0].transpose(0, 1).to(pool.device)
+                pool.values[self.tail_slot[b], :, :cut] = tail_kv[1].transpose(0, 1).to(pool.device)
         elif pool is None and self.parked_tails[b] is not None:
             kept = self.parked_tails[b]
             self.parked_tails[b] = (kept[0][:cut], kept[1][:cut]) if cut else None
@@ -367,11 +367,11 @@ class PageTable:
         ids = self.page_ids[b, : self.num_complete(b)]
         ids = ids[ids >= 0]
         if ids.numel():
-            total += self.home.read(ids)[1].float().sum(dim=(0, 1))
+            total += self.home.read(ids)[1].float().sum(dim=(0, 2))  # pages [n, H_kv, S, D]
         used = self.length[b] % ps
         if used:
             if self.device_pool is not None and self.tail_slot[b] >= 0:
-                total += self.device_pool.values[self.tail_slot[b], :used].float().sum(dim=0).cpu()
+                total += self.device_pool.values[self.tail_slot[b], :, :used].float().sum(dim=1).cpu()
             elif self.parked_tails[b] is not None:
                 total += self.parked_tails[b][1].float().sum(dim=0).cpu()
         return total

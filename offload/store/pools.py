@@ -22,9 +22,9 @@ class PoolExhausted(RuntimeError):
 
 
 class PagePool:
-    """Slots of `[page_size, H_kv, D]` keys and values on one device.
+    """Slots of `[H_kv, page_size, D]` keys and values on one device.
 
-    keys, values: [capacity, page_size, H_kv, D]
+    keys, values: [capacity, H_kv, page_size, D]
     """
 
     def __init__(

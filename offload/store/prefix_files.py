@@ -34,7 +34,7 @@ from offload.store.layout import KVLayout
 logger = logging.getLogger("offload")
 
 MAGIC = b"OFFLOADP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: head-major pages [H_kv, page_size, D] (1 was token-major)
 _LENGTH = struct.Struct("<I")
 
 
@@ -71,7 +71,7 @@ class PrefixFiles:
     # ------------------------------------------------------------------ writing
     def save(self, page_hash: str, parent: str, tokens: list[int], keys: list[torch.Tensor],
              values: list[torch.Tensor]) -> None:
-        """Write one page: keys/values per layer, each [page_size, H_kv, D] (CPU)."""
+        """Write one page: keys/values per layer, each [H_kv, page_size, D] (CPU)."""
         payload = b"".join(_raw(t) for kv in zip(keys, values) for t in kv)
         header = json.dumps({
             "version": FORMAT_VERSION, "model": self.identity, "layout": self.layout_key, "tokens": list(tokens),

@@ -71,7 +71,7 @@ def write_wire(dst: torch.Tensor, index: Any, array: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------- the lending side
 class LenderActor:
-    """Pages lent by one process: per layer `capacity` slots of `[page_size, H_kv, D]` keys and
+    """Pages lent by one process: per layer `capacity` slots of `[H_kv, page_size, D]` keys and
     values in the layout's dtype. Pools grow by doubling up to `capacity`, never past it.
 
     Run as a Ray actor (`RemoteCluster` wraps it); a plain instance (placement None, no
@@ -88,7 +88,7 @@ class LenderActor:
         self.heartbeat_s = heartbeat_s
         self._wire_dtype = to_wire(torch.empty(0, dtype=layout.dtype)).dtype
         layers = range(layout.num_layers)
-        self._keys: dict[int, torch.Tensor] = {}  # layer -> [allocated, page_size, H_kv, D], made on first put
+        self._keys: dict[int, torch.Tensor] = {}  # layer -> [allocated, H_kv, page_size, D], made on first put
         self._values: dict[int, torch.Tensor] = {}
         self._free: dict[int, list[int]] = {layer: [] for layer in layers}  # heap of free slots below the allocation
         self._held: dict[int, set[int]] = {layer: set() for layer in layers}  # slots holding a page
@@ -112,7 +112,7 @@ class LenderActor:
 
     # pages in and out -------------------------------------------------------
     def put(self, layer: int, keys: np.ndarray, values: np.ndarray) -> list[int]:
-        """Store pages [n, page_size, H_kv, D] (wire arrays); return their slots. `TierFull` if
+        """Store pages [n, H_kv, page_size, D] (wire arrays); return their slots. `TierFull` if
         this layer has fewer than n free slots (nothing is stored then)."""
         shape = (keys.shape[0], *self.layout.page_shape)
         if keys.shape != shape or values.shape != shape:
@@ -138,7 +138,7 @@ class LenderActor:
             self._report(changed=True)  # a refusal is news too: it corrects the placement's estimate
 
     def get(self, layer: int, slots: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the pages in `slots` (wire arrays [n, page_size, H_kv, D])."""
+        """Copies of the pages in `slots` (wire arrays [n, H_kv, page_size, D])."""
         self._check_held(layer, slots)
         if not slots:
             empty = np.empty((0, *self.layout.page_shape), dtype=self._wire_dtype)

@@ -57,7 +57,7 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
         return (table.value_sum[b] / max(1, count)).to(query.device)
 
     summaries = table.float_summaries() if table.key_min is not None else None
-    tail = pool.keys[table.tail_slot[b], :used].float() if used else pool.keys.new_zeros(0, *pool.keys.shape[2:]).float()
+    tail = pool.keys[table.tail_slot[b], :, :used].transpose(0, 1).float() if used else pool.keys.new_zeros(0, table.layout.num_kv_heads, table.layout.head_dim).float()
     return StepView(
         layer=layer, num_layers=num_layers, num_pages=n, length=table.length[b], page_size=ps,
         budget=policy_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,

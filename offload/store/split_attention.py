@@ -159,8 +159,13 @@ class SplitAttention:
         positions [B, T_dev] (-1 = no key)."""
         pool = table.device_pool
         slots = device_slots.to(pool.device)
-        shape = (table.batch_size, -1, table.layout.num_kv_heads, table.layout.head_dim)
-        key_parts, value_parts, pos_parts = [pool.keys[slots].reshape(shape)], [pool.values[slots].reshape(shape)], [device_pos]
+        bsz, num_kv, head_dim = table.batch_size, table.layout.num_kv_heads, table.layout.head_dim
+
+        def per_head(pages: torch.Tensor) -> torch.Tensor:  # pages [B * n, H_kv, S, D] -> [B, H_kv, n * S, D]
+            return pages.reshape(bsz, -1, *pages.shape[1:]).transpose(1, 2).reshape(bsz, num_kv, -1, head_dim)
+
+        key_parts = [per_head(pool.keys[slots.flatten()])]
+        value_parts, pos_parts = [per_head(pool.values[slots.flatten()])], [device_pos]
         if plan.gather_ids is not None:  # host pages read here (window pages, per-head selections), masked like the rest
             ps = table.layout.page_size
             real = (plan.gather_pos[:, ::ps] >= 0).flatten()  # (padding entries hold no page: zeros)
@@ -168,15 +173,15 @@ class SplitAttention:
             values = torch.zeros_like(keys)
             if bool(real.any()):
                 keys[real], values[real] = table.home.read(plan.gather_ids.flatten()[real])
-            key_parts.append(keys.reshape(shape).to(pool.device))
-            value_parts.append(values.reshape(shape).to(pool.device))
+            key_parts.append(per_head(keys).to(pool.device))
+            value_parts.append(per_head(values).to(pool.device))
             pos_parts.append(plan.gather_pos)
-        keys = torch.cat([*key_parts, new_keys.transpose(1, 2)], dim=1)
-        values = torch.cat([*value_parts, new_values.transpose(1, 2)], dim=1)
+        keys = torch.cat([*key_parts, new_keys], dim=2)
+        values = torch.cat([*value_parts, new_values], dim=2)
         if new_keys.shape[2]:  # (a layer reading stored KV only brings queries, no new keys)
             pos_parts.append(plan.new_pos)
         key_pos = torch.cat(pos_parts, dim=1).to(pool.device)
-        return keys.transpose(1, 2), values.transpose(1, 2), key_pos
+        return keys, values, key_pos
 
     def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None, softcap=None) -> HostResult:
         """Attend the host pages; also per-page lse for the observed rows. Never raises: errors are returned."""

@@ -65,7 +65,7 @@ class Partial:
 class Tier(Protocol):
     """One layer's complete pages below the host. Slots are the tier's own ids (ints >= 0).
 
-    Pages are `[n, page_size, H_kv, D]` keys and values in the layout's dtype, on the CPU.
+    Pages are `[n, H_kv, page_size, D]` keys and values in the layout's dtype, on the CPU.
     """
 
     name: str
@@ -107,14 +107,14 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                  counts: torch.Tensor, scale: float, observe: int, softcap: float | None = None,
                  kernel: str = "auto", threads: int | None = None) -> Partial:
     """Partial attention of `query` [B, H, Q, D] over complete pages of pools `keys`/`values`
-    [slots, page_size, H_kv, D] listed in `table` [B, n] (counts[b] used per sequence): the one
+    [slots, H_kv, page_size, D] listed in `table` [B, n] (counts[b] used per sequence): the one
     host-part computation, for the host pool, a disk map or a lender's pool.
 
     Decode blocks run the paged kernel; a prefill block (observe < Q: many rows per KV byte,
     compute-bound) runs blocked matmuls, and the paged kernel over its observed rows for page_lse."""
     q = query.to(keys.device).float()
     bsz, num_heads, q_len, _ = q.shape
-    last = torch.full((bsz,), keys.shape[1], dtype=torch.long)
+    last = torch.full((bsz,), keys.shape[2], dtype=torch.long)  # every page complete
     page_lse = torch.full((bsz, num_heads, observe, table.shape[1]), float("-inf"))
     args = (table, counts, last, scale)
     if observe == q_len:

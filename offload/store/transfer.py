@@ -88,7 +88,7 @@ class HomeCopy:
     home: PageHome
     pages: list[int]
     slots: list[int]  # the pages' host slots (held: a landing page's slot is never freed)
-    keys: torch.Tensor | None  # source [n, page_size, H_kv, D] on the device, held until settled
+    keys: torch.Tensor | None  # source [n, H_kv, page_size, D] on the device, held until settled
     values: torch.Tensor | None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -362,7 +362,7 @@ class TransferEngine:
     # ---------------------------------------------------------------- device -> host (home copies)
     def to_host(self, home: PageHome, pages: list[int], keys: torch.Tensor, values: torch.Tensor) -> HomeCopy:
         """Write the home copies of `pages` (new pages of `home`, with host slots) from keys/values
-        [n, page_size, H_kv, D] on the device, asynchronously: the pages are landing in `home`
+        [n, H_kv, page_size, D] on the device, asynchronously: the pages are landing in `home`
         until the copy is settled. The caller must not write keys/values afterwards (they are held
         as the copy's source)."""
         copy = HomeCopy(self, home, list(pages), home.host_slots(pages), keys, values)

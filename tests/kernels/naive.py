@@ -13,7 +13,7 @@ def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, 
     """Returns out [B, H, Q, D], lse [B, H, Q], page_lse [B, H, Q, max_pages] (NaN past
     num_pages), all float64. softcap: scores become softcap * tanh(score / softcap)."""
     bsz, num_heads, q_len, head_dim = query.shape
-    page_size, num_kv_heads = key_pages.shape[1], key_pages.shape[2]
+    num_kv_heads, page_size = key_pages.shape[1], key_pages.shape[2]
     group = num_heads // num_kv_heads
     max_pages = page_table.shape[1]
     out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float64)
@@ -24,8 +24,9 @@ def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, 
         if n == 0:
             continue
         kv_len = (n - 1) * page_size + int(last_page_len[b])
-        keys = torch.cat([key_pages[int(p)] for p in page_table[b, :n]]).double()[:kv_len]  # [T, H_kv, D]
-        values = torch.cat([value_pages[int(p)] for p in page_table[b, :n]]).double()[:kv_len]
+        # pages are [H_kv, S, D]: token t of a page is page[:, t]
+        keys = torch.cat([key_pages[int(p)].transpose(0, 1) for p in page_table[b, :n]]).double()[:kv_len]  # [T, H_kv, D]
+        values = torch.cat([value_pages[int(p)].transpose(0, 1) for p in page_table[b, :n]]).double()[:kv_len]
         for h in range(num_heads):
             k, v = keys[:, h // group], values[:, h // group]
             for i in range(q_len):

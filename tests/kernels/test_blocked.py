@@ -14,8 +14,8 @@ from tests.kernels.naive import naive_paged_attention
 def test_blocked_matches_reference(page_size, block_tokens, dtype):
     gen = torch.Generator().manual_seed(page_size + block_tokens)
     num_pages, h, hkv, d, q_len = 12, 8, 2, 16, 40
-    keys = torch.randn(num_pages, page_size, hkv, d, generator=gen).to(dtype)
-    values = torch.randn(num_pages, page_size, hkv, d, generator=gen).to(dtype)
+    keys = torch.randn(num_pages, hkv, page_size, d, generator=gen).to(dtype)
+    values = torch.randn(num_pages, hkv, page_size, d, generator=gen).to(dtype)
     query = torch.randn(3, h, q_len, d, generator=gen)
     table = torch.stack([torch.randperm(num_pages, generator=gen)[:7] for _ in range(3)])
     counts = torch.tensor([7, 3, 0])

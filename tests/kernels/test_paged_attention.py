@@ -39,7 +39,7 @@ def make_case(page_size, num_heads, num_kv_heads, q_len, head_dim, lengths, dtyp
     gen = torch.Generator().manual_seed(seed)
     counts = [-(-n // page_size) for n in lengths]
     total = sum(counts) + 1
-    shape = (total, page_size, num_kv_heads, head_dim)
+    shape = (total, num_kv_heads, page_size, head_dim)
     key_pages = torch.randn(shape, generator=gen).to(dtype)
     value_pages = torch.randn(shape, generator=gen).to(dtype)
     perm = torch.randperm(total, generator=gen)

@@ -29,14 +29,14 @@ def view(num_pages=10, tail=2, budget=None, *, acc=None, last=None, prompt=None,
     zeros = torch.zeros(HKV, num_pages)
     gen = torch.Generator().manual_seed(0)
     keys = keys if keys is not None else torch.randn(length, HKV, D, generator=gen)
-    pages = keys[: num_pages * PS].reshape(num_pages, PS, HKV, D)
+    pages = keys[: num_pages * PS].reshape(num_pages, PS, HKV, D).transpose(1, 2)  # head-major, as stored
     read = []
     return StepView(
         layer=layer, num_layers=num_layers, num_pages=num_pages, length=length, page_size=PS, budget=budget_tokens,
         sink_pages=sink_pages, recent_tokens=recent_tokens,
         alive=alive if alive is not None else torch.ones(num_pages, dtype=torch.bool),
         query=query if query is not None else torch.randn(H, 1, D, generator=gen),
-        key_min=pages.amin(dim=1), key_max=pages.amax(dim=1),
+        key_min=pages.amin(dim=2), key_max=pages.amax(dim=2),
         acc_mass=acc if acc is not None else zeros, last_mass=last if last is not None else zeros,
         prompt_mass=prompt if prompt is not None else zeros, prompt_length=prompt_length,
         state=state if state is not None else {}, scale=SCALE,
@@ -222,7 +222,7 @@ def test_a_merged_page_of_identical_keys_attends_exactly_like_the_page():
     gen = torch.Generator().manual_seed(4)
     key = torch.randn(HKV, D, generator=gen)
     keys, values = key.expand(PS, -1, -1).clone(), torch.randn(PS, HKV, D, generator=gen)
-    merged_k, merged_v = merge_page(keys, values)
+    merged_k, merged_v = merge_page(keys.transpose(0, 1), values.transpose(0, 1))  # a page is [H_kv, PS, D]
     torch.testing.assert_close(merged_k, key)
     torch.testing.assert_close(merged_v, values.mean(dim=0))
     q = torch.randn(HKV, D, generator=gen)
@@ -241,7 +241,7 @@ def test_merge_weights_favour_the_tokens_near_the_pivot():
     keys[:, 0, 0] = 1.0
     keys[-1, 0] = torch.tensor([0.0, 5.0])  # an outlier
     values = torch.arange(PS, dtype=torch.float32)[:, None, None].expand(PS, 1, 2)
-    merged_k, merged_v = merge_page(keys, values)
+    merged_k, merged_v = merge_page(keys.transpose(0, 1), values.transpose(0, 1))  # a page is [H_kv, PS, D]
     assert float(merged_k[0, 1]) < 5.0 / PS  # the outlier weighs less than a plain mean
     assert float(merged_v[0, 0]) < values[:, 0, 0].mean()
 

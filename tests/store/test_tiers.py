@@ -26,8 +26,8 @@ def _layout(dtype=torch.float32, layers=1):
 
 def _pages(n, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(n, PS, HKV, D, generator=gen).to(dtype)
-    values = torch.randn(n, PS, HKV, D, generator=gen).to(dtype)
+    keys = torch.randn(n, HKV, PS, D, generator=gen).to(dtype)  # pages are [H_kv, page_size, D]
+    values = torch.randn(n, HKV, PS, D, generator=gen).to(dtype)
     return keys, values
 
 
