@@ -291,6 +291,23 @@ def fill(keep: torch.Tensor, score: torch.Tensor, k: int, alive: torch.Tensor) -
     return keep[0] if squeeze else keep
 
 
+def sinks_and_recent(view: "BatchView") -> torch.Tensor:
+    """[B, P] bool: the sink pages, then the newest pages of the recent window, together at most
+    half of each sequence's page budget (the rest is the policy's to choose). Quest's fixed part,
+    and the oracle's."""
+    bsz, num_pages = view.alive.shape
+    fixed = view.budget_pages // 2
+    position = torch.arange(num_pages)
+    sink_pages = torch.clamp(fixed, max=view.sink_pages)
+    required = (position[None, :] < sink_pages[:, None]) & view.alive
+    if view.recent_tokens > 0:
+        first = (view.length - view.recent_tokens).clamp(min=0) // view.page_size
+        window = view.alive & (position[None, :] >= first[:, None])
+        newer = position.to(torch.float32)[None, :].expand(bsz, -1)
+        required = fill_rows(required, newer, fixed - required.sum(dim=1), window)
+    return required
+
+
 def fill_rows(keep: torch.Tensor, score: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """`fill` with its own k per row: add to each row of keep [B, P] its k[b] highest-scoring
     allowed pages not kept yet (ties: the newer page). Returns a new tensor."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.policies.base import BatchView, KVPolicy, PageSelector, StepView, fill_rows
+from offload.policies.base import BatchView, KVPolicy, PageSelector, StepView, fill_rows, sinks_and_recent
 
 
 def page_upper_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
@@ -54,18 +54,8 @@ class QuestPolicy(KVPolicy):
 
     def keep_batch(self, view: BatchView) -> torch.Tensor:
         """[B, P] bool: each sequence's pages (`keep` is a batch of one)."""
-        bsz, num_pages = view.alive.shape
-        k = view.budget_pages
-        fixed = k // 2  # sinks and recent window take at most half the budget: the rest is selected
-        position = torch.arange(num_pages)
-        sink_pages = torch.clamp(fixed, max=view.sink_pages)
-        required = (position[None, :] < sink_pages[:, None]) & view.alive
-        if view.recent_tokens > 0:
-            first = (view.length - view.recent_tokens).clamp(min=0) // view.page_size
-            window = view.alive & (position[None, :] >= first[:, None])
-            newer = position.to(torch.float32)[None, :].expand(bsz, -1)
-            required = fill_rows(required, newer, fixed - required.sum(dim=1), window)
-        rest = k - required.sum(dim=1)
+        required = sinks_and_recent(view)
+        rest = view.budget_pages - required.sum(dim=1)
         if view.key_min is None or not bool((rest > 0).any()):
             return required
         # In nats: a page not on the device takes a resident one's place only when its bound is

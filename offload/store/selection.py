@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from offload.policies import Interpolation, KVPolicy, StepView
-from offload.policies.base import BatchView, fill
-from offload.policies.oracle import exact_page_mass
+from offload.policies.base import BatchView
+from offload.policies.oracle import exact_page_mass, oracle_pages
 from offload.store.page_table import PageTable
 
 
@@ -190,8 +190,7 @@ def measure_choice(table: PageTable, view: StepView, keep: torch.Tensor) -> None
     measured = dataclasses.replace(view, charge=lambda num_bytes: None)
     pages = view.alive.nonzero().flatten()
     mass = exact_page_mass(measured, pages)  # [H_kv, P], each query row's mass sums to 1 with the tail's
-    none = torch.zeros_like(keep)
-    oracle = fill(none, mass, view.budget_pages, view.alive)
+    oracle = oracle_pages(view, mass) if view.budget_pages < int(view.alive.sum()) else view.alive[None, :].expand_as(mass)
     counters = table.counters
     counters.oracle_pages += int(oracle.sum())
     counters.oracle_hits += int((oracle & keep).sum())

@@ -163,6 +163,17 @@ def test_oracle_keeps_the_pages_each_head_attends_most():
     assert kept(keep) == [[3], [6]]
 
 
+def test_oracle_keeps_quests_sinks_and_recent_pages_then_each_heads_most_attended():
+    """Budget 6: at most 3 fixed pages (sink page 0, then the recent window's pages 9, 8), then per
+    KV head its 3 pages of most exact mass: the needle first."""
+    keys, query = _needle_keys(10, 2, {0: 3, 1: 6})
+    keep = POLICIES["oracle"](config()).keep(view(budget=6, keys=keys, query=query, sink_pages=1,
+                                                  recent_tokens=2 * PS + 2))
+    for head, needle in enumerate((3, 6)):
+        pages = kept(keep)[head]
+        assert len(pages) == 6 and {0, 8, 9, needle} <= set(pages)
+
+
 def test_sparq_with_every_component_ranks_like_the_oracle_and_reads_fewer_bytes_with_fewer():
     keys, query = _needle_keys(10, 2, {0: 3, 1: 6})
     full = POLICIES["sparq"](config(sparq_rank=D))
