@@ -35,6 +35,11 @@ DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_POLICIES = ("oracle", "quest", "sparq", "tova", "h2o", "kvmerger", "d2o", "snapkv", "pyramidkv", "fastgen",
                     "streaming", "window")
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+# What selection recall is measured against (`offload.store.selection.measure_choice`). Cells of
+# earlier runs, measured against each head's top-mass pages alone, load as "top mass" and are
+# marked in the tables.
+RECALL_RULE = "sinks + recent, then top mass"
+OLD_RECALL_RULE = "top mass"
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Cell:
     kv_kept: float = 1.0  # share of the KV bytes still held at the end (effect="drop")
     samples: int = 0
     seconds: float = 0.0
+    recall_rule: str = OLD_RECALL_RULE  # (absent from earlier runs' JSON)
 
 
 @dataclass
@@ -114,7 +120,7 @@ def _wrap(model, policy: str, effect: str, budget_tokens: int, max_tokens: int) 
 
 def run_task_cell(model, samples, policy: str, effect: str, budget_pct: float, task: str, length: int,
                   full_preds: list[torch.Tensor], lenient: bool) -> Cell:
-    cell = Cell(policy, effect, budget_pct, task, length, samples=len(samples))
+    cell = Cell(policy, effect, budget_pct, task, length, samples=len(samples), recall_rule=RECALL_RULE)
     started = time.perf_counter()
     with _wrap(model, policy, effect, round(length * budget_pct / 100), length) as om:
         right = total = agree = steps = lenient_right = 0
@@ -247,6 +253,9 @@ def markdown(results: Results) -> str:
              "kept; mass = exact attention mass on the kept pages (both for effect demote only: after drops, exact "
              "attention is over what is left); moved = bytes per decode step brought to the "
              "device part or read to choose pages; kept = KV bytes still held (effect drop).", ""]
+    if any(c.recall_rule != RECALL_RULE for c in results.cells):
+        lines += [f"† recall measured by an earlier run against each head's top-mass pages alone; unmarked recall is "
+                  f"against the oracle's current rule ({RECALL_RULE}: the pages the `oracle` policy keeps).", ""]
     tasks = sorted({c.task for c in results.cells}, key=meta["tasks"].index)
     lengths = sorted({c.length for c in results.cells})
     for task in tasks:
@@ -267,7 +276,8 @@ def markdown(results: Results) -> str:
                 f"| {policy} | {effect} | {pct:g}% | "
                 + " | ".join(f"{by_length[k].accuracy:.2f}" if k in by_length else "-" for k in lengths)
                 + f" | {sum(c.top1_agreement for c in cells) / n:.3f} | "
-                + (f"{sum(c.oracle_recall for c in cells) / n:.3f} | {sum(c.mass_captured for c in cells) / n:.3f}"
+                + (f"{sum(c.oracle_recall for c in cells) / n:.3f}{_old_rule_mark(cells)} | "
+                   f"{sum(c.mass_captured for c in cells) / n:.3f}"
                    if effect == "demote" else "- | -")  # after drops, the oracle sees only what is left
                 + f" | {_kib(sum(c.moved_bytes_per_step for c in cells) / n)}"
                 f" | {sum(c.kv_kept for c in cells) / n:.2f} |")
@@ -299,8 +309,13 @@ def summary_table(results: Results, length: int = 4096, budgets=(10.0, 25.0)) ->
         picked = [c for c in cells if c.budget_pct in budgets]
         recall = sum(c.oracle_recall for c in picked) / max(1, len(picked))
         mass = sum(c.mass_captured for c in picked) / max(1, len(picked))
-        lines.append(f"| {policy} | " + " | ".join(row) + f" | {recall:.2f} | {mass:.2f} |")
+        lines.append(f"| {policy} | " + " | ".join(row) + f" | {recall:.2f}{_old_rule_mark(picked)} | {mass:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _old_rule_mark(cells) -> str:
+    """'†' where any of the cells measured recall against the earlier oracle rule."""
+    return "†" if any(c.recall_rule != RECALL_RULE for c in cells) else ""
 
 
 def _kib(num_bytes: float) -> str:
