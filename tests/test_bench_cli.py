@@ -14,6 +14,7 @@ COMMANDS = {
                "--configs", "a,b", "--out", "results/decode"],
     "kernels": ["--contexts", "256", "--threads", "1", "--out", "results/cpu"],
     "crosslayer": ["--quick", "--models", "embedded", "--out", "results/crosslayer"],
+    "prefix": ["--prefix-tokens", "256", "--runs", "1", "--requests", "4", "--out", "results/prefix"],
 }
 
 

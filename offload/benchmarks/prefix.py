@@ -126,8 +126,8 @@ def soak(model, name: str, prefix_tokens: int, requests: int) -> dict:
                     samples.append({
                         "request": i + 1,
                         "rss_bytes": process.memory_info().rss,
-                        "host_pages_in_use": pools[0].num_used,
-                        "host_pages_budget": pools[0].max_capacity,
+                        "host_pages_in_use": pools[0].host.num_used,
+                        "host_pages_budget": pools[0].host.max_capacity,
                         "cached_pages": om.store.prefix_cached_pages(),
                         "prefix_hit_tokens": om.stats.prefix_hit_tokens,
                         "live_requests": len(om.store.requests),
