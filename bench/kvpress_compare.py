@@ -425,7 +425,7 @@ SAME_METHOD = {"streaming": "StreamingLLMPress", "snapkv": "SnapKVPress", "pyram
 
 def compare(policies_json: Path, kvpress_json: Path, length: int = 4096) -> str:
     """Markdown: at `length`, each policy (effect demote, and drop where run) beside its kvpress press,
-    accuracy per task and kept share; then the best press against quest and the oracle."""
+    accuracy per task; then the best press against quest, sparq and the oracle."""
     ours = json.loads(policies_json.read_text())
     theirs = json.loads(kvpress_json.read_text())
     tasks = [t for t in theirs["meta"]["tasks"] if t in ours["meta"]["tasks"]]
@@ -455,7 +455,8 @@ def compare(policies_json: Path, kvpress_json: Path, length: int = 4096) -> str:
         row = []
         for t in tasks:
             best = max(presses, key=lambda p: press.get((p, pct, t, length), -1.0))
-            row.append(f"quest {cell(acc.get(('quest', 'demote', float(pct), t, length)))}, oracle "
+            row.append(f"quest {cell(acc.get(('quest', 'demote', float(pct), t, length)))}, sparq "
+                       f"{cell(acc.get(('sparq', 'demote', float(pct), t, length)))}, oracle "
                        f"{cell(acc.get(('oracle', 'demote', float(pct), t, length)))}; best press "
                        f"{cell(press.get((best, pct, t, length)))} ({best})")
         lines.append(f"| {pct}% | " + " | ".join(row) + " |")

@@ -72,7 +72,7 @@ class OffloadConfig:
     policy_effect: str = "demote"
     observation_window: int = 32
     pyramid_beta: float = 20.0
-    sparq_rank: int = 0  # 0: head_dim / 8
+    sparq_rank: int = 0  # 0: head_dim / 8, at least 4
     fastgen_recovery: float = 0.95
     merge_threshold: float = 0.5
     disk_dir: str | None = None  # None: no disk tier

@@ -123,7 +123,7 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("OFFLOAD_PYRAMID_BETA", "pyramid_beta", _float,
                "`pyramidkv`: the top layer's budget beyond the window is (budget - window) / beta; >= 1.", "20"),
         EnvVar("OFFLOAD_SPARQ_RANK", "sparq_rank", _int,
-               "`sparq`: query components used to approximate attention (0: head_dim / 8).", "4"),
+               "`sparq`: query components used to approximate attention (0: head_dim / 8, at least 4).", "4"),
         EnvVar("OFFLOAD_FASTGEN_RECOVERY", "fastgen_recovery", _float,
                "`fastgen`: share of a head's prompt attention its profile must recover, in [0, 1].", "0.9"),
         EnvVar("OFFLOAD_DISK_DIR", "disk_dir", _text,
