@@ -223,28 +223,29 @@ def markdown(meta, rows, kernels) -> str:
     return "\n".join(lines) + "\n"
 
 
-def thread_counts(text: str) -> list[int]:
-    counts = [int(x) for x in text.split(",") if x.strip()]
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"takes positive thread counts, e.g. 1,2; got {text!r}")
-    return counts
+def positive_ints(what: str):
+    """An argparse type: a comma-separated list of positive integers (`what` names them in the error)."""
+    def parse(text: str) -> list[int]:
+        values = [int(x) for x in text.split(",") if x.strip()]
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"takes positive {what}, e.g. 1,2; got {text!r}")
+        return values
+    return parse
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="offload bench kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="short sweep: 1k/32k, bf16/fp32, Q 1 and 16, B 1, with 1 thread and with --threads")
-    parser.add_argument("--threads", type=thread_counts, default=None,
+    parser.add_argument("--threads", type=positive_ints("thread counts"), default=None,
                         help="comma-separated thread counts; default: 1 and OffloadConfig().cpu_threads "
                              "(OFFLOAD_CPU_THREADS) for --quick, that alone otherwise")
-    parser.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=None,
+    parser.add_argument("--contexts", type=positive_ints("context lengths"), default=None,
                         help="comma-separated context lengths instead of the sweep's (Q 1, B 1, bf16 and fp32)")
     parser.add_argument("--competing-load", type=int, default=0, metavar="N",
                         help="run N CPU-bound busy loops beside the measurement (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_attention")
     args = parser.parse_args(argv)
-    if args.contexts is not None and (not args.contexts or min(args.contexts) < 1):
-        parser.error(f"--contexts takes positive lengths; got {args.contexts}")
     if args.competing_load < 0:
         parser.error(f"--competing-load takes a count >= 0; got {args.competing_load}")
     configured = OffloadConfig().cpu_threads

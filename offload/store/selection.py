@@ -16,6 +16,7 @@ import torch
 from offload.policies import Interpolation, KVPolicy, StepView
 from offload.policies.base import BatchView
 from offload.policies.oracle import exact_page_mass, oracle_pages
+from offload.store.layout import page_tokens
 from offload.store.page_table import PageTable
 
 
@@ -57,7 +58,9 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
         return (table.value_sum[b] / max(1, count)).to(query.device)
 
     summaries = table.float_summaries() if table.key_min is not None else None
-    tail = pool.keys[table.tail_slot[b], :, :used].transpose(0, 1).float() if used else pool.keys.new_zeros(0, table.layout.num_kv_heads, table.layout.head_dim).float()
+    layout = table.layout
+    tail = (page_tokens(pool.keys[table.tail_slot[b], :, :used][None]).float() if used  # [used, H_kv, D]
+            else pool.keys.new_zeros(0, layout.num_kv_heads, layout.head_dim, dtype=torch.float32))
     return StepView(
         layer=layer, num_layers=num_layers, num_pages=n, length=table.length[b], page_size=ps,
         budget=policy_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,
@@ -190,7 +193,7 @@ def measure_choice(table: PageTable, view: StepView, keep: torch.Tensor) -> None
     measured = dataclasses.replace(view, charge=lambda num_bytes: None)
     pages = view.alive.nonzero().flatten()
     mass = exact_page_mass(measured, pages)  # [H_kv, P], each query row's mass sums to 1 with the tail's
-    oracle = oracle_pages(view, mass) if view.budget_pages < int(view.alive.sum()) else view.alive[None, :].expand_as(mass)
+    oracle = oracle_pages(view, mass)  # (a budget covering every page: all of them)
     counters = table.counters
     counters.oracle_pages += int(oracle.sum())
     counters.oracle_hits += int((oracle & keep).sum())
