@@ -6,6 +6,7 @@
     offload bench kernels [--quick]   # CPU paged-attention kernels against the read bandwidth
     offload bench tiers   [--quick]   # a 32k context decoded from disk and Ray lenders vs the two-tier store
     offload bench crosslayer [--quick]  # training-free cross-layer KV reductions: KV bytes vs quality
+    offload bench crosslayer-study --models-dir DIR  # trained cross-layer sharing configurations side by side
 
 Every benchmark ships with the package (offload/benchmarks/), so these run from an installed
 wheel too. Results go to bench/results/ under the current directory (JSON, Markdown and, for
@@ -21,7 +22,7 @@ from pathlib import Path
 
 # subcommand -> module in offload.benchmarks with main(argv)
 BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels", "policies": "policies", "tiers": "tiers",
-              "crosslayer": "crosslayer"}
+              "crosslayer": "crosslayer", "crosslayer-study": "crosslayer_study"}
 
 
 def _floats(text: str) -> list[float]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 COMMANDS = {
     "decode": ["--contexts", "2048", "--new-tokens", "2", "--layers", "1", "--budget-fraction", "0.5",
@@ -23,7 +24,7 @@ def _run(tmp_path, *args, timeout=300):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality", "crosslayer"])
+@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality", "crosslayer", "crosslayer-study"])
 def test_every_subcommand_has_help_outside_the_source_tree(tmp_path, command):
     run = _run(tmp_path, command, "--help")
     assert run.returncode == 0, run.stderr
@@ -38,6 +39,29 @@ def test_speed_benchmarks_run_outside_the_source_tree(tmp_path, command):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data and out.with_suffix(".md").exists()
     assert "source tree" not in run.stdout + run.stderr
+
+
+def test_crosslayer_study_runs_on_trained_model_folders(tmp_path):
+    """Three untrained 6-layer models saved as the trainer saves them: the standard one, a bottom and a
+    top configuration. The study reads them back, times and scores them, and writes its tables."""
+    from offload.models import tasks
+    from offload.models.embedded import WordTokenizer
+    from offload.models.train import model_config, save
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = WordTokenizer(tasks.VOCAB)
+    for name, sharing in (("standard", None), ("pizza-bottom", "pizza-bottom"), ("sandwich-middle", "sandwich-middle")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(model_config(len(tokenizer), 1e5, 4608, 6, sharing))
+        save(model, tokenizer, tmp_path / "models" / name, {"command": f"test {name}", "train_wall_s": 1.0})
+    run = _run(tmp_path, "crosslayer-study", "--models-dir", "models", "--quick", "--out", "results/study")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results/study.json").read_text())["rows"]}
+    assert list(rows) == ["standard", "pizza-bottom", "sandwich-middle"]
+    assert rows["pizza-bottom"]["kv_layers"] == 3 and rows["standard"]["kv_layers"] == 6
+    assert rows["pizza-bottom"]["kv_bytes_per_token"] == rows["standard"]["kv_bytes_per_token"] / 2
+    assert rows["standard"]["prefill_ratio"] == {"512": 1.0}
+    assert (tmp_path / "results/study.md").exists() and (tmp_path / "results/study.png").exists()
 
 
 def test_unknown_subcommand_is_named(tmp_path):

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
 from offload.config import OffloadConfig
 from offload.hf.layers import STORE_KINDS, cache_layer_types, kv_sources
 from offload.hf.attention import set_active_cache
+from offload.kernels.merge import merge_partials
 from offload.stats import OffloadStats
 from offload.store.kv_store import KVStore
 from offload.store.planner import MAX_DECODE_QUERY, new_positions
@@ -301,6 +302,41 @@ class OffloadCache(Cache):
         positions = produced[1]
         self._check_window(store_layer, window, self.layers[producer].seen, chunk)
         return self.store.attend_stored(self.request, store_layer, query, positions, scale, softcap)
+
+    def attend_outside(self, kv_layer: int, query: torch.Tensor, chunk: tuple[torch.Tensor, torch.Tensor] | None,
+                       padding: torch.Tensor | None, scale: float, diagonal: bool) -> torch.Tensor:
+        """Attention over `kv_layer`'s KV from outside the store's own step: a layer attending a later
+        layer's KV (`diagonal=False`), or a pass of a prompt's iteration that must not store
+        (offload.models.shared_kv). Every stored token of `kv_layer` precedes these queries; `chunk`
+        (keys, values [B, H_kv, T, D]) are this forward's tokens of `kv_layer`, not stored, attended
+        causally, with or without the diagonal. `padding` [B, seen + T] marks real tokens (None:
+        all). The two parts merge by log-sum-exp. Returns [B, T, H, D] in the query's dtype."""
+        batch, heads, length, _ = query.shape
+        if self.request is None:  # (the model's first layer reads a later one's KV)
+            self.open(batch)
+        else:
+            self._require_open()
+        valid = (padding[:, -length:].to(device="cpu", dtype=torch.bool) if padding is not None
+                 else torch.ones(batch, length, dtype=torch.bool))
+        store_layer = self.store_index[kv_layer]
+        stored = torch.tensor(self.request.tables[store_layer].length, dtype=torch.long)
+        last = (stored - 1)[:, None].expand(batch, length)  # every stored token is visible; -1: none stored
+        query_pos = torch.where(valid & (last >= 0), last, torch.full_like(last, -1))
+        out, lse = self.store.attend_stored(self.request, store_layer, query, query_pos.to(query.device), scale)
+        if chunk is not None:
+            keys, values = chunk
+            groups = heads // keys.shape[1]
+            q = query.float()
+            scores = q @ keys.float().repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
+            rows = torch.arange(length, device=query.device)
+            allowed = (rows[None, :] <= rows[:, None]) if diagonal else (rows[None, :] < rows[:, None])
+            allowed = allowed[None, None] & valid.to(query.device)[:, None, None, :]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            chunk_lse = torch.logsumexp(scores, dim=-1)
+            weights = torch.exp(scores - torch.where(torch.isfinite(chunk_lse), chunk_lse, 0.0).unsqueeze(-1))
+            chunk_out = weights @ values.float().repeat_interleave(groups, dim=1)
+            out, lse = merge_partials(out.float(), lse.float(), chunk_out, chunk_lse)
+        return out.transpose(1, 2).to(query.dtype)
 
     def _fit_head_dim(self, query, keys, values):
         """Zero-pad query, keys and values to the store's head size (keys and values of different

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.hf.layers import STATE_KINDS, STORE_KINDS, cache_layer_types
+from offload.hf.layers import STATE_KINDS, STORE_KINDS, cache_layer_types, iterates_prompt
 
 PROBE_TOKENS = 24
 # Logits of the wrapped and the unwrapped model on the probe may differ by float rounding only:
@@ -72,7 +72,14 @@ def probe(model, run_wrapped, unwrap, rewrap) -> None:
     unwrap()
     try:
         with torch.inference_mode():
-            expected = model(ids).logits.float()
+            if iterates_prompt(model.config):  # its prompt is iterated: prefill and decode as the wrapper does
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.config)
+                expected = torch.cat([model(ids[:, :-1], past_key_values=cache, use_cache=True).logits,
+                                      model(ids[:, -1:], past_key_values=cache, use_cache=True).logits], dim=1).float()
+            else:
+                expected = model(ids).logits.float()
         if expected.shape[:2] != ids.shape:
             raise ValueError(f"logits of shape {tuple(expected.shape)} for {tuple(ids.shape)} tokens")
     except Exception as exc:  # the model does not run plainly either: not ours to judge

@@ -54,21 +54,33 @@ def has_layer_state(model_config) -> bool:
     return any(t in ("conv", "linear_attention") for t in cache_layer_types(model_config)[0])
 
 
+def iterates_prompt(model_config) -> bool:
+    """Layers attend a later layer's KV (`kv_source_layers`, top and middle targets of cross-layer
+    sharing): the model computes a prompt by iterating over it, so its KV depends on how the prompt
+    is split into forward passes, and pages cannot be rebuilt from a prefix's tokens alone."""
+    declared = getattr(text_config(model_config), "kv_source_layers", None) or []
+    return any(j > i for i, j in enumerate(declared))
+
+
 def kv_sources(model_config, kv_sharing: dict[int, int] | None = None) -> dict[int, int]:
     """Cross-layer KV sharing: each consumer layer -> the layer whose KV it reads.
 
-    Declared by the config (Gemma 3n, Gemma 4: `kv_sharing_modes`): each "reuse" layer reads the last
+    Declared by the config: per layer, the layer whose KV it attends (`kv_source_layers`, offload's
+    `SharedKVLlamaConfig`), or (Gemma 3n, Gemma 4: `kv_sharing_modes`) each "reuse" layer reads the last
     "store" layer of the same layer type before it. Or given by `kv_sharing` (`OffloadConfig.kv_sharing`,
     already parsed) for a model that declares none: checked against the model here."""
     text = text_config(model_config)
     modes = getattr(text, "kv_sharing_modes", None)
+    declared = getattr(text, "kv_source_layers", None)
     if kv_sharing:
-        if modes and "reuse" in modes:
+        if (modes and "reuse" in modes) or (declared and any(j != i for i, j in enumerate(declared))):
             raise ValueError(
                 f"kv_sharing={kv_sharing} (OFFLOAD_KV_SHARING) was given for a model whose config declares its own "
                 "cross-layer KV sharing (kv_sharing_modes), which offload follows; the two cannot be combined: "
                 "unset kv_sharing")
         return configured_sources(model_config, kv_sharing)
+    if declared is not None:
+        return {i: j for i, j in enumerate(declared) if j != i}
     if not modes:
         return {}
     types = getattr(text, "layer_types", None) or ["full_attention"] * len(modes)

@@ -70,14 +70,17 @@ class WordTokenizer(Tokenizer):
 
 
 def load_embedded_model(path: str | Path = WEIGHTS_DIR, dtype: torch.dtype = torch.float32):
-    """`(LlamaForCausalLM in eval mode, WordTokenizer)` from a folder written by the trainer."""
-    from transformers import LlamaForCausalLM
+    """`(model in eval mode, WordTokenizer)` from a folder written by the trainer: a `LlamaForCausalLM`,
+    or a `SharedKVLlamaForCausalLM` for a model trained with cross-layer KV sharing."""
+    from transformers import AutoModelForCausalLM
+
+    import offload.models.shared_kv  # noqa: F401  (registers SharedKVLlamaConfig with the Auto classes)
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; train a model with `python -m offload.models.train`")
     tokenizer = WordTokenizer.from_file(path / TOKENIZER_FILE)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if model.config.vocab_size != len(tokenizer):
         raise ValueError(f"{path}: model vocab_size {model.config.vocab_size} != tokenizer's {len(tokenizer)}")
     return model, tokenizer

@@ -64,18 +64,46 @@ PHASES = (
     Phase(4096, 1, 300),
 )
 SMOKE_PHASES = (Phase(64, 64, 700, induction_share=0.5), Phase(256, 16, 20), Phase(1024, 4, 5))
+# The cross-layer sharing study (issue 11, docs/crosslayer.md): a dozen models side by side on this
+# CPU, so a shorter curriculum up to 512 tokens; the lookup circuit still forms in the first phase.
+STUDY_PHASES = (
+    Phase(64, 64, 1000, induction_share=0.5),
+    Phase(128, 32, 200),
+    Phase(256, 16, 200),
+    Phase(512, 8, 200),
+)
+RECIPES = {"default": PHASES, "study": STUDY_PHASES, "smoke": SMOKE_PHASES}
 
 
-def model_config(vocab_size: int, rope_theta: float, max_position: int):
+def model_config(vocab_size: int, rope_theta: float, max_position: int, num_layers: int = 4,
+                 kv_sharing: str | None = None, kv_layers: int | None = None, forward_passes: int = 2,
+                 backward_passes: int = 1):
+    """The embedded architecture with `num_layers` layers: a `LlamaConfig`, or with `kv_sharing`
+    ("pizza-top", ...: `offload.models.shared_kv.framework_map` with `kv_layers` KV layers, default
+    half the layers) a `SharedKVLlamaConfig`."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
         num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_position,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, tie_word_embeddings=True,
         bos_token_id=tasks.BOS_ID, eos_token_id=tasks.TOKEN_ID["</s>"], pad_token_id=tasks.TOKEN_ID["<unk>"],
         rms_norm_eps=1e-5, initializer_range=0.02,
     )
+    if kv_sharing is None:
+        return LlamaConfig(**fields)
+    from offload.models.shared_kv import SharedKVLlamaConfig, parse_configuration
+
+    partition, target = parse_configuration(kv_sharing)
+    sources = framework_map_for(num_layers, partition, target, kv_layers)
+    return SharedKVLlamaConfig(**fields, kv_source_layers=sources, forward_passes=forward_passes,
+                               backward_passes=backward_passes)
+
+
+def framework_map_for(num_layers: int, partition: str, target: str, kv_layers: int | None) -> list[int]:
+    from offload.models.shared_kv import framework_map
+
+    return framework_map(num_layers, partition, target, kv_layers if kv_layers is not None else num_layers // 2)
 
 
 def make_batch(phase: Phase, rng: np.random.Generator, skip_prob: float, max_position: int):
@@ -123,14 +151,15 @@ def train(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     tokenizer = WordTokenizer(tasks.VOCAB)
-    config = model_config(len(tokenizer), args.rope_theta, args.max_position)
+    config = model_config(len(tokenizer), args.rope_theta, args.max_position, args.layers, args.kv_sharing,
+                          args.kv_layers, args.forward_passes, args.backward_passes)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     num_params = sum(p.numel() for p in model.parameters())
-    phases = SMOKE_PHASES if args.smoke else PHASES
+    phases = SMOKE_PHASES if args.smoke else RECIPES[args.recipe]
     if args.phase1_steps is not None and not args.smoke:
         phases = (replace(phases[0], steps=args.phase1_steps), *phases[1:])
     total_steps = sum(p.steps for p in phases)
@@ -301,6 +330,17 @@ def parse_args(argv=None):
     p.add_argument("--phase1-steps", type=int, default=None,
                    help="steps of the first (shortest) phase, where the retrieval circuit forms")
     p.add_argument("--smoke", action="store_true", help="a ~5 minute run to check that the lookup circuit forms")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="the curriculum: default (the shipped model), study (the cross-layer study's shorter one), smoke")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (the shipped model has 4)")
+    p.add_argument("--kv-sharing", default=None, metavar="PARTITION-TARGET",
+                   help="train with cross-layer KV sharing: pizza|sandwich|lasagna - bottom|top|middle "
+                        "(offload.models.shared_kv; e.g. sandwich-middle)")
+    p.add_argument("--kv-layers", type=int, default=None, help="KV layers with --kv-sharing (default: half the layers)")
+    p.add_argument("--forward-passes", type=int, default=2,
+                   help="with a top or middle target: passes without gradients per prompt (the paper's m)")
+    p.add_argument("--backward-passes", type=int, default=1,
+                   help="with a top or middle target: passes with gradients after them (the paper's b)")
     p.add_argument("--no-train", action="store_true", help="only evaluate the model in --out")
     p.add_argument("--no-eval", action="store_true", help="skip the full-cache evaluation after training")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048, 4096])

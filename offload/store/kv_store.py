@@ -45,8 +45,9 @@ from offload.store.transfer import TransferEngine
 
 LOWER_TIERS_NEED_KV_ONLY = (
     "a disk tier (OFFLOAD_DISK_DIR) or remote lenders (OFFLOAD_REMOTE_LENDERS) need pages that can be recomputed "
-    "from their token ids if a tier loses them; this model has recurrent or conv layers whose state KV pages alone "
-    "cannot rebuild: use the host tier only"
+    "from their token ids if a tier loses them; this model's pages cannot be rebuilt from a prefix's tokens alone "
+    "(recurrent or conv layers whose state they do not hold, or layers attending a later layer's KV, whose prompt "
+    "the model computes by iteration): use the host tier only"
 )
 # Recoveries one layer's step may need before the store gives up (each restores what was lost).
 MAX_RECOVERIES = 8
@@ -117,7 +118,7 @@ class KVStore:
         self.residency = Residency(self.transfer, make_eviction_order(config.device_eviction))
         self.prefetcher = Prefetcher(self.policy, self.residency)
         self.tree: PrefixTree | None = None
-        # (a model with recurrent or conv layers cannot resume from KV pages alone: no prefix reuse)
+        # (a model with recurrent or conv layers, or iterating its prompt, cannot resume from KV pages alone)
         if config.prefix_cache and reusable_prefixes:
             self.tree = PrefixTree(layout.page_size, self.homes, make_eviction_order(config.prefix_eviction))
             for home in self.homes:
