@@ -58,7 +58,10 @@ class StudyRow:
     decode_tok_s: dict = field(default_factory=dict)  # context -> median tokens/s
     prefill_ratio: dict = field(default_factory=dict)  # context -> this / standard
     decode_ratio: dict = field(default_factory=dict)
-    accuracy: dict = field(default_factory=dict)  # task -> {context: accuracy}
+    train_step_s: float = math.nan  # forward + backward at 8 x 512 tokens, median
+    train_step_ratio: float = math.nan
+    accuracy: dict = field(default_factory=dict)  # task -> {context: accuracy}, strict protocol
+    forward_accuracy: dict = field(default_factory=dict)  # the same, one teacher-forced forward
     perplexity: float = math.nan
     perplexity_ratio: float = math.nan
     train_wall_s: float = math.nan
@@ -131,11 +134,32 @@ def time_once(model, ids: torch.Tensor, decode_steps: int) -> tuple[float, float
     return prefill, decode_steps / (time.perf_counter() - start)
 
 
+def train_step_seconds(model, ids: torch.Tensor) -> float:
+    """Seconds of one training step's forward and backward on ids [B, T] (the prompt's iteration
+    with its passes with and without gradients, for top and middle targets)."""
+    model.train()
+    try:
+        start = time.perf_counter()
+        model(ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+        return time.perf_counter() - start
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
 def timings(models: list, contexts: list[int], repeats: int, decode_steps: int) -> dict:
-    """{name: {context: (median prefill s, median decode tok/s)}}, models interleaved per repetition."""
+    """{name: {context: (median prefill s, median decode tok/s)}, "train": median train-step s at 8 x 512
+    tokens}, models interleaved per repetition."""
     from offload.models import embedded
 
     samples: dict = {name: {n: ([], []) for n in contexts} for name, *_ in models}
+    batch = torch.cat([embedded.sample_text(512, seed=400 + i) for i in range(8)])
+    steps: dict = {name: [] for name, *_ in models}
+    for name, model, *_ in models:  # warm-up
+        train_step_seconds(model, batch[:2, :64])
+    for _ in range(repeats):
+        for name, model, *_ in models:
+            steps[name].append(train_step_seconds(model, batch))
     for n in contexts:
         ids = embedded.sample_text(n, seed=300)
         for name, model, *_ in models:  # warm-up
@@ -145,21 +169,31 @@ def timings(models: list, contexts: list[int], repeats: int, decode_steps: int) 
                 prefill, rate = time_once(model, ids, decode_steps)
                 samples[name][n][0].append(prefill)
                 samples[name][n][1].append(rate)
-    return {name: {n: (statistics.median(p), statistics.median(r)) for n, (p, r) in per.items()}
-            for name, per in samples.items()}
+    result = {name: {n: (statistics.median(p), statistics.median(r)) for n, (p, r) in per.items()}
+              for name, per in samples.items()}
+    for name in result:
+        result[name]["train"] = statistics.median(steps[name])
+    return result
 
 
 def quality(model, tokenizer, contexts: list[int], samples: int, windows: list[torch.Tensor], scored: int):
-    """({task: {context: accuracy}}, perplexity), strict protocol with the plain model's own cache."""
+    """({task: {context: accuracy}}, the same from one teacher-forced forward, perplexity). The first is
+    the strict protocol with the plain model's own cache (questions and answers decoded one token at a
+    time); the second scores every answer inside one forward over the whole sample, which for a top or
+    middle target is the prompt's iteration, the way it was trained (for the others the two agree)."""
     from offload.crosslayer.evaluation import cached, perplexity
     from offload.crosslayer.evaluation import task_accuracy as strict_accuracy
     from offload.models import tasks
 
+    from offload.models.embedded import task_accuracy
+
     variant = cached("study", "full cache", model, lambda: new_cache(model))
     accuracy = {task: {n: strict_accuracy(variant, model, tokenizer, task, n, samples, seed=0) for n in contexts}
                 for task in tasks.TASKS}
+    forward = {task: {n: task_accuracy(model, tokenizer, task, n, samples, seed=0) for n in contexts}
+               for task in tasks.TASKS}
     ppl, _ = perplexity(variant, windows, scored)
-    return accuracy, ppl
+    return accuracy, forward, ppl
 
 
 QUALITY_FILE = "crosslayer_study_quality.json"
@@ -170,17 +204,18 @@ def cached_quality(path: Path, model, tokenizer, contexts: list[int], samples: i
     """`quality(...)`, kept in the model's folder and reused while the weights and the settings are
     the same (so a model can be scored as soon as it is trained, beside the others' training)."""
     weights = path / "model.safetensors"
-    key = {"contexts": contexts, "samples": samples, "windows": len(texts), "window_tokens": texts[0].shape[1],
+    key = {"version": 2, "contexts": contexts, "samples": samples, "windows": len(texts), "window_tokens": texts[0].shape[1],
            "scored": scored, "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]}
     record = path / QUALITY_FILE
     if record.is_file():
         saved = json.loads(record.read_text())
         if saved["key"] == key:
-            accuracy = {t: {int(n): a for n, a in per.items()} for t, per in saved["accuracy"].items()}
-            return accuracy, saved["perplexity"]
-    accuracy, ppl = quality(model, tokenizer, contexts, samples, texts, scored)
-    record.write_text(json.dumps({"key": key, "accuracy": accuracy, "perplexity": ppl}, indent=1) + "\n")
-    return accuracy, ppl
+            return (*({t: {int(n): a for n, a in per.items()} for t, per in saved[k].items()}
+                      for k in ("accuracy", "forward_accuracy")), saved["perplexity"])
+    accuracy, forward, ppl = quality(model, tokenizer, contexts, samples, texts, scored)
+    record.write_text(json.dumps({"key": key, "accuracy": accuracy, "forward_accuracy": forward, "perplexity": ppl},
+                                 indent=1) + "\n")
+    return accuracy, forward, ppl
 
 
 def run(models_dir: Path, contexts: list[int], accuracy_contexts: list[int], samples: int, repeats: int,
@@ -193,11 +228,11 @@ def run(models_dir: Path, contexts: list[int], accuracy_contexts: list[int], sam
     rows = []
     for name, model, tokenizer, meta in models:
         start = time.perf_counter()
-        accuracy, ppl = cached_quality(models_dir / name, model, tokenizer, accuracy_contexts, samples, texts,
+        accuracy, forward, ppl = cached_quality(models_dir / name, model, tokenizer, accuracy_contexts, samples, texts,
                                        scored)
         row = StudyRow(name=name, **describe(name, model),
                        kv_bytes_per_token=kv_bytes_per_token(model, texts[0][:, :256]),
-                       accuracy=accuracy, perplexity=ppl, train_wall_s=meta.get("train_wall_s", math.nan),
+                       accuracy=accuracy, forward_accuracy=forward, perplexity=ppl, train_wall_s=meta.get("train_wall_s", math.nan),
                        train_command=meta.get("command", ""))
         rows.append(row)
         progress(f"{name:22s} kv layers {row.kv_layers}  ppl {ppl:.3f}  "
@@ -214,6 +249,8 @@ def run(models_dir: Path, contexts: list[int], accuracy_contexts: list[int], sam
         row.prefill_ratio = {n: round(times[row.name][n][0] / base_times[n][0], 3) for n in contexts}
         row.decode_ratio = {n: round(times[row.name][n][1] / base_times[n][1], 3) for n in contexts}
         row.perplexity_ratio = row.perplexity / base.perplexity
+        row.train_step_s = round(times[row.name]["train"], 4)
+        row.train_step_ratio = round(times[row.name]["train"] / base_times["train"], 3)
     return rows
 
 
@@ -229,30 +266,58 @@ def markdown(rows: list[StudyRow], meta: dict) -> str:
         "200 each at 128, 256 and 512; about 6.5M tokens); the command of each is in its row of the JSON. "
         "KV map: per layer, the layer whose KV it attends. KV B/token: bytes the cache holds per token. "
         f"Prefill and decode: median of {meta['repeats']} runs at each context, every model timed in turn within a "
-        f"repetition, {meta['decode_steps']} greedy decode steps after the prefill; ratios to the standard model. "
+        f"repetition, {meta['decode_steps']} greedy decode steps after the prefill; train step: forward and backward "
+        "at 8 x 512 tokens, timed the same way; ratios to the standard model. "
         f"Accuracy: exact match, {meta['samples']} samples per task and context, the context prefilled and questions "
         f"and answers fed as decode steps. ppl: perplexity of the last {meta['scored']} tokens of "
         f"{meta['windows']} filler windows of {meta['window_tokens']} tokens, fed as decode steps.", "",
         "| model | KV map | KV layers | KV B/token | " + " | ".join(f"prefill x @{n}" for n in contexts) + " | "
-        + " | ".join(f"decode x @{n}" for n in contexts) + " | ppl | ppl ratio | train s |",
+        + " | ".join(f"decode x @{n}" for n in contexts) + " | train step x | ppl | ppl ratio |",
         "|---|---|---|---|" + "---|" * (2 * len(contexts)) + "---|---|---|"]
     for r in rows:
         lines.append(f"| {r.name} | {'_'.join(map(str, r.kv_source_layers))} | {r.kv_layers} | "
                      f"{r.kv_bytes_per_token:.0f} | " + " | ".join(f"{r.prefill_ratio[n]:.2f}" for n in contexts)
                      + " | " + " | ".join(f"{r.decode_ratio[n]:.2f}" for n in contexts)
-                     + f" | {r.perplexity:.3f} | {r.perplexity_ratio:.3f} | {r.train_wall_s:.0f} |")
-    lines += ["", "Full-cache task accuracy (strict protocol), per context length:", "",
-              "| model | " + " | ".join(f"{t} @{n}" for t in tasks for n in accuracy_contexts) + " | mean |",
-              "|---|" + "---|" * (len(tasks) * len(accuracy_contexts) + 1)]
+                     + f" | {r.train_step_ratio:.2f} | {r.perplexity:.3f} | {r.perplexity_ratio:.3f} |")
+    lines += ["", "Full-cache task accuracy, strict protocol (questions and answers decoded one token at a time), "
+              "per context length; last column: the mean when every answer is scored inside one teacher-forced "
+              "forward over the whole sample (for top and middle targets the prompt's iteration, as in training):",
+              "", "| model | " + " | ".join(f"{t} @{n}" for t in tasks for n in accuracy_contexts)
+              + " | mean | mean, one forward |",
+              "|---|" + "---|" * (len(tasks) * len(accuracy_contexts) + 2)]
     for r in rows:
         values = [r.accuracy[t][n] for t in tasks for n in accuracy_contexts]
+        forward = [r.forward_accuracy[t][n] for t in tasks for n in accuracy_contexts]
         lines.append(f"| {r.name} | " + " | ".join(f"{v:.2f}" for v in values)
-                     + f" | {sum(values) / len(values):.2f} |")
+                     + f" | {sum(values) / len(values):.2f} | {sum(forward) / len(forward):.2f} |")
+    lines += same_map_notes(rows)
     base = next(r for r in rows if r.name == "standard")
     lines += ["", "Absolute timings of the standard model: "
               + ", ".join(f"prefill {base.prefill_s[n]:.3f} s and decode {base.decode_tok_s[n]:.0f} tok/s at {n}"
-                          for n in contexts) + ".", ""]
+                          for n in contexts) + f"; a training step {base.train_step_s:.2f} s. (Each model's training "
+              "wall time is in the JSON, `train_wall_s`: the models trained two at a time beside other jobs, so those "
+              "are not comparable.)", ""]
     return "\n".join(lines)
+
+
+def same_map_notes(rows: list[StudyRow]) -> list[str]:
+    """Lines naming the framework's configurations not in `rows` because their map is a row's map."""
+    from offload.models.shared_kv import PARTITIONS, TARGETS, framework_map
+
+    notes = []
+    for layers, kv in sorted({(r.layers, r.kv_layers) for r in rows if r.configuration != "standard"}):
+        for partition in PARTITIONS:
+            for target in TARGETS:
+                name = f"{partition}-{target}"
+                try:
+                    sources = framework_map(layers, partition, target, kv)
+                except ValueError:
+                    continue
+                same = [r.name for r in rows if r.kv_source_layers == sources and r.layers == layers]
+                if same and all(r.configuration != name or r.kv_layers != kv for r in rows):
+                    notes.append(f"- {name} with {kv} KV layers has the map of {same[0]} "
+                                 f"({'_'.join(map(str, sources))}): the same model, not trained twice.")
+    return ["", *notes] if notes else []
 
 
 def mean_accuracy(row: StudyRow) -> float:

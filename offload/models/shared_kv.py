@@ -158,13 +158,18 @@ def attend_upward(query: torch.Tensor, keys: torch.Tensor | None, values: torch.
     if keys is None or keys.shape[2] == 0:
         return query.new_zeros(batch, length, heads, dim)
     size = keys.shape[2]
+    groups = heads // keys.shape[1]
+    if length == 1 and past == size and (padding is None or bool(padding[:, :size].all())):
+        # one decode step over earlier tokens only, none padded: every key is visible
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, scale=scaling, enable_gqa=groups > 1)
+        return out.transpose(1, 2)
     rows = torch.arange(past, past + length, device=query.device).unsqueeze(1)
     allowed = (torch.arange(size, device=query.device).unsqueeze(0) < rows).expand(batch, 1, length, size)
     if padding is not None:
         allowed = allowed & padding[:, None, None, :size].bool()
     empty = ~allowed.any(-1, keepdim=True)
     allowed = allowed | (empty & (torch.arange(size, device=query.device) == 0))  # a harmless key; zeroed below
-    groups = heads // keys.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1),
         attn_mask=allowed, scale=scaling)
@@ -204,8 +209,10 @@ class SharedKVAttention(LlamaAttention):
                 past = past_kv(past_key_values, self.kv_layer)
                 past_len = 0 if past is None else past[0].shape[2]
                 parts = [kv for kv in (past, chunk) if kv is not None]
-                keys = torch.cat([k for k, _ in parts], dim=2) if parts else None
-                values = torch.cat([v for _, v in parts], dim=2) if parts else None
+                if len(parts) == 2:
+                    keys, values = torch.cat([past[0], chunk[0]], dim=2), torch.cat([past[1], chunk[1]], dim=2)
+                else:  # (no copy of the cache per decode step)
+                    keys, values = parts[0] if parts else (None, None)
                 out = attend_upward(query, keys, values, past_len, padding_mask, self.scaling)
         elif store is not None and pass_state is not None and not pass_state.final:
             # A pass before the last under offload: the store keeps only what the last pass computes.
