@@ -341,7 +341,8 @@ def plot(rows: list[StudyRow], path: Path) -> None:
         label = f"{r.name}"
         axes[0].plot(r.kv_reduction, r.perplexity_ratio, label=label, **style)
         axes[1].plot(r.kv_reduction, mean_accuracy(r), **style)
-    axes[0].set_ylabel("perplexity / standard model")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity / standard model (log)")
     axes[1].set_ylabel("mean task accuracy (5 tasks x contexts)")
     axes[1].set_ylim(-0.02, 1.02)
     for ax in axes:
