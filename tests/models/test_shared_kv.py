@@ -214,3 +214,20 @@ def test_a_prompt_computed_by_iteration_is_never_split():
         assert om.store.tree is None  # no prefix reuse
     with pytest.raises(ValueError, match="layers attending a later layer's KV"):
         OffloadedModel(model, disk_dir="/tmp/never-used", disk_budget="1MiB")
+
+
+def test_the_trainer_reproduces_a_configuration_from_its_flags(tmp_path, monkeypatch):
+    """`python -m offload.models.train --kv-sharing sandwich-middle --layers 6` twice from the same seed
+    (a few steps of a tiny recipe): the same map in the saved config and the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from offload.models import train
+
+    monkeypatch.setitem(train.RECIPES, "study", (train.Phase(128, 2, 3),))
+    for run in ("a", "b"):
+        train.main(["--out", str(tmp_path / run), "--layers", "6", "--recipe", "study", "--kv-sharing",
+                    "sandwich-middle", "--threads", "1", "--probe-every", "0", "--no-eval", "--log-every", "1"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert model.config.kv_source_layers == [0, 2, 2, 2, 2, 5]
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
