@@ -31,8 +31,7 @@ from offload.hf import attention as hf_attention
 from offload.hf import compat
 from offload.hf.cache import OffloadCache
 from offload.hf.layers import (
-    has_layer_state,
-    iterates_prompt,
+    prefills_whole,
     kv_sources,
     layer_chunks,
     layer_windows,
@@ -87,9 +86,8 @@ class OffloadedModel:
         # Recurrent and conv layers scan the prompt; chunking it changes their numerics (not their
         # math); a model whose layers attend a later layer's KV computes a prompt by iteration, which
         # chunking changes. Such models prefill in one pass, as their own forward does.
-        whole_prompt = has_layer_state(model.config) or iterates_prompt(model.config)
-        self._chunked_prefill = not whole_prompt
-        if whole_prompt and (self.config.disk_dir is not None or self.config.remote_lenders):
+        self._chunked_prefill = not prefills_whole(model.config)
+        if not self._chunked_prefill and (self.config.disk_dir is not None or self.config.remote_lenders):
             raise ValueError(LOWER_TIERS_NEED_KV_ONLY)
         self.store: KVStore | None = None
         self._lock = threading.RLock()  # one call at a time: the store serves one active request
@@ -215,7 +213,7 @@ class OffloadedModel:
         sharing = config.kv_sharing
         store = KVStore(config, layout_from_model_config(model_config, config.page_size, self._kv_dtype(), sharing),
                         self.model.device, layer_windows(model_config, sharing), layer_chunks(model_config, sharing),
-                        reusable_prefixes=not (has_layer_state(model_config) or iterates_prompt(model_config)),
+                        reusable_prefixes=not prefills_whole(model_config),
                         identity=model_identity(self.model) if config.disk_dir is not None else None)
         store.recompute = self._recompute
         return store

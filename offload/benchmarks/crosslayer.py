@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from offload.benchmarks import machine
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 HEAD_METHODS = ("mean", "procrustes", "svd")
@@ -269,11 +270,6 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def _machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} cores, load {load:.1f} at the start"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="offload bench crosslayer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: first level of each method, 1 window, "
@@ -305,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.windows, args.samples, args.scored = 1, 2, 32
         args.embedded_context = args.task_context = 512
-    meta = {"command": " ".join(["offload bench crosslayer", *(argv or [])]), "machine": _machine(),
+    meta = {"command": " ".join(["offload bench crosslayer", *(argv or [])]), "machine": machine(),
             "torch": torch.__version__, "scored": args.scored, "samples": args.samples,
             "min_similarity": args.min_similarity, "windows": args.windows, "threads": args.threads}
     setups = []

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from offload.benchmarks.crosslayer import _machine as machine
+from offload.benchmarks import machine
 
 PARTITION_ORDER = ("standard", "pizza", "sandwich", "lasagna")
 TARGET_ORDER = ("bottom", "middle", "top")
@@ -184,7 +184,6 @@ def quality(model, tokenizer, contexts: list[int], samples: int, windows: list[t
     from offload.crosslayer.evaluation import cached, perplexity
     from offload.crosslayer.evaluation import task_accuracy as strict_accuracy
     from offload.models import tasks
-
     from offload.models.embedded import task_accuracy
 
     variant = cached("study", "full cache", model, lambda: new_cache(model))
@@ -203,9 +202,9 @@ def cached_quality(path: Path, model, tokenizer, contexts: list[int], samples: i
                    scored: int):
     """`quality(...)`, kept in the model's folder and reused while the weights and the settings are
     the same (so a model can be scored as soon as it is trained, beside the others' training)."""
-    weights = path / "model.safetensors"
-    key = {"version": 2, "contexts": contexts, "samples": samples, "windows": len(texts), "window_tokens": texts[0].shape[1],
-           "scored": scored, "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]}
+    weights = (path / "model.safetensors").stat()
+    key = {"version": 2, "contexts": contexts, "samples": samples, "windows": len(texts),
+           "window_tokens": texts[0].shape[1], "scored": scored, "weights": [weights.st_size, weights.st_mtime_ns]}
     record = path / QUALITY_FILE
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -228,11 +227,11 @@ def run(models_dir: Path, contexts: list[int], accuracy_contexts: list[int], sam
     rows = []
     for name, model, tokenizer, meta in models:
         start = time.perf_counter()
-        accuracy, forward, ppl = cached_quality(models_dir / name, model, tokenizer, accuracy_contexts, samples, texts,
-                                       scored)
+        accuracy, forward, ppl = cached_quality(models_dir / name, model, tokenizer, accuracy_contexts, samples,
+                                                texts, scored)
         row = StudyRow(name=name, **describe(name, model),
-                       kv_bytes_per_token=kv_bytes_per_token(model, texts[0][:, :256]),
-                       accuracy=accuracy, forward_accuracy=forward, perplexity=ppl, train_wall_s=meta.get("train_wall_s", math.nan),
+                       kv_bytes_per_token=kv_bytes_per_token(model, texts[0][:, :256]), accuracy=accuracy,
+                       forward_accuracy=forward, perplexity=ppl, train_wall_s=meta.get("train_wall_s", math.nan),
                        train_command=meta.get("command", ""))
         rows.append(row)
         progress(f"{name:22s} kv layers {row.kv_layers}  ppl {ppl:.3f}  "
@@ -381,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         args.accuracy_contexts = [512]
         args.windows, args.window_tokens, args.scored = 1, 256, 16
     meta = {"command": " ".join(["offload bench crosslayer-study", *(argv or [])]), "machine": machine(),
-            "torch": torch.__version__, "samples": args.samples, "accuracy_contexts": args.accuracy_contexts, "repeats": args.repeats,
-            "decode_steps": args.decode_steps, "windows": args.windows, "window_tokens": args.window_tokens,
+            "torch": torch.__version__, "samples": args.samples, "accuracy_contexts": args.accuracy_contexts,
+            "repeats": args.repeats, "decode_steps": args.decode_steps, "windows": args.windows, "window_tokens": args.window_tokens,
             "scored": args.scored, "threads": args.threads}
     rows = run(args.models_dir, args.contexts, args.accuracy_contexts, args.samples, args.repeats, args.decode_steps,
                args.windows, args.window_tokens, args.scored, quality_only=args.quality_only, names=args.names)

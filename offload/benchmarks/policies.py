@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from offload import OffloadedModel
+from offload.benchmarks import machine
 from offload.policies import POLICIES
 
 DEFAULT_BUDGETS = (5.0, 10.0, 25.0, 50.0)
@@ -354,11 +354,6 @@ def _plot(results: Results, out: Path) -> None:
         plt.close(fig)
 
 
-def _machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} cores, load {load:.1f} at the start"
-
-
 def main(argv: list[str] | None = None) -> None:
     from offload.models import embedded
     from offload.models.tasks import TASKS
@@ -396,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     meta = {"model": "embedded", "command": "offload bench policies " + " ".join(argv or []),
-            "samples": args.samples, "machine": _machine(), "policies": args.policies, "tasks": args.tasks,
+            "samples": args.samples, "machine": machine(), "policies": args.policies, "tasks": args.tasks,
             "ppl_context": args.ppl_context, "ppl_eval": args.ppl_eval, "torch": torch.__version__}
     results = Results(meta)
     if args.summary:

@@ -19,6 +19,7 @@ from offload.config import OffloadConfig
 from offload.hf.layers import STORE_KINDS, cache_layer_types, kv_sources
 from offload.hf.attention import set_active_cache
 from offload.kernels.merge import merge_partials
+from offload.kernels.torch_ref import dense_attention
 from offload.stats import OffloadStats
 from offload.store.kv_store import KVStore
 from offload.store.planner import MAX_DECODE_QUERY, new_positions
@@ -311,7 +312,7 @@ class OffloadCache(Cache):
         (keys, values [B, H_kv, T, D]) are this forward's tokens of `kv_layer`, not stored, attended
         causally, with or without the diagonal. `padding` [B, seen + T] marks real tokens (None:
         all). The two parts merge by log-sum-exp. Returns [B, T, H, D] in the query's dtype."""
-        batch, heads, length, _ = query.shape
+        batch, _, length, _ = query.shape
         if self.request is None:  # (the model's first layer reads a later one's KV)
             self.open(batch)
         else:
@@ -324,17 +325,10 @@ class OffloadCache(Cache):
         query_pos = torch.where(valid & (last >= 0), last, torch.full_like(last, -1))
         out, lse = self.store.attend_stored(self.request, store_layer, query, query_pos.to(query.device), scale)
         if chunk is not None:
-            keys, values = chunk
-            groups = heads // keys.shape[1]
-            q = query.float()
-            scores = q @ keys.float().repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
             rows = torch.arange(length, device=query.device)
-            allowed = (rows[None, :] <= rows[:, None]) if diagonal else (rows[None, :] < rows[:, None])
-            allowed = allowed[None, None] & valid.to(query.device)[:, None, None, :]
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            chunk_lse = torch.logsumexp(scores, dim=-1)
-            weights = torch.exp(scores - torch.where(torch.isfinite(chunk_lse), chunk_lse, 0.0).unsqueeze(-1))
-            chunk_out = weights @ values.float().repeat_interleave(groups, dim=1)
+            causal = (rows[None, :] <= rows[:, None]) if diagonal else (rows[None, :] < rows[:, None])
+            visible = causal[None] & valid.to(query.device)[:, None, :]
+            chunk_out, chunk_lse = dense_attention(query, *chunk, visible, scale)
             out, lse = merge_partials(out.float(), lse.float(), chunk_out, chunk_lse)
         return out.transpose(1, 2).to(query.dtype)
 

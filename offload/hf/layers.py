@@ -62,6 +62,12 @@ def iterates_prompt(model_config) -> bool:
     return any(j > i for i, j in enumerate(declared))
 
 
+def prefills_whole(model_config) -> bool:
+    """The model's KV after a prompt depends on computing the prompt in one forward (layer state, or
+    an iterated prompt): no chunked prefill, no prefix reuse, no tier that rebuilds pages from tokens."""
+    return has_layer_state(model_config) or iterates_prompt(model_config)
+
+
 def kv_sources(model_config, kv_sharing: dict[int, int] | None = None) -> dict[int, int]:
     """Cross-layer KV sharing: each consumer layer -> the layer whose KV it reads.
 
@@ -73,7 +79,7 @@ def kv_sources(model_config, kv_sharing: dict[int, int] | None = None) -> dict[i
     modes = getattr(text, "kv_sharing_modes", None)
     declared = getattr(text, "kv_source_layers", None)
     if kv_sharing:
-        if (modes and "reuse" in modes) or (declared and any(j != i for i, j in enumerate(declared))):
+        if modes and "reuse" in modes:
             raise ValueError(
                 f"kv_sharing={kv_sharing} (OFFLOAD_KV_SHARING) was given for a model whose config declares its own "
                 "cross-layer KV sharing (kv_sharing_modes), which offload follows; the two cannot be combined: "
