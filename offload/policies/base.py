@@ -239,7 +239,8 @@ class KVPolicy:
 
     # A policy that chooses from page summaries alone may also choose for a whole batch at once:
     # `keep_batch(BatchView) -> [B, P] bool`, one selection per sequence shared by its KV heads,
-    # equal to `keep` of each sequence's `StepView`. The store then skips the per-sequence calls.
+    # equal to `keep` of each sequence's `StepView`. The store then skips the per-sequence calls
+    # (and `interpolation`: a batched policy corrects no output).
     keep_batch = None
 
     def interpolation(self) -> "Interpolation | None":

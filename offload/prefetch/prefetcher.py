@@ -47,7 +47,7 @@ class Prefetcher:
         batched = keep_batched(table, self.policy, predicted_query, scale)
         for b in range(table.batch_size):
             if batched is not None:
-                wanted = batched[b]
+                wanted = batched[b, : table.num_complete(b)]
                 resident = on_device(table, b, wanted.shape[0])
             else:
                 view = view_of(table, b, table.rules.token_budget, predicted_query[b], layer, num_layers, scale)
@@ -61,5 +61,5 @@ class Prefetcher:
             missing.sort(key=lambda p: (-score[p], -p))
             chosen = missing[: max(0, room)]
             self.residency.issue(table, b, chosen)
-            table.issued[b].update(chosen)
+            table.issued[b, chosen] = True
             table.counters.prefetch_issued_pages += len(chosen)

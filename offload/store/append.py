@@ -37,6 +37,8 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
     ps = table.layout.page_size
     pool = table.device_pool
     appended = [Appended() for _ in range(table.batch_size)]
+    if _append_to_tails(table, new_keys, new_values, new_valid):
+        return appended
     for b in range(table.batch_size):
         fresh = appended[b].fresh
         valid = new_valid[b].nonzero().flatten().to(new_keys.device)
@@ -77,6 +79,25 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
         if leftover:
             appended[b].leftover = (rest_k[num_full * ps :], rest_v[num_full * ps :])
     return appended
+
+
+def _append_to_tails(table: PageTable, new_keys: torch.Tensor, new_values: torch.Tensor,
+                     new_valid: torch.Tensor) -> bool:
+    """A decode step's common case in one write for the whole batch: one new token per sequence,
+    none completing its tail page (and none padding). Returns False, writing nothing, otherwise."""
+    ps = table.layout.page_size
+    if new_valid.shape[1] != 1 or not bool(new_valid.all()):
+        return False
+    offsets = [length % ps for length in table.length]
+    if max(offsets) + 1 >= ps or max(table.length) + 1 > table.max_pages * ps:
+        return False  # a tail completes (or a sequence is full: the per-sequence path says so)
+    pool = table.device_pool
+    tails = torch.tensor(table.tail_slot, dtype=torch.long, device=pool.keys.device)
+    at = torch.tensor(offsets, dtype=torch.long, device=pool.keys.device)
+    pool.keys[tails, :, at] = new_keys[:, :, 0].to(pool.keys.dtype)  # [B, H_kv, D]
+    pool.values[tails, :, at] = new_values[:, :, 0].to(pool.values.dtype)
+    table.length = [length + 1 for length in table.length]
+    return True
 
 
 def finish_tail(table: PageTable, b: int, appended: Appended) -> None:

@@ -319,8 +319,7 @@ class KVStore:
                 request.device_reused_pages += table.adopt_resident(kept)
                 for slot in kept.values():
                     pool.decref(slot)
-            for b in range(request.batch_size):
-                self.residency.rebalance(table, b, {})  # sinks and recent window come back first
+            self.residency.rebalance(table, list(range(request.batch_size)))  # sinks and recent window come back first
         request.rules = rules
         request.device_reserved_bytes = budget.device_reserved_bytes(self.layout, request.batch_size, max_tokens, rules)
         assert request.device_reserved_bytes <= self.config.device_budget
@@ -491,10 +490,11 @@ class KVStore:
         if table.value_sum is not None:
             table.value_sum += (new_values.float() * new_valid.to(new_values.device)[:, None, :, None]).sum(dim=2).cpu()
         old_lengths = list(table.length)
-        for b, appended in enumerate(append(table, self.transfer, new_keys, new_values, new_valid)):
-            if new_valid[b].any():
-                self.residency.rebalance(table, b, appended.fresh)
-            finish_tail(table, b, appended)
+        appended = append(table, self.transfer, new_keys, new_values, new_valid)
+        grew = new_valid.any(dim=1).nonzero().flatten().tolist()
+        self.residency.rebalance(table, grew, [appended[b].fresh for b in grew])
+        for b in range(table.batch_size):
+            finish_tail(table, b, appended[b])
             if table.rules.local:
                 table.drop_out_of_window(b, old_lengths[b] if has_readers else None)
         request.track_peak()

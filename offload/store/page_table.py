@@ -96,8 +96,8 @@ class PageTable:
         self.parked_tails: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size
         self.inflight: list[dict[int, int]] = [{} for _ in range(batch_size)]  # page -> slot
         self.batches: list[tuple[int, list[int], CopyBatch]] = []  # (seq, pages, batch) submitted
-        self.issued: list[set[int]] = [set() for _ in range(batch_size)]  # speculated, not yet judged
-        self.last_needed: list[set[int]] = [set() for _ in range(batch_size)]  # the last decode query's pages
+        self.issued = torch.zeros(batch_size, max_pages, dtype=torch.bool)  # speculated, not yet judged
+        self.last_needed = torch.zeros(batch_size, max_pages, dtype=torch.bool)  # the last decode query's pages
         # One extra column collects the mass of invalid keys, so scatter needs no masking.
         self.scores = torch.zeros(batch_size, max_pages + 1, dtype=torch.float32)
         self.last_used = torch.zeros(batch_size, max_pages, dtype=torch.float64)  # step of last selection
@@ -172,6 +172,14 @@ class PageTable:
         n = self.num_complete(b)
         return (self.slots[b, :n] >= 0).nonzero().flatten().tolist()
 
+    def on_device_mask(self, num: int) -> torch.Tensor:
+        """[B, num] bool: complete pages (of the first `num`) resident or being copied in."""
+        on = self.slots[:, :num] >= 0
+        for b, inflight in enumerate(self.inflight):
+            if inflight:
+                on[b, [p for p in inflight if p < num]] = True
+        return on
+
     def slots_in_use(self, b: int) -> int:
         return len(self.resident_pages(b)) + len(self.inflight[b]) + (1 if self.tail_slot[b] >= 0 else 0)
 
@@ -185,15 +193,23 @@ class PageTable:
     def required_pages(self, b: int) -> set[int]:
         """Complete pages that must stay resident: sinks and the recent window (a local layer:
         the pages its next query can see)."""
-        n = self.num_complete(b)
+        return set(self.required_mask([b], self.num_complete(b))[0].nonzero().flatten().tolist())
+
+    def required_mask(self, seqs: list[int], num: int) -> torch.Tensor:
+        """[len(seqs), num] bool: `required_pages` of each sequence in `seqs`, pages 0..num-1."""
+        ps = self.layout.page_size
+        pages = torch.arange(num)
+        exists = pages < torch.tensor([self.num_complete(b) for b in seqs])[:, None]
         if self.rules.local:
-            return set(range(self.first_visible(b) // self.layout.page_size, n))
-        required = set(range(min(self.rules.sink_pages, n)))
+            first = torch.tensor([self.first_visible(b) // ps for b in seqs])
+            return exists & (pages >= first[:, None])
+        required = exists & (pages < self.rules.sink_pages)
         if self.rules.recent_tokens > 0:
-            first = max(0, (self.length[b] - self.rules.recent_tokens) // self.layout.page_size)
-            required.update(range(first, n))
+            lengths = torch.tensor([self.length[b] for b in seqs])
+            first = (lengths - self.rules.recent_tokens).clamp(min=0) // ps
+            required |= exists & (pages >= first[:, None])
         if self.counters.dropped_pages:  # a dropped page cannot be required
-            required = {p for p in required if self.page_ids[b, p] >= 0}
+            required &= self.page_ids[torch.tensor(seqs, dtype=torch.long), :num] >= 0
         return required
 
     @property
@@ -271,6 +287,8 @@ class PageTable:
         scores[:, : self.max_pages] = self.scores[:, : self.max_pages]
         self.scores = scores
         self.last_used = torch.cat([self.last_used, torch.zeros(bsz, extra, dtype=torch.float64)], dim=1)
+        self.issued = torch.cat([self.issued, torch.zeros(bsz, extra, dtype=torch.bool)], dim=1)
+        self.last_needed = torch.cat([self.last_needed, torch.zeros(bsz, extra, dtype=torch.bool)], dim=1)
         for name in ("acc_mass", "last_mass", "prompt_mass"):
             old = getattr(self, name)
             grown = torch.zeros(bsz, old.shape[1], max_pages + 1, dtype=torch.float32)
@@ -345,8 +363,8 @@ class PageTable:
             mass[b, :, keep_pages:] = 0.0
         if self.merged_valid is not None:
             self.merged_valid[b, keep_pages:] = False
-        self.issued[b] = {p for p in self.issued[b] if p < keep_pages}
-        self.last_needed[b] = {p for p in self.last_needed[b] if p < keep_pages}
+        self.issued[b, keep_pages:] = False
+        self.last_needed[b, keep_pages:] = False
         self.length[b] = new_length
         if tail_kv is not None:
             if pool is None:
@@ -408,8 +426,7 @@ class PageTable:
         order = idx.tolist()
         self.length = [self.length[i] for i in order]
         self.dropped = [self.dropped[i] for i in order]
-        self.issued = [set(self.issued[i]) for i in order]
-        self.last_needed = [set(self.last_needed[i]) for i in order]
+        self.issued, self.last_needed = self.issued[idx], self.last_needed[idx]
         self.scores = self.scores[idx]
         self.last_used = self.last_used[idx]
         self.acc_mass, self.last_mass, self.prompt_mass = self.acc_mass[idx], self.last_mass[idx], self.prompt_mass[idx]

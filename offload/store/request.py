@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from offload.stats import OffloadStats
-from offload.store.page_table import CROP_MARGIN, PageTable, ResidencyRules
+from offload.store.page_table import CROP_MARGIN, LayerCounters, PageTable, ResidencyRules
 from offload.store.planner import new_positions
 
 # PageTable counters summed into OffloadStats.
@@ -20,6 +20,8 @@ LAYER_SUMS = (
     "dropped_pages", "gathered_bytes", "policy_read_bytes", "oracle_pages", "oracle_hits", "mass_missed",
     "mass_measured_rows", "merged_pages", "device_read_bytes", "host_read_bytes",
 )
+
+COUNTER_NAMES = tuple(field.name for field in dataclasses.fields(LayerCounters))
 
 # TransferEngine counters (cumulative over the store) reported as their change since the request opened.
 TRANSFER_SUMS = ("h2d_bytes", "d2h_bytes", "h2d_transfers", "d2h_transfers", "link_s", "h2d_link_s", "d2h_link_s",
@@ -106,17 +108,18 @@ class Request:
             setattr(stats, name, value - self._tiers_start[name])
         stats.lower_bytes = self.store.lower_bytes()
         for idx, table in enumerate(self.tables):
-            resident = sum(len(table.resident_pages(b)) for b in range(table.batch_size)) if table.on_device else 0
+            # (pages past a sequence's complete ones are never resident nor alive: whole-table counts)
+            resident = int((table.slots >= 0).sum()) if table.on_device else 0
             total = sum(table.num_complete(b) for b in range(table.batch_size))
             stats.pages_resident += resident
             stats.pages_total += total
-            counters = dataclasses.asdict(table.counters)
+            counters = {name: getattr(table.counters, name) for name in COUNTER_NAMES}
             for name in LAYER_SUMS:
                 setattr(stats, name, getattr(stats, name) + counters[name])
             stats.per_layer.append({"layer": idx, "pages_resident": resident, "pages_total": total, **counters})
         stats.dropped_bytes = stats.dropped_pages * self.store.layout.page_bytes
         layout = self.store.layout
-        stats.kv_bytes = sum(int(t.alive(b).sum()) for t in self.tables for b in range(t.batch_size)) * layout.page_bytes
+        stats.kv_bytes = sum(int((t.page_ids >= 0).sum()) for t in self.tables) * layout.page_bytes
         # A dropped page's merged token (one key and value per KV head) is what remains of it.
         binds = self.store.policy.binds_merges  # (D2O: a token bound to no kept page was discarded)
         merged = sum(int((t.merged_valid[b, : t.num_complete(b)] & ~t.alive(b)

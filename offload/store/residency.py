@@ -16,6 +16,7 @@ import logging
 import torch
 
 from offload.policies import EvictionCandidates, EvictionOrder, keep_order
+from offload.store.append import Fresh
 from offload.store.page_table import PageTable
 from offload.store.transfer import TransferEngine
 
@@ -96,49 +97,90 @@ class Residency:
                 table.slots[b, p] = -1
         return table.rules.slots_per_seq - table.slots_in_use(b)
 
-    def rebalance(self, table: PageTable, b: int, fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Make sequence b's resident set the sinks, the recent window and the pages the eviction
-        order ranks first.
+    def rebalance(self, table: PageTable, seqs: list[int], fresh: list[Fresh] | None = None) -> None:
+        """Make each sequence's resident set (the sequences `seqs`) the sinks, the recent window and
+        the pages the eviction order ranks first, for the whole batch at once.
 
-        Pages whose data is at hand on the device (`fresh`) are kept without a copy; other wanted
-        pages are promoted from the host (asynchronously), at most `promote_pages` per step.
-        """
-        rules = table.rules
-        n = table.num_complete(b)
-        required = table.required_pages(b)
-        # One slot stays for the tail; pages in flight keep theirs.
-        assert rules.slots_per_seq - 1 >= len(required), "budget.device_rules guarantees sinks + recent window + tail fit"
-        room = rules.slots_per_seq - 1 - len(required) - len(table.inflight[b])
+        Pages whose data is at hand on the device (`fresh[i]` for `seqs[i]`, page -> (keys, values))
+        are kept without a copy; other wanted pages are promoted from the host (asynchronously), at
+        most `promote_pages` per sequence and step besides required ones. Pages in flight keep their
+        slots. Equal priorities keep the newer page (`keep_order`'s rule)."""
+        if not seqs:
+            return
+        fresh = fresh if fresh is not None else [{} for _ in seqs]
+        rules, pool = table.rules, table.device_pool
+        rows = torch.tensor(seqs, dtype=torch.long)
+        num = max(table.num_complete(b) for b in seqs)
+        if num == 0:
+            return
+        pages = torch.arange(num)
+        exists = pages < torch.tensor([table.num_complete(b) for b in seqs])[:, None]
+        alive = (table.page_ids[rows, :num] >= 0) & exists
+        slots = table.slots[rows, :num]
+        resident = (slots >= 0) & exists
+        required = table.required_mask(seqs, num)
+        inflight = _mask(len(seqs), num, [table.inflight[b] for b in seqs])
+        num_required = required.sum(dim=1)
+        assert bool((num_required <= rules.slots_per_seq - 1).all()), \
+            "budget.device_rules guarantees sinks + recent window + tail fit"
+        # One slot stays for the tail; pages in flight keep theirs. A sliding or chunked layer keeps
+        # what its next query sees, nothing else.
+        room = rules.slots_per_seq - 1 - num_required - inflight.sum(dim=1)
         if rules.local:
-            room = 0  # a sliding or chunked layer keeps what its next query sees, nothing else
-        alive = table.alive(b).tolist()
-        others = [p for p in range(n) if alive[p] and p not in required and p not in table.inflight[b]]
-        wanted = set(required)
-        if others and room > 0:
-            if room >= len(others):
-                wanted.update(others)
-            else:
-                resident = set(table.resident_pages(b)) | set(fresh)
-                order = keep_order(self.order, self._candidates(table, b, others, resident, table.last_needed[b]))
-                wanted.update(others[i] for i in order[:room])
-        for p in table.resident_pages(b):
-            if p not in wanted:
-                table.device_pool.decref(int(table.slots[b, p]))
-                table.slots[b, p] = -1
-        promote: list[int] = []
-        resident = set(table.resident_pages(b))
-        pool = table.device_pool
-        for p in sorted(wanted):
-            if p in resident:
-                continue
-            if p in fresh:
-                slot = pool.allocate()
-                pool.keys[slot] = fresh[p][0]
-                pool.values[slot] = fresh[p][1]
-                table.slots[b, p] = slot
-            else:
-                promote.append(p)
-        score = table.scores[b].tolist()
-        promote.sort(key=lambda p: (p not in required, -score[p], -p))
-        chosen = [p for p in promote if p in required] + [p for p in promote if p not in required][: rules.promote_pages]
-        self.issue(table, b, chosen)
+            room.zero_()
+        at_hand = _mask(len(seqs), num, fresh)
+        others = alive & ~required & ~inflight
+        candidates = EvictionCandidates(
+            score=table.scores[rows, :num].double(),
+            last_access=table.last_used[rows, :num].double(),
+            resident=resident | at_hand,
+            recently_needed=table.last_needed[rows, :num],
+            position=pages.double().expand(len(seqs), num),
+        )
+        wanted = required | (others & (keep_ranks(self.order.priority(candidates), others) < room[:, None]))
+
+        evict = resident & ~wanted
+        if bool(evict.any()):
+            for slot in slots[evict].tolist():
+                pool.decref(slot)
+            i, p = evict.nonzero(as_tuple=True)
+            table.slots[rows[i], p] = -1
+        bring = wanted & ~resident & ~inflight
+        for i, b in enumerate(seqs):
+            for p, (keys, values) in fresh[i].items():
+                if p < num and bool(bring[i, p]):
+                    slot = pool.allocate()
+                    pool.keys[slot], pool.values[slot] = keys, values
+                    table.slots[b, p] = slot
+                    bring[i, p] = False
+        if not bool(bring.any()):
+            return
+        # Required pages all come; of the rest the highest scores (then the newest) first.
+        score = table.scores[rows, :num].double()
+        optional = bring & ~required
+        chosen = (bring & required) | (optional & (keep_ranks(score, optional) < rules.promote_pages))
+        for i in chosen.any(dim=1).nonzero().flatten().tolist():
+            row = chosen[i].nonzero().flatten().tolist()
+            row.sort(key=lambda p: (not bool(required[i, p]), -float(score[i, p]), -p))
+            self.issue(table, seqs[i], row)
+
+
+def keep_ranks(priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """[S, P] long: each candidate's place in its row's keep order (0 = kept first), highest
+    priority first, equal priorities the newer (higher) position first; non-candidates rank after
+    every candidate. The batched form of `keep_order`."""
+    num = priority.shape[1]
+    key = torch.where(candidates, priority, torch.tensor(float("-inf"), dtype=priority.dtype)).flip(1)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # ties: newer first (flipped)
+    is_candidate = candidates.flip(1).gather(1, order)
+    place = torch.where(is_candidate, is_candidate.long().cumsum(dim=1) - 1, num)
+    return torch.empty_like(place).scatter_(1, num - 1 - order, place)
+
+
+def _mask(rows: int, num: int, members: list) -> torch.Tensor:
+    """[rows, num] bool: True at the pages (< num) each row's collection holds."""
+    mask = torch.zeros(rows, num, dtype=torch.bool)
+    for i, pages in enumerate(members):
+        if pages:
+            mask[i, [p for p in pages if p < num]] = True
+    return mask

@@ -22,8 +22,8 @@ from offload.store.page_table import PageTable
 
 @dataclass(slots=True)
 class Selection:
-    attend: list[set[int]]  # per sequence: the complete pages attended (sparse mode)
-    needed: list[set[int]]  # ... of which beyond the required ones (prefetch recall counts these)
+    attend: torch.Tensor  # [B, max_pages] bool: the complete pages attended (sparse mode)
+    needed: torch.Tensor  # [B, max_pages] bool: ... of which beyond the required ones (prefetch recall counts these)
     keep: list[torch.Tensor]  # per sequence: [H_kv, num_complete] bool, the policy's answer
     head_keep: torch.Tensor | None  # [B, H_kv, max_pages] bool when KV heads chose differently
     interpolation: list[Interpolation | None]
@@ -74,21 +74,20 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
     )
 
 
-def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale: float) -> list[torch.Tensor] | None:
-    """Per sequence, the [num_complete] bool pages a batched policy (`KVPolicy.keep_batch`) keeps
-    for query [B, H, Q, D], in one call for the whole batch; None when the policy has no batched form."""
+def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """[B, width] bool: the complete pages a batched policy (`KVPolicy.keep_batch`) keeps for query
+    [B, H, Q, D], in one call for the whole batch (width: the most complete pages of a sequence;
+    False past each sequence's own); None when the policy has no batched form."""
     if policy.keep_batch is None:
         return None
     counts = [table.num_complete(b) for b in range(table.batch_size)]
     width = max(counts, default=0)
     if width == 0:
-        return [torch.zeros(0, dtype=torch.bool) for _ in counts]
+        return torch.zeros(table.batch_size, 0, dtype=torch.bool)
     num_pages = torch.tensor(counts, dtype=torch.long)
     real = torch.arange(width)[None, :] < num_pages[:, None]
     alive = (table.page_ids[:, :width] >= 0) & real
-    resident = torch.zeros(table.batch_size, width, dtype=torch.bool)
-    for b, n in enumerate(counts):
-        resident[b, :n] = on_device(table, b, n)
+    resident = table.on_device_mask(width) & real
     summaries = table.float_summaries() if table.key_min is not None else None
     view = BatchView(
         num_pages=num_pages, length=torch.tensor(table.length, dtype=torch.long), page_size=table.layout.page_size,
@@ -101,7 +100,7 @@ def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale:
                            f"expected ({table.batch_size}, {width}) bool")
     if (keep & ~alive).any():
         raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
-    return [keep[b, :n] for b, n in enumerate(counts)]
+    return keep
 
 
 def on_device(table: PageTable, b: int, n: int) -> torch.Tensor:
@@ -117,17 +116,20 @@ def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, 
     """The policy's pages for every sequence of this decode step (query [B, H, Q, D]). With
     `measure` (benchmarks), each choice is also compared with exact attention (`measure_choice`)."""
     _open_prompt(table)
-    attend, needed, keeps, interps = [], [], [], []
+    bsz, num_kv = table.batch_size, table.layout.num_kv_heads
+    attend = torch.zeros(bsz, table.max_pages, dtype=torch.bool)
+    keeps, interps = [], []
     per_head = False
     batched = keep_batched(table, policy, query, scale) if not measure else None
-    for b in range(table.batch_size):
-        if batched is not None:  # (one selection for every KV head: checked by keep_batched)
-            view, union = None, batched[b]
-            keep = union[None, :].expand(table.layout.num_kv_heads, -1)
-        else:
+    if batched is not None:  # (one selection for every KV head: checked by keep_batched)
+        attend[:, : batched.shape[1]] = batched
+        keeps = [batched[b, : table.num_complete(b)][None, :].expand(num_kv, -1) for b in range(bsz)]
+        interps = [None] * bsz
+    else:
+        for b in range(bsz):
             view = view_of(table, b, table.rules.token_budget, query[b], layer, num_layers, scale)
             keep = policy.keep(view)
-            n, num_kv = view.num_pages, view.num_kv_heads
+            n = view.num_pages
             if keep.shape != (num_kv, n) or keep.dtype != torch.bool:
                 raise RuntimeError(f"policy {policy.name!r} returned {tuple(keep.shape)} {keep.dtype}; "
                                    f"expected ({num_kv}, {n}) bool")
@@ -135,17 +137,16 @@ def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, 
                 raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
             union = keep.any(dim=0)
             per_head |= bool((keep != union[None, :]).any())
-        pages = set(union.nonzero().flatten().tolist())
-        attend.append(pages)
-        needed.append(pages - table.required_pages(b))
-        keeps.append(keep)
-        interp = policy.interpolation()
-        interps.append(interp if interp is not None and not bool(keep.all()) else None)
-        if measure:
-            measure_choice(table, view, keep)
+            attend[b, :n] = union
+            keeps.append(keep)
+            interp = policy.interpolation()
+            interps.append(interp if interp is not None and not bool(keep.all()) else None)
+            if measure:
+                measure_choice(table, view, keep)
+    needed = attend & ~table.required_mask(list(range(bsz)), table.max_pages)
     head_keep = None
     if per_head:
-        head_keep = torch.zeros(table.batch_size, table.layout.num_kv_heads, table.max_pages, dtype=torch.bool)
+        head_keep = torch.zeros(bsz, num_kv, table.max_pages, dtype=torch.bool)
         for b, keep in enumerate(keeps):
             head_keep[b, :, : keep.shape[1]] = keep
     return Selection(attend, needed, keeps, head_keep, interps)

@@ -66,7 +66,7 @@ def test_pages_in_flight_are_never_evicted():
     held = dict(layer.inflight[0])
     # Ask for far more room than there is: only resident, non-required pages may go.
     store.residency.make_room(layer, 0, keep=set(), num=100)
-    store.residency.rebalance(layer, 0, {})  # may promote more pages, but never touches those in flight
+    store.residency.rebalance(layer, [0])  # may promote more pages, but never touches those in flight
     assert held.items() <= layer.inflight[0].items()
     assert all(layer.device_pool.refcount[s] == 1 for s in held.values())
     assert layer.slots_in_use(0) <= layer.rules.slots_per_seq
@@ -199,12 +199,12 @@ def test_rebalance_keeps_the_pages_the_last_query_selected():
     # Criticality says the first two candidates; the last query selected the last two.
     layer.scores[0].zero_()
     layer.scores[0, others[:2]] = 10.0
-    layer.last_needed = [set(others[-2:])]
+    layer.last_needed[0, others[-2:]] = True
     for p in layer.resident_pages(0):  # start from no cached pages, so nothing has a resident bonus
         if p not in required:
             layer.device_pool.decref(int(layer.slots[0, p]))
             layer.slots[0, p] = -1
-    store.residency.rebalance(layer, 0, {})
+    store.residency.rebalance(layer, [0])
     store.residency.complete_copies(layer)
     assert set(others[-2:]) <= set(layer.resident_pages(0))
     assert set(layer.resident_pages(0)).isdisjoint(others[:2])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload.policies import EVICTION_ORDERS, SCORERS, SELECTORS
+from offload.policies import EVICTION_ORDERS, SCORERS, SELECTORS, EvictionCandidates, keep_order
 from offload.store.layout import page_tokens
 from tests.store.conftest import HKV, D, Reference, make_store, step
 
@@ -77,7 +77,7 @@ def test_eviction_keeps_required_and_highest_scores_exactly():
     step(store, request, Reference(1), gen, 1, 40)  # 10 complete pages; required: sink page 0 and recent page 9
     table.scores.zero_()
     table.scores[0, 3], table.scores[0, 6], table.scores[0, 5] = 5.0, 4.0, 4.0
-    store.residency.rebalance(table, 0, {})
+    store.residency.rebalance(table, [0])
     # 2 slack slots: the top scores 3, then 6 (ties go to the newer page), promoted from the host,
     # asynchronously: in flight (slots held) until completed.
     assert sorted(table.inflight[0]) == [3, 6] and table.resident_pages(0) == [0, 9]
@@ -94,7 +94,7 @@ def test_lru_device_eviction_keeps_the_most_recently_selected_pages():
     table.scores.zero_()
     table.scores[0, 3] = 100.0  # criticality would keep page 3; LRU looks only at last use
     table.last_used[0, 5], table.last_used[0, 7] = 9.0, 8.0
-    store.residency.rebalance(table, 0, {})
+    store.residency.rebalance(table, [0])
     store.residency.complete_copies(table)
     assert table.resident_pages(0) == [0, 5, 7, 9]
 
@@ -164,3 +164,57 @@ def test_park_and_resume_keep_every_token():
     assert not other.on_device
     step(store, request, ref, gen, 2, 1)
     step(store, request, ref, gen, 2, 9)
+
+
+def _rebalance_reference(table, order, b):
+    """The per-sequence rule, written plainly: (pages kept resident, pages promoted) for sequence b."""
+    rules, n = table.rules, table.num_complete(b)
+    required = table.required_pages(b)
+    inflight = set(table.inflight[b])
+    room = 0 if rules.local else rules.slots_per_seq - 1 - len(required) - len(inflight)
+    resident = set(table.resident_pages(b))
+    others = [p for p in range(n) if table.page_ids[b, p] >= 0 and p not in required and p not in inflight]
+    wanted = set(required)
+    if room >= len(others):
+        wanted.update(others)
+    elif room > 0:
+        idx = torch.tensor(others)
+        candidates = EvictionCandidates.of(
+            len(others), score=table.scores[b, idx], last_access=table.last_used[b, idx],
+            resident=torch.tensor([p in resident for p in others]),
+            recently_needed=table.last_needed[b, idx], position=idx)
+        wanted.update(others[i] for i in keep_order(order, candidates)[:room])
+    score = table.scores[b].tolist()
+    promote = sorted((p for p in wanted if p not in resident and p not in inflight),
+                     key=lambda p: (p not in required, -score[p], -p))
+    chosen = [p for p in promote if p in required] + [p for p in promote if p not in required][: rules.promote_pages]
+    return resident & wanted, set(chosen)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), slack=st.integers(0, 6),
+       promote=st.integers(1, 4), device_eviction=st.sampled_from(sorted(EVICTION_ORDERS)))
+def test_batched_rebalance_matches_the_per_sequence_rule(seed, batch, slack, promote, device_eviction):
+    """Random scores (with ties), last uses, last selections and residency: the batched rebalance
+    keeps and promotes exactly the pages the plain per-sequence rule names."""
+    gen = torch.Generator().manual_seed(seed)
+    store, request, table = make_store(batch, 120, page_size=4, slack_slots=slack, promote_pages=promote,
+                                       device_eviction=device_eviction)
+    step(store, request, Reference(batch), gen, batch, int(torch.randint(20, 100, (1,), generator=gen)))
+    store.residency.complete_copies(table)
+    table.scores[:] = torch.randint(0, 4, table.scores.shape, generator=gen).float()  # ties on purpose
+    table.last_used[:] = torch.randint(0, 5, table.last_used.shape, generator=gen).double()
+    for b in range(batch):
+        n = table.num_complete(b)
+        table.last_needed[b, torch.randperm(n, generator=gen)[: n // 3]] = True
+        required = table.required_pages(b)
+        for p in table.resident_pages(b):  # a random part of the optional pages leaves the device
+            if p not in required and bool(torch.rand(1, generator=gen) < 0.5):
+                table.device_pool.decref(int(table.slots[b, p]))
+                table.slots[b, p] = -1
+    expected = [_rebalance_reference(table, store.residency.order, b) for b in range(batch)]
+    store.residency.rebalance(table, list(range(batch)))
+    for b, (kept, promoted) in enumerate(expected):
+        assert set(table.resident_pages(b)) == kept
+        assert set(table.inflight[b]) == promoted
+        assert table.slots_in_use(b) <= table.rules.slots_per_seq

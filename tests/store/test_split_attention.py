@@ -75,7 +75,7 @@ def test_per_head_selections_mask_each_kv_head_to_its_own_pages(page_size):
     head_keep = torch.zeros(2, HKV, table.max_pages, dtype=torch.bool)
     head_keep[:, 0, [0, 2, 5]] = True
     head_keep[:, 1, [1, 2, 7]] = True
-    attend = [set(head_keep[b].any(dim=0).nonzero().flatten().tolist()) for b in range(2)]
+    attend = head_keep.any(dim=1)
     layer_plan = plan(table, valid, attend, True, head_keep=head_keep)
     assert int(layer_plan.host_counts.sum()) == 0 and layer_plan.gather_ids is not None
     assert table.counters.gathered_bytes > 0
