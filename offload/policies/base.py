@@ -296,16 +296,17 @@ def sinks_and_recent(view: "BatchView") -> torch.Tensor:
     """[B, P] bool: the sink pages, then the newest pages of the recent window, together at most
     half of each sequence's page budget (the rest is the policy's to choose). Quest's fixed part,
     and the oracle's."""
-    bsz, num_pages = view.alive.shape
+    num_pages = view.alive.shape[1]
     fixed = view.budget_pages // 2
     position = torch.arange(num_pages)
     sink_pages = torch.clamp(fixed, max=view.sink_pages)
     required = (position[None, :] < sink_pages[:, None]) & view.alive
     if view.recent_tokens > 0:
         first = (view.length - view.recent_tokens).clamp(min=0) // view.page_size
-        window = view.alive & (position[None, :] >= first[:, None])
-        newer = position.to(torch.float32)[None, :].expand(bsz, -1)
-        required = fill_rows(required, newer, fixed - required.sum(dim=1), window)
+        window = view.alive & (position[None, :] >= first[:, None]) & ~required
+        # The newest `fixed - sinks` window pages: those with at most that many window pages at or after them.
+        from_end = window.flip(1).cumsum(dim=1).flip(1)
+        required = required | (window & (from_end <= (fixed - required.sum(dim=1))[:, None]))
     return required
 
 

@@ -18,7 +18,7 @@ import torch
 from offload.policies import KVPolicy
 from offload.store.page_table import PageTable
 from offload.store.residency import Residency
-from offload.store.selection import keep_batched, on_device, view_of
+from offload.store.selection import keep_batched, view_of
 
 # A layer whose selections were all on the device for a while speculates less often: after n
 # such steps only when n is a power of two, and at least every MAX_QUIET_INTERVAL steps. A miss
@@ -45,14 +45,17 @@ class Prefetcher:
         (whether it is `due` is the caller's question, asked before predicting)."""
         scale = table.scale if table.scale is not None else table.layout.head_dim ** -0.5
         batched = keep_batched(table, self.policy, predicted_query, scale)
-        for b in range(table.batch_size):
-            if batched is not None:
-                wanted = batched[b, : table.num_complete(b)]
-                resident = on_device(table, b, wanted.shape[0])
-            else:
+        if batched is not None:  # the whole batch at once; only sequences missing pages go on
+            missing = batched & ~table.on_device_mask(batched.shape[1])
+            rows = [(b, batched[b], missing[b]) for b in missing.any(dim=1).nonzero().flatten().tolist()]
+        else:
+            rows = []
+            for b in range(table.batch_size):
                 view = view_of(table, b, table.rules.token_budget, predicted_query[b], layer, num_layers, scale)
-                wanted, resident = self.policy.keep(view).any(dim=0), view.resident
-            missing = (wanted & ~resident).nonzero().flatten().tolist()
+                wanted = self.policy.keep(view).any(dim=0)
+                rows.append((b, wanted, wanted & ~view.resident))
+        for b, wanted, missing in rows:
+            missing = missing.nonzero().flatten().tolist()
             if not missing:
                 continue
             room = self.residency.make_room(table, b, set(wanted.nonzero().flatten().tolist()), len(missing))

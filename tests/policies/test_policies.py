@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from offload import OffloadConfig
 from offload.policies import POLICIES, StepView
+from offload.policies.base import BatchView, sinks_and_recent
 from offload.policies.pyramidkv import layer_budgets
 from offload.policies.sparq import approximate_attention
 
@@ -314,3 +317,30 @@ def test_quest_batched_keep_equals_each_sequences_keep(margin, recent_tokens):
             one.key_min, one.key_max, one.resident = key_min[b, :n], key_max[b, :n], resident[b, :n]
             assert kept(policy.keep(one))[0] == batch[b, :n].nonzero().flatten().tolist(), (trial, b)
             assert not bool(batch[b, n:].any())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), num_pages=st.integers(0, 12),
+       budget=st.integers(0, 60), sink_pages=st.integers(0, 3), recent=st.integers(0, 40))
+def test_sinks_and_recent_takes_the_sinks_then_the_newest_alive_window_pages(seed, batch, num_pages, budget,
+                                                                            sink_pages, recent):
+    """Against the rule written per sequence: the first min(sinks, half the budget) alive pages, then
+    the newest alive pages of the recent window until half the page budget is kept."""
+    gen = torch.Generator().manual_seed(seed)
+    length = torch.randint(num_pages * PS, num_pages * PS + PS, (batch,), generator=gen)
+    alive = torch.rand(batch, num_pages, generator=gen) < 0.8
+    batch_view = BatchView(num_pages=torch.full((batch,), num_pages), length=length, page_size=PS, budget=budget,
+                           sink_pages=sink_pages, recent_tokens=recent, alive=alive, query=torch.zeros(batch, H, 1, D),
+                           key_min=None, key_max=None, resident=torch.zeros(batch, num_pages, dtype=torch.bool),
+                           scale=SCALE)
+    got = sinks_and_recent(batch_view)
+    for b in range(batch):
+        fixed = max(0, (budget - int(length[b]) % PS) // PS) // 2
+        kept = {p for p in range(min(fixed, sink_pages, num_pages)) if alive[b, p]}
+        first = max(0, int(length[b]) - recent) // PS if recent else num_pages
+        for p in reversed(range(first, num_pages)):
+            if len(kept) >= fixed:
+                break
+            if alive[b, p] and p not in kept:
+                kept.add(p)
+        assert set(got[b].nonzero().flatten().tolist()) == kept
