@@ -77,6 +77,37 @@ def _fused_attention(query, keys, values, visible, scale):
     return out.float(), lse.float()
 
 
+def prefill_attention_scores(query, keys, values, seen: torch.Tensor, scale: float, score_rows: int):
+    """`dense_attention_scores` for a prefill chunk laid out the usual way, without a [Q, T] mask:
+    the last Q keys are the Q queries' own tokens (causal), the earlier ones are seen by every
+    row or by none (`seen` [B, T - Q] bool). CPU flash attention in causal mode skips the hidden
+    half; the earlier keys are merged in by log-sum-exp. No softcap. Returns (out, lse, scores of
+    the last `score_rows` rows [B, H, R, T], -inf where hidden)."""
+    from offload.kernels.merge import merge_partials
+
+    q_len, kv_len = query.shape[2], keys.shape[2]
+    prefix = kv_len - q_len
+    group = query.shape[1] // keys.shape[1]
+    own_k = keys[:, :, prefix:].float().repeat_interleave(group, dim=1)
+    own_v = values[:, :, prefix:].float().repeat_interleave(group, dim=1)
+    out, lse = _FLASH_CPU(query.float().contiguous(), own_k, own_v, 0.0, True, scale=scale)[:2]
+    out, lse = out.float(), lse.float()
+    if bool(seen.any()):
+        if bool(seen.all()):
+            before = _attend_block(query, keys[:, :, :prefix], values[:, :, :prefix], scale)
+        else:
+            before = _fused_attention(query, keys[:, :, :prefix], values[:, :, :prefix],
+                                      seen[:, None, :].expand(-1, q_len, -1), scale)
+        out, lse = merge_partials(out, lse, *before)
+    rows = min(score_rows, q_len)
+    key = torch.arange(kv_len, device=query.device)
+    row_visible = torch.cat([seen[:, None, :].expand(-1, rows, -1),
+                             (key[None, prefix:] <= key[prefix + q_len - rows :, None]).expand(seen.shape[0], -1, -1)],
+                            dim=2)
+    _, _, scores = _dense(query[:, :, q_len - rows :], keys, values, row_visible, scale, None)
+    return out, lse, scores
+
+
 def _dense(query, keys, values, visible, scale, softcap):
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
@@ -164,12 +195,14 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, softcap=None):
     """Every key visible. query [1, H, Q, D]; keys/values [1, H_kv, T, D] -> (out, lse) float32."""
-    group = query.shape[1] // keys.shape[1]
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
     if _FLASH_CPU is not None and query.device.type == "cpu" and not softcap:
-        k = keys.float().repeat_interleave(group, dim=1)
-        v = values.float().repeat_interleave(group, dim=1)
-        out, lse = _FLASH_CPU(query.float(), k, v, 0.0, False, scale=scale)[:2]
-        return out, lse
+        # Every row sees every key, so a KV head's G query heads are G * Q rows of one head: the
+        # keys are read as they are, never repeated per query head.
+        rows = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
+        out, lse = _FLASH_CPU(rows, keys.float(), values.float(), 0.0, False, scale=scale)[:2]
+        return out.reshape(bsz, num_heads, q_len, head_dim), lse.reshape(bsz, num_heads, q_len)
     visible = torch.ones(1, query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device)
     return dense_attention(query, keys, values, visible, scale, softcap)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.kernels import merge_partials
-from offload.kernels.torch_ref import dense_attention_scores
+from offload.kernels.torch_ref import dense_attention_scores, prefill_attention_scores
 from offload.store.page_table import PageTable
 from offload.store.planner import LayerPlan
 from offload.store.residency import log_once
@@ -69,19 +69,12 @@ class SplitAttention:
                                                                                 has_host)
         keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots, device_pos)
         new_pos = plan.new_pos.to(key_pos.device)
-        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
-        if plan.window is not None:  # transformers' sliding window: kv_idx > q_idx - window
-            visible &= key_pos[:, None, :] > new_pos[:, :, None] - plan.window
-        if plan.chunk is not None:  # transformers' chunked attention: the same chunk of real positions
-            visible &= key_pos[:, None, :].div(plan.chunk, rounding_mode="floor") == new_pos[:, :, None].div(
-                plan.chunk, rounding_mode="floor")
-        if plan.head_keep is not None:  # per-head selections: each KV head sees its own pages
-            ps = table.layout.page_size
-            page = key_pos.clamp(min=0).div(ps, rounding_mode="floor").clamp(max=table.max_pages)
-            head_keep = plan.head_keep.to(key_pos.device)
-            seen = head_keep.gather(2, page[:, None, :].expand(-1, head_keep.shape[1], -1))  # [B, H_kv, T_dev]
-            visible = visible[:, None, :, :] & seen[:, :, None, :]
-        out_d, lse_d, key_lse = dense_attention_scores(query, keys, values, visible, scale, softcap, score_rows=observe)
+        if _plain_prefill(plan, key_pos, new_pos, query, softcap):
+            prefix = key_pos.shape[1] - new_pos.shape[1]
+            out_d, lse_d, key_lse = prefill_attention_scores(query, keys, values, key_pos[:, :prefix] >= 0, scale, observe)
+        else:
+            out_d, lse_d, key_lse = self._masked_device_part(plan, table, query, keys, values, key_pos, new_pos, scale,
+                                                             softcap, observe)
         if paged is not None:
             out_d, lse_d = merge_partials(paged.out.to(out_d.device), paged.lse.to(lse_d.device), out_d, lse_d)
         # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
@@ -117,6 +110,24 @@ class SplitAttention:
             pages_lse.append((paged.page_lse, paged_pages))
         mass = self._page_mass(table, lse[:, :, lse.shape[2] - observe :], key_lse, key_pos, pages_lse)
         return RunResult(out, lse, mass)
+
+    @staticmethod
+    def _masked_device_part(plan: LayerPlan, table: PageTable, query, keys, values, key_pos, new_pos, scale, softcap,
+                            observe: int):
+        """The device part through a [B, Q, T] visibility mask (causal, window, chunk, per-head pages)."""
+        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
+        if plan.window is not None:  # transformers' sliding window: kv_idx > q_idx - window
+            visible &= key_pos[:, None, :] > new_pos[:, :, None] - plan.window
+        if plan.chunk is not None:  # transformers' chunked attention: the same chunk of real positions
+            visible &= key_pos[:, None, :].div(plan.chunk, rounding_mode="floor") == new_pos[:, :, None].div(
+                plan.chunk, rounding_mode="floor")
+        if plan.head_keep is not None:  # per-head selections: each KV head sees its own pages
+            ps = table.layout.page_size
+            page = key_pos.clamp(min=0).div(ps, rounding_mode="floor").clamp(max=table.max_pages)
+            head_keep = plan.head_keep.to(key_pos.device)
+            seen = head_keep.gather(2, page[:, None, :].expand(-1, head_keep.shape[1], -1))  # [B, H_kv, T_dev]
+            visible = visible[:, None, :, :] & seen[:, :, None, :]
+        return dense_attention_scores(query, keys, values, visible, scale, softcap, score_rows=observe)
 
     # ------------------------------------------------------------------ parts
     def _paged_device_part(self, plan: LayerPlan, table: PageTable, query, scale, softcap, has_host: bool):
@@ -233,3 +244,20 @@ class SplitAttention:
             mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), per_kv_head(part_mass).cpu())
         mass[:, :, sink] = 0.0
         return mass
+
+
+def _plain_prefill(plan: LayerPlan, key_pos: torch.Tensor, new_pos: torch.Tensor, query: torch.Tensor,
+                   softcap: float | None) -> bool:
+    """Whether the device part is an ordinary prefill chunk (`prefill_attention_scores`): on the
+    CPU, more than one query, every new token real and stored in order as the last keys, every
+    earlier key before the first of them, no window, chunk, per-head pages or softcap. Decided from
+    the [B, T] positions, never from a [Q, T] mask."""
+    q_len = new_pos.shape[1]
+    if (plan.decode or q_len < 2 or softcap or plan.window is not None or plan.chunk is not None
+            or plan.head_keep is not None or query.device.type != "cpu" or key_pos.shape[1] < q_len):
+        return False
+    own = key_pos[:, key_pos.shape[1] - q_len :]
+    if not torch.equal(own, new_pos) or not bool((new_pos[:, 1:] - new_pos[:, :-1] == 1).all()):
+        return False
+    before = key_pos[:, : key_pos.shape[1] - q_len]
+    return bool((before < new_pos[:, :1]).all())
