@@ -72,7 +72,9 @@ class EvictionOrder:
     name = "base"
 
     def priority(self, candidates: EvictionCandidates) -> torch.Tensor:
-        """[n] float64; ties are broken by position (the older page leaves first)."""
+        """[n] float64; ties are broken by position (the older page leaves first). Element-wise:
+        device residency passes [B, P] candidates (every sequence of a batch at once) and expects
+        [B, P] back."""
         raise NotImplementedError
 
 

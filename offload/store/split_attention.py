@@ -1,7 +1,9 @@
 """Running a `LayerPlan`: the device part and the host part of one layer's attention, merged by LSE.
 
-The host part (pages that are not resident) runs on a worker thread through the paged CPU
-kernels while this thread computes the device part (resident pages, the tail, the new tokens).
+The host part (pages that are not resident) runs through the paged CPU kernels, on a worker
+thread when there is an accelerator (inline when the CPU is the device: there is nothing for it
+to overlap with but the same cores), while this thread computes the device part (resident
+pages, the tail, the new tokens).
 Both return `(out, lse)` and per-key or per-page log-sum-exps of the observed query rows, so the
 attention mass each page received comes out of the run itself: criticality never recomputes q.k.
 A failed host kernel falls back to the torch kernel; a failure there too is raised.
@@ -149,9 +151,11 @@ class SplitAttention:
         before = bool(((page_pos < 0) | (page_pos + ps <= earliest[:, None])).all())
         if not before or not bool(counts.any()):
             return None, None, slots, positions
-        # The kernel's helper threads serve one call at a time: beside a host part that reads at
-        # least as many pages, the device part takes one thread and leaves them.
-        smaller = has_host and int(counts.sum()) <= int(plan.host_counts.sum())
+        # The kernel's helper threads serve one call at a time: beside a host part running at the
+        # same time (on the worker) that reads at least as many pages, the device part takes one
+        # thread and leaves them.
+        smaller = (has_host and self.executor is not None
+                   and int(counts.sum()) <= int(plan.host_counts.sum()))
         pool = table.device_pool
         try:
             paged = attend_pages(query, pool.keys, pool.values, slots[:, :num_dev], counts, scale, plan.observe,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -26,12 +28,14 @@ def _naive_page_mass(ref: Reference, query, keys, page_size, max_pages, observe)
     return mass
 
 
+@pytest.mark.parametrize("host_worker", [False, True])
 @pytest.mark.parametrize("device_path", ["paged", "gathered"])
 @pytest.mark.parametrize("new_tokens", [1, 5, 40])
 @pytest.mark.parametrize("page_size", [1, 4, 5])
-def test_run_gives_exact_output_and_page_mass(new_tokens, page_size, device_path, monkeypatch):
+def test_run_gives_exact_output_and_page_mass(new_tokens, page_size, device_path, host_worker, monkeypatch):
     # On the CPU the device part attends resident pages with the paged kernel in place; when that
-    # kernel fails it gathers them for the torch path: both exact, masses included.
+    # kernel fails it gathers them for the torch path: both exact, masses included. The host part
+    # runs inline on the CPU and on a worker thread with an accelerator: both paths are run here.
     if device_path == "gathered":
         def failing(*args, **kwargs):
             raise RuntimeError("injected device-part kernel failure")
@@ -39,6 +43,9 @@ def test_run_gives_exact_output_and_page_mass(new_tokens, page_size, device_path
         monkeypatch.setattr(split_attention, "attend_pages", failing)
     gen = torch.Generator().manual_seed(new_tokens * 10 + page_size)
     store, request, table = make_store(2, 120, page_size=page_size, slack_slots=2)
+    assert store.runner.executor is None  # (the CPU is the device here)
+    if host_worker:
+        store.runner.executor = store.executor = ThreadPoolExecutor(max_workers=1)  # (closed with the store)
     ref = Reference(2)
     step(store, request, ref, gen, 2, 57, pad=[0, 3])  # some pages resident, most on the host
     store.residency.complete_copies(table)
@@ -57,6 +64,7 @@ def test_run_gives_exact_output_and_page_mass(new_tokens, page_size, device_path
                                rtol=1e-4, atol=1e-4)
     assert float(result.page_mass[:, -1].abs().sum()) == 0.0  # the spare column collects nothing
     assert table.counters.failed_kernels == (1 if device_path == "gathered" else 0)
+    store.close()
 
 
 @pytest.mark.parametrize("page_size", [4, 5])
