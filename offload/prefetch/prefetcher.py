@@ -44,25 +44,24 @@ class Prefetcher:
         """Issue copies of the pages the policy would newly select for `predicted_query` [B, H, Q, D]
         (whether it is `due` is the caller's question, asked before predicting)."""
         scale = table.scale if table.scale is not None else table.layout.head_dim ** -0.5
-        batched = keep_batched(table, self.policy, predicted_query, scale)
-        if batched is not None:  # the whole batch at once; only sequences missing pages go on
-            missing = batched & ~table.on_device_mask(batched.shape[1])
-            rows = [(b, batched[b], missing[b]) for b in missing.any(dim=1).nonzero().flatten().tolist()]
-        else:
-            rows = []
+        wanted = keep_batched(table, self.policy, predicted_query, scale)  # [B, P], the whole batch at once
+        if wanted is None:
+            width = max(table.num_complete(b) for b in range(table.batch_size))
+            wanted = torch.zeros(table.batch_size, width, dtype=torch.bool)
             for b in range(table.batch_size):
                 view = view_of(table, b, table.rules.token_budget, predicted_query[b], layer, num_layers, scale)
-                wanted = self.policy.keep(view).any(dim=0)
-                rows.append((b, wanted, wanted & ~view.resident))
-        for b, wanted, missing in rows:
-            missing = missing.nonzero().flatten().tolist()
-            if not missing:
-                continue
-            room = self.residency.make_room(table, b, set(wanted.nonzero().flatten().tolist()), len(missing))
+                wanted[b, : view.num_pages] = self.policy.keep(view).any(dim=0)
+        missing = wanted & ~table.on_device_mask(wanted.shape[1])
+        seqs = missing.any(dim=1).nonzero().flatten().tolist()  # only sequences missing pages go on
+        if not seqs:
+            return
+        room = self.residency.make_room(table, seqs, wanted[seqs], missing[seqs].sum(dim=1))
+        for b, free in zip(seqs, room):
+            pages = missing[b].nonzero().flatten().tolist()
             # Most critical first when room is short, then the newer page.
             score = table.scores[b].tolist()
-            missing.sort(key=lambda p: (-score[p], -p))
-            chosen = missing[: max(0, room)]
+            pages.sort(key=lambda p: (-score[p], -p))
+            chosen = pages[: max(0, free)]
             self.residency.issue(table, b, chosen)
             table.issued[b, chosen] = True
             table.counters.prefetch_issued_pages += len(chosen)

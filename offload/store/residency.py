@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from offload.policies import EvictionCandidates, EvictionOrder, keep_order
+from offload.policies import EvictionCandidates, EvictionOrder
 from offload.store.append import Fresh
 from offload.store.page_table import PageTable
 from offload.store.transfer import TransferEngine
@@ -67,35 +67,31 @@ class Residency:
         table.batches.clear()
 
     # ------------------------------------------------------------------ room and rebalance
-    def _candidates(self, table: PageTable, b: int, pages: list[int], resident: set[int], needed: set[int]):
-        idx = torch.tensor(pages, dtype=torch.long)
-        return EvictionCandidates.of(
-            len(pages),
-            score=table.scores[b, idx],
-            last_access=table.last_used[b, idx],
-            resident=torch.tensor([p in resident for p in pages], dtype=torch.bool),
-            recently_needed=torch.tensor([p in needed for p in pages], dtype=torch.bool),
-            position=idx,
-        )
-
-    def make_room(self, table: PageTable, b: int, keep: set[int], num: int) -> int:
-        """Evict up to `num` resident pages outside `keep` and the required set, lowest priority
-        first; return how many slots are free for sequence b afterwards.
+    def make_room(self, table: PageTable, seqs: list[int], keep: torch.Tensor, wanted: torch.Tensor) -> list[int]:
+        """For each sequence of `seqs`, evict up to wanted[i] resident pages outside keep[i] ([S, P]
+        bool) and the required set, lowest priority first (equal priorities: the older page);
+        return how many slots each has free afterwards. The whole batch at once.
 
         Used by speculation, which does not protect the last query's pages: measured on the
         embedded model, protecting them halved bytes at a 25% budget but cost recall."""
-        free = table.rules.slots_per_seq - table.slots_in_use(b)
-        if free >= num:
-            return free
-        required = table.required_pages(b)
-        victims = [p for p in table.resident_pages(b) if p not in required and p not in keep]
-        if victims:
-            order = keep_order(self.order, self._candidates(table, b, victims, set(victims), set()))
-            for i in order[::-1][: num - free]:
-                p = victims[i]
-                table.device_pool.decref(int(table.slots[b, p]))
-                table.slots[b, p] = -1
-        return table.rules.slots_per_seq - table.slots_in_use(b)
+        rules, num = table.rules, keep.shape[1]
+        rows = torch.tensor(seqs, dtype=torch.long)
+        short = wanted - (rules.slots_per_seq - _slots_in_use(table, seqs))
+        if bool((short > 0).any()):
+            slots = table.slots[rows, :num]
+            victims = (slots >= 0) & ~table.required_mask(seqs, num) & ~keep & (short > 0)[:, None]
+            candidates = EvictionCandidates(
+                score=table.scores[rows, :num].double(), last_access=table.last_used[rows, :num].double(),
+                resident=torch.ones_like(victims), recently_needed=torch.zeros_like(victims),
+                position=torch.arange(num, dtype=torch.float64).expand(len(seqs), num))
+            rank = keep_ranks(self.order.priority(candidates), victims)
+            evict = victims & (rank >= (victims.sum(dim=1) - short)[:, None])
+            if bool(evict.any()):
+                for slot in slots[evict].tolist():
+                    table.device_pool.decref(slot)
+                i, p = evict.nonzero(as_tuple=True)
+                table.slots[rows[i], p] = -1
+        return (rules.slots_per_seq - _slots_in_use(table, seqs)).tolist()
 
     def rebalance(self, table: PageTable, seqs: list[int], fresh: list[Fresh] | None = None) -> None:
         """Make each sequence's resident set (the sequences `seqs`) the sinks, the recent window and
@@ -175,6 +171,12 @@ def keep_ranks(priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
     is_candidate = candidates.flip(1).gather(1, order)
     place = torch.where(is_candidate, is_candidate.long().cumsum(dim=1) - 1, num)
     return torch.empty_like(place).scatter_(1, num - 1 - order, place)
+
+
+def _slots_in_use(table: PageTable, seqs: list[int]) -> torch.Tensor:
+    """[S] long: `PageTable.slots_in_use` of each sequence (resident, in flight, the tail)."""
+    resident = (table.slots[torch.tensor(seqs, dtype=torch.long)] >= 0).sum(dim=1)
+    return resident + torch.tensor([len(table.inflight[b]) + (table.tail_slot[b] >= 0) for b in seqs])
 
 
 def _mask(rows: int, num: int, members: list) -> torch.Tensor:

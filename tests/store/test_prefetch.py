@@ -23,9 +23,14 @@ def _prefill(store, request, ref, batch=1, tokens=64, seed=0):
     return gen
 
 
+def _nothing(table):
+    """make_room's keep: no page of the one sequence is protected."""
+    return torch.zeros(1, table.max_pages, dtype=torch.bool)
+
+
 def _far_pages(store, table, b=0, room=2):
     """Complete pages that are neither required nor resident, after making `room` free slots."""
-    assert store.residency.make_room(table, b, keep=set(), num=room) >= room
+    assert store.residency.make_room(table, [b], _nothing(table), torch.tensor([room]))[0] >= room
     required = table.required_pages(b)
     return [p for p in range(table.num_complete(b)) if p not in required and table.slots[b, p] < 0]
 
@@ -65,7 +70,7 @@ def test_pages_in_flight_are_never_evicted():
     store.residency.issue(layer, 0, far[:2])
     held = dict(layer.inflight[0])
     # Ask for far more room than there is: only resident, non-required pages may go.
-    store.residency.make_room(layer, 0, keep=set(), num=100)
+    store.residency.make_room(layer, [0], _nothing(layer), torch.tensor([100]))
     store.residency.rebalance(layer, [0])  # may promote more pages, but never touches those in flight
     assert held.items() <= layer.inflight[0].items()
     assert all(layer.device_pool.refcount[s] == 1 for s in held.values())

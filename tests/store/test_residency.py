@@ -218,3 +218,37 @@ def test_batched_rebalance_matches_the_per_sequence_rule(seed, batch, slack, pro
         assert set(table.resident_pages(b)) == kept
         assert set(table.inflight[b]) == promoted
         assert table.slots_in_use(b) <= table.rules.slots_per_seq
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), slack=st.integers(0, 6),
+       device_eviction=st.sampled_from(sorted(EVICTION_ORDERS)))
+def test_batched_make_room_evicts_what_the_per_sequence_rule_names(seed, batch, slack, device_eviction):
+    """Random scores (with ties), protected pages and wanted counts: the batched make_room evicts
+    exactly the lowest-priority unprotected, unrequired resident pages the plain rule names."""
+    gen = torch.Generator().manual_seed(seed)
+    store, request, table = make_store(batch, 120, page_size=4, slack_slots=slack, device_eviction=device_eviction)
+    step(store, request, Reference(batch), gen, batch, int(torch.randint(20, 100, (1,), generator=gen)))
+    store.residency.complete_copies(table)
+    table.scores[:] = torch.randint(0, 4, table.scores.shape, generator=gen).float()
+    table.last_used[:] = torch.randint(0, 5, table.last_used.shape, generator=gen).double()
+    keep = torch.rand(batch, table.max_pages, generator=gen) < 0.3
+    wanted = torch.randint(0, 6, (batch,), generator=gen)
+    expected = []
+    for b in range(batch):  # the plain rule
+        free = table.rules.slots_per_seq - table.slots_in_use(b)
+        resident = set(table.resident_pages(b))
+        if free >= int(wanted[b]):
+            expected.append(resident)
+            continue
+        victims = [p for p in sorted(resident) if p not in table.required_pages(b) and not keep[b, p]]
+        idx = torch.tensor(victims, dtype=torch.long)
+        candidates = EvictionCandidates.of(len(victims), score=table.scores[b, idx], last_access=table.last_used[b, idx],
+                                           resident=torch.ones(len(victims), dtype=torch.bool), position=idx)
+        order = keep_order(store.residency.order, candidates) if victims else []
+        evicted = {victims[i] for i in order[::-1][: int(wanted[b]) - free]}
+        expected.append(resident - evicted)
+    room = store.residency.make_room(table, list(range(batch)), keep, wanted)
+    for b in range(batch):
+        assert set(table.resident_pages(b)) == expected[b]
+        assert room[b] == table.rules.slots_per_seq - table.slots_in_use(b)

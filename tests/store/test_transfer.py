@@ -121,7 +121,7 @@ def test_residency_issues_consecutive_pages_as_one_transfer():
     store, request, table = make_store(1, 200, page_size=4, slack_slots=8, sink_tokens=4, recent_tokens=4)
     ref = Reference(1)
     step(store, request, ref, torch.Generator().manual_seed(0), 1, 160)
-    store.residency.make_room(table, 0, keep=set(), num=100)
+    store.residency.make_room(table, [0], torch.zeros(1, table.max_pages, dtype=torch.bool), torch.tensor([100]))
     far = [p for p in range(table.num_complete(0)) if p not in table.required_pages(0) and table.slots[0, p] < 0]
     wanted = far[:4]
     before = store.transfer.counters.h2d_transfers
