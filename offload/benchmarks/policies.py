@@ -253,7 +253,7 @@ def markdown(results: Results) -> str:
              "kept; mass = exact attention mass on the kept pages (both for effect demote only: after drops, exact "
              "attention is over what is left); moved = bytes per decode step brought to the "
              "device part or read to choose pages; kept = KV bytes still held (effect drop).", ""]
-    if any(c.recall_rule != RECALL_RULE for c in results.cells):
+    if _old_rule_mark(results.cells):
         lines += [f"† recall measured by an earlier run against each head's top-mass pages alone; unmarked recall is "
                   f"against the oracle's current rule ({RECALL_RULE}: the pages the `oracle` policy keeps).", ""]
     tasks = sorted({c.task for c in results.cells}, key=meta["tasks"].index)
@@ -314,8 +314,8 @@ def summary_table(results: Results, length: int = 4096, budgets=(10.0, 25.0)) ->
 
 
 def _old_rule_mark(cells) -> str:
-    """'†' where any of the cells measured recall against the earlier oracle rule."""
-    return "†" if any(c.recall_rule != RECALL_RULE for c in cells) else ""
+    """'†' where any of the cells shows recall (effect demote) measured against the earlier oracle rule."""
+    return "†" if any(c.recall_rule != RECALL_RULE and c.effect == "demote" for c in cells) else ""
 
 
 def _kib(num_bytes: float) -> str:
