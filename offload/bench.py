@@ -7,6 +7,7 @@
     offload bench tiers   [--quick]   # a 32k context decoded from disk and Ray lenders vs the two-tier store
     offload bench crosslayer [--quick]  # training-free cross-layer KV reductions: KV bytes vs quality
     offload bench crosslayer-study --models-dir DIR  # trained cross-layer sharing configurations side by side
+    offload bench step    [--quick]   # one decode step beside its kernels and matmuls; prefill vs unwrapped
 
 Every benchmark ships with the package (offload/benchmarks/), so these run from an installed
 wheel too. Results go to bench/results/ under the current directory (JSON, Markdown and, for
@@ -22,7 +23,7 @@ from pathlib import Path
 
 # subcommand -> module in offload.benchmarks with main(argv)
 BENCHMARKS = {"prefix": "prefix", "decode": "decode", "kernels": "kernels", "policies": "policies", "tiers": "tiers",
-              "crosslayer": "crosslayer", "crosslayer-study": "crosslayer_study"}
+              "crosslayer": "crosslayer", "crosslayer-study": "crosslayer_study", "step": "step"}
 
 
 def _floats(text: str) -> list[float]:

@@ -16,6 +16,8 @@ COMMANDS = {
     "kernels": ["--contexts", "256", "--threads", "1", "--out", "results/cpu"],
     "crosslayer": ["--quick", "--models", "embedded", "--out", "results/crosslayer"],
     "prefix": ["--prefix-tokens", "256", "--runs", "1", "--requests", "4", "--out", "results/prefix"],
+    "step": ["--batch", "1", "--context", "1024", "--steps", "2", "--repeats", "1", "--prefill-tokens", "96",
+             "--out", "results/step"],
 }
 
 
@@ -24,7 +26,7 @@ def _run(tmp_path, *args, timeout=300):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality", "crosslayer", "crosslayer-study"])
+@pytest.mark.parametrize("command", ["prefix", "decode", "kernels", "quality", "crosslayer", "crosslayer-study", "step"])
 def test_every_subcommand_has_help_outside_the_source_tree(tmp_path, command):
     run = _run(tmp_path, command, "--help")
     assert run.returncode == 0, run.stderr

@@ -1,0 +1,173 @@
+"""What one decode step costs beside the attention kernels and the model's matmuls, and what
+prefill costs against the unwrapped model: the runtime's own overhead.
+
+    offload bench step            # batch 8, 1k context, exact and sparse; an 8k prefill
+    offload bench step --quick    # batch 2, 1k context, a 1k prefill, one repetition
+
+The embedded model on its pass-key prompts, device budget 25% of the KV cache, emulated 25 GB/s
+link (the decode benchmark's setting for the embedded model). Each repetition profiles `--steps`
+decode steps with cProfile and splits their wall time into the attention kernels (the paged
+kernels, the dense device part, the prefill kernels, log-sum-exp merges, waiting for a host-part
+worker), the model's matmuls (`torch.nn.functional.linear`) and the rest (bookkeeping, the
+model's own Python, everything else); the profiler's overhead is scaled out by the unprofiled wall
+time of the same steps. Prefill runs `--prefill-tokens` random tokens through the wrapped model
+(chunks of `prefill_chunk`) and through the unwrapped model with a DynamicCache, interleaved.
+Medians over `--repeats`. Results: bench/results/step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from offload import OffloadedModel
+from offload.benchmarks import machine
+from offload.models import embedded
+from offload.quality import kv_bytes
+
+# Functions whose cumulative time counts as attention kernels: (module path ending, name).
+KERNELS = {
+    ("offload/kernels/__init__.py", "paged_attention"),
+    ("offload/kernels/torch_ref.py", "dense_attention_scores"),
+    ("offload/kernels/torch_ref.py", "prefill_attention_scores"),
+    ("offload/kernels/torch_ref.py", "paged_attention_blocked"),
+    ("offload/kernels/merge.py", "merge_partials"),
+    ("concurrent/futures/_base.py", "result"),  # waiting for the host part on a worker thread
+}
+LINEAR = "<built-in method torch._C._nn.linear>"
+
+
+def split_profile(stats: pstats.Stats) -> tuple[float, float, float]:
+    """(profiled total, kernels, matmuls) in seconds from a cProfile run. A kernel's cumulative
+    time is counted once even where kernels call kernels (the outermost call only)."""
+    raw = stats.stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    total = sum(v[2] for v in raw.values())
+    kernels = {k for k in raw if any(k[0].endswith(path) and k[2] == name for path, name in KERNELS)}
+
+    def outermost(key) -> float:  # cumulative time of calls not made from inside another kernel
+        callers = raw[key][4]
+        if not callers:
+            return raw[key][3]
+        return sum(v[3] for caller, v in callers.items() if caller not in kernels)
+
+    kernel_s = sum(outermost(k) for k in kernels)
+    matmul_s = sum(v[2] for k, v in raw.items() if k[2] == LINEAR or k[2] == "linear" and k[0] == "~")
+    return total, kernel_s, matmul_s
+
+
+def decode_step(model, mode: str, batch: int, context: int, steps: int, repeats: int) -> dict:
+    sample = embedded.task_samples("passkey", context, 1, seed=1)[0]
+    prompt = torch.from_numpy(sample.input_ids[None, : sample.context_end].copy()).repeat(batch, 1)
+    budget = int(0.25 * kv_bytes(model, prompt.shape[1] + steps * (repeats + 1) + 8, batch))
+    rows = []
+    with OffloadedModel(model, device_budget=budget, mode=mode, emulate_link_gbps=25.0) as om:
+        cache = om.new_cache(batch, prompt.shape[1] + steps * (repeats + 1) + 8)
+        token = om(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(min(4, steps)):  # warm up
+            token = om(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(repeats):
+            profile = cProfile.Profile()
+            start = time.perf_counter()
+            profile.enable()
+            for _ in range(steps):
+                token = om(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            profile.disable()
+            wall = (time.perf_counter() - start) / steps
+            total, kernel_s, matmul_s = split_profile(pstats.Stats(profile))
+            scale = wall / (total / steps) if total else 1.0  # the profiler's overhead scaled out
+            kernels, matmuls = kernel_s / steps * scale, matmul_s / steps * scale
+            rows.append((wall, kernels, matmuls, wall - kernels - matmuls))
+    step, kernels, matmuls, rest = (statistics.median(r[i] for r in rows) * 1e3 for i in range(4))
+    return {"mode": mode, "batch": batch, "context": context, "step_ms": step, "kernels_ms": kernels,
+            "matmuls_ms": matmuls, "rest_ms": rest}
+
+
+def prefill(model, tokens: int, repeats: int) -> dict:
+    ids = torch.randint(5, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    om = OffloadedModel(model)
+    wrapped, plain = [], []
+    try:
+        for rep in range(repeats + 1):  # the first pair warms up
+            om.wrap()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                om(ids)
+            took = time.perf_counter() - start
+            om.unwrap()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model(ids, past_key_values=DynamicCache(), use_cache=True)
+            if rep:
+                wrapped.append(took)
+                plain.append(time.perf_counter() - start)
+    finally:
+        om.unwrap()
+        om.close()
+    w, p = statistics.median(wrapped), statistics.median(plain)
+    return {"tokens": tokens, "chunk": om.config.prefill_chunk, "offload_s": w, "unwrapped_s": p, "ratio": w / p}
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = ["# One decode step and prefill against the unwrapped model (embedded)", "",
+             f"Command: `{meta['command']}`; machine: {meta['machine']}; torch {meta['torch']}.", "",
+             "Decode: medians of the repetitions; *rest* = step - attention kernels - model matmuls "
+             "(bookkeeping, the model's own Python, everything else).", "",
+             "| mode | batch | context | step | attention kernels | model matmuls | rest |", "|---|---|---|---|---|---|---|"]
+    for row in results["decode"]:
+        lines.append(f"| {row['mode']} | {row['batch']} | {row['context']} | {row['step_ms']:.2f} ms | "
+                     f"{row['kernels_ms']:.2f} ms | {row['matmuls_ms']:.2f} ms | {row['rest_ms']:.2f} ms |")
+    if results["prefill"]:
+        row = results["prefill"]
+        lines += ["", "| prefill tokens | chunk | offload | unwrapped | ratio |", "|---|---|---|---|---|",
+                  f"| {row['tokens']} | {row['chunk']} | {row['offload_s']:.3f} s | {row['unwrapped_s']:.3f} s | "
+                  f"{row['ratio']:.2f}x |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="offload bench step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 2, 1k context, a 1k prefill, 1 repetition")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per decode step (default 8)")
+    parser.add_argument("--context", type=int, default=None, help="prompt tokens before decoding (default 1024)")
+    parser.add_argument("--modes", nargs="+", choices=["exact", "sparse"], default=["exact", "sparse"])
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per profiled repetition")
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions (default 5)")
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="prompt for the prefill comparison "
+                        "(default 8192; 0 leaves it out)")
+    parser.add_argument("--out", default="bench/results/step")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    batch = args.batch or (2 if args.quick else 8)
+    context = args.context or 1024
+    repeats = args.repeats or (1 if args.quick else 5)
+    prefill_tokens = args.prefill_tokens if args.prefill_tokens is not None else (1024 if args.quick else 8192)
+    for name, value in (("--batch", batch), ("--context", context), ("--steps", args.steps), ("--repeats", repeats)):
+        if value < 1:
+            parser.error(f"{name} must be at least 1; got {value}")
+    if prefill_tokens < 0:
+        parser.error(f"--prefill-tokens must be 0 or more; got {prefill_tokens}")
+    meta = {"command": " ".join(["offload bench step", *argv]), "machine": machine(),
+            "torch": torch.__version__}
+    model, _ = embedded.load_embedded_model()
+    results = {"meta": meta, "decode": [decode_step(model, mode, batch, context, args.steps, repeats)
+                                        for mode in args.modes],
+               "prefill": prefill(model, prefill_tokens, repeats) if prefill_tokens else None}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
