@@ -194,7 +194,7 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, softcap=None):
-    """Every key visible. query [1, H, Q, D]; keys/values [1, H_kv, T, D] -> (out, lse) float32."""
+    """Every key visible. query [B, H, Q, D]; keys/values [B, H_kv, T, D] -> (out, lse) float32."""
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads = keys.shape[1]
     if _FLASH_CPU is not None and query.device.type == "cpu" and not softcap:

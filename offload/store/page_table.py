@@ -172,6 +172,10 @@ class PageTable:
         n = self.num_complete(b)
         return (self.slots[b, :n] >= 0).nonzero().flatten().tolist()
 
+    def complete_mask(self, seqs: list[int], num: int) -> torch.Tensor:
+        """[len(seqs), num] bool: pages 0..num-1 that are complete pages of each sequence in `seqs`."""
+        return torch.arange(num)[None, :] < torch.tensor([self.num_complete(b) for b in seqs])[:, None]
+
     def on_device_mask(self, num: int) -> torch.Tensor:
         """[B, num] bool: complete pages (of the first `num`) resident or being copied in."""
         on = self.slots[:, :num] >= 0
@@ -182,6 +186,11 @@ class PageTable:
 
     def slots_in_use(self, b: int) -> int:
         return len(self.resident_pages(b)) + len(self.inflight[b]) + (1 if self.tail_slot[b] >= 0 else 0)
+
+    def slots_in_use_of(self, seqs: list[int]) -> torch.Tensor:
+        """[len(seqs)] long: `slots_in_use` of each sequence in `seqs` at once."""
+        resident = (self.slots[torch.tensor(seqs, dtype=torch.long)] >= 0).sum(dim=1)
+        return resident + torch.tensor([len(self.inflight[b]) + (self.tail_slot[b] >= 0) for b in seqs])
 
     def first_visible(self, b: int, length: int | None = None) -> int:
         """Local layers: the oldest stored position the next query (at `length`) can see."""
@@ -199,7 +208,7 @@ class PageTable:
         """[len(seqs), num] bool: `required_pages` of each sequence in `seqs`, pages 0..num-1."""
         ps = self.layout.page_size
         pages = torch.arange(num)
-        exists = pages < torch.tensor([self.num_complete(b) for b in seqs])[:, None]
+        exists = self.complete_mask(seqs, num)
         if self.rules.local:
             first = torch.tensor([self.first_visible(b) // ps for b in seqs])
             return exists & (pages >= first[:, None])

@@ -76,7 +76,7 @@ class Residency:
         embedded model, protecting them halved bytes at a 25% budget but cost recall."""
         rules, num = table.rules, keep.shape[1]
         rows = torch.tensor(seqs, dtype=torch.long)
-        short = wanted - (rules.slots_per_seq - _slots_in_use(table, seqs))
+        short = wanted - (rules.slots_per_seq - table.slots_in_use_of(seqs))
         if bool((short > 0).any()):
             slots = table.slots[rows, :num]
             victims = (slots >= 0) & ~table.required_mask(seqs, num) & ~keep & (short > 0)[:, None]
@@ -91,7 +91,7 @@ class Residency:
                     table.device_pool.decref(slot)
                 i, p = evict.nonzero(as_tuple=True)
                 table.slots[rows[i], p] = -1
-        return (rules.slots_per_seq - _slots_in_use(table, seqs)).tolist()
+        return (rules.slots_per_seq - table.slots_in_use_of(seqs)).tolist()
 
     def rebalance(self, table: PageTable, seqs: list[int], fresh: list[Fresh] | None = None) -> None:
         """Make each sequence's resident set (the sequences `seqs`) the sinks, the recent window and
@@ -110,7 +110,7 @@ class Residency:
         if num == 0:
             return
         pages = torch.arange(num)
-        exists = pages < torch.tensor([table.num_complete(b) for b in seqs])[:, None]
+        exists = table.complete_mask(seqs, num)
         alive = (table.page_ids[rows, :num] >= 0) & exists
         slots = table.slots[rows, :num]
         resident = (slots >= 0) & exists
@@ -171,12 +171,6 @@ def keep_ranks(priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
     is_candidate = candidates.flip(1).gather(1, order)
     place = torch.where(is_candidate, is_candidate.long().cumsum(dim=1) - 1, num)
     return torch.empty_like(place).scatter_(1, num - 1 - order, place)
-
-
-def _slots_in_use(table: PageTable, seqs: list[int]) -> torch.Tensor:
-    """[S] long: `PageTable.slots_in_use` of each sequence (resident, in flight, the tail)."""
-    resident = (table.slots[torch.tensor(seqs, dtype=torch.long)] >= 0).sum(dim=1)
-    return resident + torch.tensor([len(table.inflight[b]) + (table.tail_slot[b] >= 0) for b in seqs])
 
 
 def _mask(rows: int, num: int, members: list) -> torch.Tensor:

@@ -70,7 +70,7 @@ def view_of(table: PageTable, b: int, policy_budget: int, query: torch.Tensor, l
         acc_mass=table.acc_mass[b, :, :n], last_mass=table.last_mass[b, :, :n], prompt_mass=table.prompt_mass[b, :, :n],
         prompt_length=table.prompt_length[b], state=table.policy_state[b], scale=scale,
         read_keys=read_keys, tail_keys=tail, charge=charge, mean_values=mean_values,
-        resident=on_device(table, b, n),
+        resident=table.on_device_mask(n)[b],
     )
 
 
@@ -85,7 +85,7 @@ def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale:
     if width == 0:
         return torch.zeros(table.batch_size, 0, dtype=torch.bool)
     num_pages = torch.tensor(counts, dtype=torch.long)
-    real = torch.arange(width)[None, :] < num_pages[:, None]
+    real = table.complete_mask(list(range(table.batch_size)), width)
     alive = (table.page_ids[:, :width] >= 0) & real
     resident = table.on_device_mask(width) & real
     summaries = table.float_summaries() if table.key_min is not None else None
@@ -101,14 +101,6 @@ def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale:
     if (keep & ~alive).any():
         raise RuntimeError(f"policy {policy.name!r} kept a page that was dropped")
     return keep
-
-
-def on_device(table: PageTable, b: int, n: int) -> torch.Tensor:
-    """[n] bool: sequence b's complete pages that are resident or being copied in."""
-    on = table.slots[b, :n] >= 0
-    if table.inflight[b]:
-        on[list(table.inflight[b])] = True
-    return on
 
 
 def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, num_layers: int,

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload.store.selection import on_device, view_of
+from offload.store.selection import view_of
 from offload.store.transfer import TransferEngine
 from tests.store.conftest import D, H, Reference, make_store, step
 
@@ -180,7 +180,7 @@ def test_stickiness_keeps_resident_pages_unless_clearly_beaten():
                                        token_budget=28, sticky_margin=1e6)
     ref = Reference(1)
     _prefill(store, request, ref, tokens=64)
-    on = on_device(layer, 0, layer.num_complete(0))
+    on = layer.on_device_mask(layer.num_complete(0))[0]
     query = torch.randn(1, H, 1, D, generator=torch.Generator().manual_seed(5))
     sticky = _policy_pages(store, layer, query)
     chosen_on = {p for p in sticky if bool(on[p])}
