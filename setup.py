@@ -18,7 +18,16 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
+            return
         except Exception as exc:  # compile or link error
+            if OPENMP not in ext.extra_compile_args:
+                return self._skip(ext.name, exc)
+            print(f"warning: {ext.name} did not build with OpenMP ({exc}); building it without", file=sys.stderr)
+        ext.extra_compile_args = [a for a in ext.extra_compile_args if a != OPENMP]
+        ext.extra_link_args = [a for a in ext.extra_link_args if a != OPENMP]
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
             self._skip(ext.name, exc)
 
     @staticmethod
@@ -29,12 +38,15 @@ class OptionalBuildExt(build_ext):
 
 # A plain C ABI library (no Python.h), loaded with ctypes by offload/kernels/cpp_kernel.py. No
 # -march: the AVX-512 / AVX2 / scalar variants are all compiled in and chosen at run time.
+# OpenMP where the compiler has it: the kernel's helper threads are then the OpenMP workers of the
+# runtime torch loaded (libgomp.so.1 resolves to torch's copy; see csrc/paged_attention.cpp).
+OPENMP = "-fopenmp"
 cpu_attention = Extension(
     "offload.kernels._cpu_attention",
     sources=["csrc/paged_attention.cpp"],
     depends=["csrc/paged_attention_impl.h"],
-    extra_compile_args=["-O3", "-std=c++17", "-pthread", "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
-    extra_link_args=["-pthread"],
+    extra_compile_args=["-O3", "-std=c++17", "-pthread", OPENMP, "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
+    extra_link_args=["-pthread", OPENMP],
     language="c++",
     optional=True,
 )

@@ -1,6 +1,7 @@
 // C++ paged host-part attention: the same kernel as offload/kernels/numba_kernel.py, with
 // AVX-512 / AVX2 / scalar variants chosen at run time, run by the calling thread and helper
-// threads that join when they are awake (`WorkPool`). Plain C ABI, loaded with ctypes by
+// threads (`WorkPool`: torch's own OpenMP threads where the build has OpenMP, else threads of
+// our own that join when they are awake). Plain C ABI, loaded with ctypes by
 // offload/kernels/cpp_kernel.py (ctypes drops the GIL for the call).
 //
 // Shapes (all row-major, contiguous):
@@ -24,9 +25,18 @@
 #include <new>
 #include <vector>
 
+#ifdef _OPENMP
+#include <dlfcn.h>
+#include <omp.h>
+#endif
+
 #ifndef OFFLOAD_PREFETCH
 #define OFFLOAD_PREFETCH 1  // software-prefetch the next block (builds without it exist to compare)
 #endif
+
+// Small helpers of the inner loops are always inlined: an out-of-line call spills the vector
+// accumulators it is passed (or that live across it) to the stack on every block.
+#define OFFLOAD_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -124,16 +134,31 @@ IndexFn index_fn(int isa) {
   return isa_scalar::storage_index_of;
 }
 
-// Runs a call's work items on the calling thread and on helper threads that join while there
-// are items left. Nothing waits on a helper that has not started: items are claimed one at a
-// time from a shared ticket, and the caller only waits for items a helper has claimed (and is
-// running). So when another process holds the cores, a call is never held up until a sleeping
-// helper gets its next scheduler tick. Between calls a helper watches for the next one for
-// `kSpinMicros` (a decode step makes one call per layer, back to back), then sleeps on a
-// condition variable, so an idle pool takes no CPU from other processes.
+// Runs a call's work items on the calling thread and helper threads; items are claimed one at a
+// time from a shared ticket, so whoever is awake does the work.
+//
+// Helpers are OpenMP threads where the build has OpenMP and the process runs one OpenMP runtime
+// (cpp_kernel.py checks, then `use_openmp`): the runtime torch loaded, so its workers, still
+// spinning after the model's last matmul, take items at once. Threads of our own would find the
+// other core held by that spinning worker and do nothing until the scheduler swaps them in (on two
+// cores a call then ran at one thread's speed). Otherwise our own threads: nothing waits on one
+// that has not started (the caller only waits for items a helper claimed and is running), so
+// when another process holds the cores a call is never held up until a sleeping helper gets its
+// next scheduler tick. Between calls one watches for the next for `kSpinMicros` (a decode step
+// makes one call per layer, back to back), then sleeps on a condition variable, so an idle pool
+// takes no CPU from other processes.
 class WorkPool {
  public:
   typedef void (*Fn)(const ItemArgs&, int64_t, float*);
+
+  bool use_openmp = false;
+
+  void forget_late_team() {  // the next call tries the OpenMP team again
+#ifdef _OPENMP
+    std::lock_guard<std::mutex> call(call_mu_);
+    openmp_skip_ = openmp_backoff_ = 0;
+#endif
+  }
 
   // fn(args, i, scratch) for every i in [0, items), on this thread plus up to `helpers` others;
   // scratch is a per-thread buffer of scratch_floats floats.
@@ -146,6 +171,13 @@ class WorkPool {
       for (int64_t i = 0; i < items; ++i) fn(args, i, scratch.data());
       return;
     }
+#ifdef _OPENMP
+    if (use_openmp && openmp_skip_ == 0) {
+      run_openmp(fn, args, items, helpers, scratch_floats);
+      return;
+    }
+    if (openmp_skip_ > 0) --openmp_skip_;
+#endif
     uint32_t gen;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -170,6 +202,48 @@ class WorkPool {
   }
 
  private:
+#ifdef _OPENMP
+  // The call on an OpenMP team. Its closing barrier waits for every team thread, including one
+  // the OS has not run yet or has preempted in the middle of an item: when other processes hold
+  // the cores that is a wait for its next scheduler tick (milliseconds, for a call of a fraction
+  // of one). So a call where the caller waited for the team longer than two of its own items
+  // take (plus kLateMicros) makes the next calls use our own threads, which are never waited for
+  // unless running, for twice as many calls each time it happens again (up to kMaxOpenmpSkip);
+  // the first call that finds the team prompt again resets that.
+  void run_openmp(Fn fn, const ItemArgs& args, int64_t items, int helpers, size_t scratch_floats) {
+    using clock = std::chrono::steady_clock;
+    std::atomic<int64_t> next{0};
+    int64_t mine = 0;
+    const clock::time_point start = clock::now();
+    clock::time_point mine_start, mine_done;
+#pragma omp parallel num_threads(helpers + 1)
+    {
+      const bool caller = omp_get_thread_num() == 0;
+      if (caller) mine_start = clock::now();
+      std::vector<float> scratch(scratch_floats);
+      int64_t ran = 0;
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items; ++ran) fn(args, i, scratch.data());
+      if (caller) mine = ran, mine_done = clock::now();
+    }
+    const clock::time_point end = clock::now();
+    const auto per_item = (mine_done - mine_start) / std::max<int64_t>(mine, 1);
+    const auto late = std::chrono::microseconds(kLateMicros);
+    if (mine_start - start > late || end - mine_done > 2 * per_item + late) {  // waited to start, or to finish
+      openmp_backoff_ = std::min(2 * openmp_backoff_ + 1, kMaxOpenmpSkip);
+      openmp_skip_ = openmp_backoff_;
+    } else {
+      openmp_backoff_ = 0;
+    }
+    ++openmp_calls_, openmp_late_ += openmp_backoff_ > 0;
+  }
+  static constexpr int64_t kLateMicros = 200;  // a spinning or just-woken worker arrives in far less
+  static constexpr int64_t kMaxOpenmpSkip = 1024;
+  int64_t openmp_skip_ = 0, openmp_backoff_ = 0;  // under call_mu_
+ public:
+  int64_t openmp_calls_ = 0, openmp_late_ = 0;  // calls on the team, and those that waited for it
+ private:
+#endif
+
   // Claims and runs items of generation gen until none are left; returns how many it ran.
   int64_t work(uint32_t gen, Fn fn, const ItemArgs& args, int64_t items, float* scratch) {
     int64_t ran = 0;
@@ -229,7 +303,8 @@ class WorkPool {
   std::atomic<int64_t> done_{0};     // items the helpers finished in this generation
 };
 
-// Helper threads do not survive fork(): a child starts with a fresh pool (the parent's is leaked).
+// Helper threads do not survive fork(): a child starts with a fresh pool of its own threads (the
+// parent's is leaked; GNU OpenMP's team is not usable in a child either).
 WorkPool* pool = new WorkPool;
 void fresh_pool_after_fork() { pool = new WorkPool; }
 struct AtFork {
@@ -244,6 +319,40 @@ extern "C" {
 
 // Best instruction set this CPU supports: 3 AVX-512 with BF16, 2 AVX-512, 1 AVX2, 0 scalar.
 OFFLOAD_EXPORT int offload_cpu_best_isa() { return best_isa(); }
+
+// 1 when this build can take its helper threads from OpenMP, else 0.
+OFFLOAD_EXPORT int offload_cpu_openmp_built() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Calls run on an OpenMP team so far, and how many of them waited for a late team thread.
+OFFLOAD_EXPORT void offload_cpu_openmp_stats(int64_t* calls, int64_t* late) {
+#ifdef _OPENMP
+  *calls = pool->openmp_calls_, *late = pool->openmp_late_;
+#else
+  *calls = *late = 0;
+#endif
+}
+
+// The file of the OpenMP runtime this library's OpenMP calls go to ("" without OpenMP).
+OFFLOAD_EXPORT const char* offload_cpu_openmp_library() {
+#ifdef _OPENMP
+  Dl_info info;
+  if (dladdr((void*)&omp_get_max_threads, &info) && info.dli_fname) return info.dli_fname;
+#endif
+  return "";
+}
+
+// Helpers from OpenMP (1, where built) or our own threads (0), or leave it (-1); returns the
+// setting now in force.
+OFFLOAD_EXPORT int offload_cpu_use_openmp(int on) {
+  if (on >= 0) pool->use_openmp = on && offload_cpu_openmp_built(), pool->forget_late_team();
+  return pool->use_openmp;
+}
 
 // Returns 0 on success; 1 a page index out of range; 2 out of memory; 3 isa not supported here.
 // isa: -1 picks the best; 0/1/2/3 force one (tests cover every variant this CPU can run).

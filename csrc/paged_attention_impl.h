@@ -7,33 +7,33 @@
 #if OFFLOAD_ISA >= 2
 typedef __m512 vec;
 static const int W = 16;
-static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-static inline vec vset1(float x) { return _mm512_set1_ps(x); }
-static inline vec vzero() { return _mm512_setzero_ps(); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
-static inline vec vload_bf16(const uint16_t* p) {
+static OFFLOAD_INLINE vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static OFFLOAD_INLINE void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static OFFLOAD_INLINE vec vset1(float x) { return _mm512_set1_ps(x); }
+static OFFLOAD_INLINE vec vzero() { return _mm512_setzero_ps(); }
+static OFFLOAD_INLINE vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static OFFLOAD_INLINE vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static OFFLOAD_INLINE float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static OFFLOAD_INLINE vec vload_bf16(const uint16_t* p) {
   __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
 }
-static inline vec vload_fp16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-static inline void vpair_bf16(const uint16_t* p, vec& even, vec& odd) {  // 2W bf16 -> evens, odds
+static OFFLOAD_INLINE vec vload_fp16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static OFFLOAD_INLINE void vpair_bf16(const uint16_t* p, vec& even, vec& odd) {  // 2W bf16 -> evens, odds
   const __m512i x = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
 }
-static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
-static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
-static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec vfnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
-static inline vec vpow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  // p * 2**n
+static OFFLOAD_INLINE vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static OFFLOAD_INLINE vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static OFFLOAD_INLINE vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static OFFLOAD_INLINE vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static OFFLOAD_INLINE vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static OFFLOAD_INLINE vec vfnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+static OFFLOAD_INLINE vec vpow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  // p * 2**n
 // r[u] = sum of the lanes of a[u], u < 16: a transpose tree (unpack, unpack, 2 x shuffle) with
 // 15 adds in all instead of 16 horizontal sums.
-static inline vec vsum_lanes(const vec* a) {
+static OFFLOAD_INLINE vec vsum_lanes(const vec* a) {
   vec b[8], c[4];
   for (int k = 0; k < 8; ++k)
     b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
@@ -48,40 +48,40 @@ static inline vec vsum_lanes(const vec* a) {
 #elif OFFLOAD_ISA == 1
 typedef __m256 vec;
 static const int W = 8;
-static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-static inline vec vset1(float x) { return _mm256_set1_ps(x); }
-static inline vec vzero() { return _mm256_setzero_ps(); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-static inline float vsum(vec v) {
+static OFFLOAD_INLINE vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static OFFLOAD_INLINE void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static OFFLOAD_INLINE vec vset1(float x) { return _mm256_set1_ps(x); }
+static OFFLOAD_INLINE vec vzero() { return _mm256_setzero_ps(); }
+static OFFLOAD_INLINE vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static OFFLOAD_INLINE vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static OFFLOAD_INLINE float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-static inline vec vload_bf16(const uint16_t* p) {
+static OFFLOAD_INLINE vec vload_bf16(const uint16_t* p) {
   __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
 }
-static inline vec vload_fp16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-static inline void vpair_bf16(const uint16_t* p, vec& even, vec& odd) {  // 2W bf16 -> evens, odds
+static OFFLOAD_INLINE vec vload_fp16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static OFFLOAD_INLINE void vpair_bf16(const uint16_t* p, vec& even, vec& odd) {  // 2W bf16 -> evens, odds
   const __m256i x = _mm256_loadu_si256((const __m256i*)p);
   even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
 }
-static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
-static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec vfnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
-static inline vec vpow2(vec p, vec n) {  // p * 2**n, n in [-126, 127]
+static OFFLOAD_INLINE vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static OFFLOAD_INLINE vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static OFFLOAD_INLINE vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static OFFLOAD_INLINE vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static OFFLOAD_INLINE vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static OFFLOAD_INLINE vec vfnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+static OFFLOAD_INLINE vec vpow2(vec p, vec n) {  // p * 2**n, n in [-126, 127]
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 // r[u] = sum of the lanes of a[u], u < 8 (see the AVX-512 version).
-static inline vec vsum_lanes(const vec* a) {
+static OFFLOAD_INLINE vec vsum_lanes(const vec* a) {
   vec b[4], c[2];
   for (int k = 0; k < 4; ++k)
     b[k] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]));
@@ -99,7 +99,7 @@ static const int W = 0;  // no vector body: every loop below runs its scalar tai
 // exp(x) for x <= 0 (scores minus their max): 2**n * e**r with |r| <= ln2/2 and a degree-6
 // Taylor polynomial (relative error ~2e-7, float32 rounding). x is clamped at -87 (e**-87 is
 // below float32 resolution next to the max term, which is 1).
-static inline vec vexp(vec x) {
+static OFFLOAD_INLINE vec vexp(vec x) {
   x = vmax(vmin(x, vset1(88.f)), vset1(-87.f));
   vec n = vround(vmul(x, vset1(1.44269504088896341f)));
   vec r = vfnma(n, vset1(0.693145751953125f), x);
@@ -116,7 +116,7 @@ static inline vec vexp(vec x) {
 #endif
 
 // max of s[0:n), n >= 1.
-static inline float row_max(const float* s, int64_t n) {
+static OFFLOAD_INLINE float row_max(const float* s, int64_t n) {
   int64_t i = 0;
   float mx = s[0];
 #if OFFLOAD_ISA > 0
@@ -133,7 +133,7 @@ static inline float row_max(const float* s, int64_t n) {
 }
 
 // s[0:n) = exp(s[0:n) - m); returns their sum.
-static inline float exp_shift_sum(float* s, int64_t n, float m) {
+static OFFLOAD_INLINE float exp_shift_sum(float* s, int64_t n, float m) {
   int64_t i = 0;
   float total = 0.f;
 #if OFFLOAD_ISA > 0
@@ -152,17 +152,17 @@ static inline float exp_shift_sum(float* s, int64_t n, float m) {
   return total;
 }
 
-static inline float bits_to_float(uint32_t u) {
+static OFFLOAD_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+static OFFLOAD_INLINE float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 
 // Exact fp16 -> fp32: move exponent+mantissa into place and rebias by 2**112 (this also
 // normalises subnormals); inf/nan get the full exponent back; then the sign.
-static inline float fp16_to_float(uint16_t h) {
+static OFFLOAD_INLINE float fp16_to_float(uint16_t h) {
   float f = bits_to_float((uint32_t)(h & 0x7fff) << 13) * 5.192296858534828e33f;
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -179,13 +179,13 @@ static inline float fp16_to_float(uint16_t h) {
 // fewer than 2W elements is read in element order.
 template <int KIND>
 struct Row {
-  static inline float at(const void* r, int64_t i) {
+  static OFFLOAD_INLINE float at(const void* r, int64_t i) {
     if (KIND == 0) return ((const float*)r)[i];
     const uint16_t h = ((const uint16_t*)r)[i];
     return KIND == 2 ? bf16_to_float(h) : fp16_to_float(h);
   }
 #if OFFLOAD_ISA > 0
-  static inline void pair(const void* r, int64_t i, vec& lo, vec& hi) {  // elements [i, i + 2W)
+  static OFFLOAD_INLINE void pair(const void* r, int64_t i, vec& lo, vec& hi) {  // elements [i, i + 2W)
     if (KIND == 0) {
       lo = vload((const float*)r + i), hi = vload((const float*)r + i + W);
     } else if (KIND == 1) {
@@ -194,7 +194,7 @@ struct Row {
       vpair_bf16((const uint16_t*)r + i, lo, hi);
     }
   }
-  static inline vec one(const void* r, int64_t i) {  // elements [i, i + W), element order
+  static OFFLOAD_INLINE vec one(const void* r, int64_t i) {  // elements [i, i + W), element order
     if (KIND == 0) return vload((const float*)r + i);
     return KIND == 1 ? vload_fp16((const uint16_t*)r + i) : vload_bf16((const uint16_t*)r + i);
   }
@@ -202,7 +202,7 @@ struct Row {
 };
 
 // Where element e of a head_dim-d row sits in the order above (bf16 only; identity otherwise).
-static inline int64_t storage_index(int64_t e, int64_t d, int kind) {
+static OFFLOAD_INLINE int64_t storage_index(int64_t e, int64_t d, int kind) {
   const int64_t blk = 2 * (W > 0 ? W : 1);
   if (kind != 2 || W == 0 || e >= d / blk * blk) return e;
   const int64_t o = e % blk;
@@ -234,7 +234,7 @@ struct Prefetcher {
   // The next block: keys at kp, values at vp (same offsets).
   void aim(const char* kp, const char* vp) { k = kp, v = vp, row = col = 0, rows = block_rows; }
   void none() { row = rows = 0; }
-  inline void tick(int lines) {
+  OFFLOAD_INLINE void tick(int lines) {
     for (int u = 0; u < lines && row < rows; ++u) {
       const size_t off = row * row_stride + col;
       __builtin_prefetch(k + off, 0, 2);
@@ -253,7 +253,7 @@ static const int T = W == 16 ? 4 : 2;  // keys per score block: 4 rows x T keys 
 // bytes). Each key chunk is loaded and widened once for the NR rows; the 4 x T dot products of
 // a block of T keys are independent accumulators, reduced together by a transpose tree.
 template <int KIND, int NR>
-static inline void scores_rows(const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
+static OFFLOAD_INLINE void scores_rows(const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
                                int64_t sstride, Prefetcher& pf) {
   const int nr = NR;
   int64_t t = 0;
@@ -318,7 +318,7 @@ static inline void scores_rows(const float* const q[4], const char* k, size_t ks
 }
 
 template <int KIND>
-static inline void scores(int nr, const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
+static OFFLOAD_INLINE void scores(int nr, const float* const q[4], const char* k, size_t ks, int64_t n, int64_t d, float* s,
                           int64_t sstride, Prefetcher& pf) {
   switch (nr) {
     case 1: scores_rows<KIND, 1>(q, k, ks, n, d, s, sstride, pf); break;
@@ -334,10 +334,10 @@ static inline void scores(int nr, const float* const q[4], const char* k, size_t
 // the float32 path up to summation order, with half the multiply-adds and no widening. The
 // query rows qb are bf16 bits in element order, unscaled; d % 32 == 0. Same blocking as
 // scores_rows: 4 rows x 4 keys of independent accumulators, reduced by one transpose tree.
-static inline vec vdot_bf16(vec acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+static OFFLOAD_INLINE vec vdot_bf16(vec acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 
 template <int NR>
-static inline void scores_dp_rows(const uint16_t* const qb[4], const char* k, size_t ks, int64_t n, int64_t d,
+static OFFLOAD_INLINE void scores_dp_rows(const uint16_t* const qb[4], const char* k, size_t ks, int64_t n, int64_t d,
                                   float scale, float* s, int64_t sstride, Prefetcher& pf) {
   int64_t t = 0;
   const vec vscale = vset1(scale);
@@ -372,7 +372,7 @@ static inline void scores_dp_rows(const uint16_t* const qb[4], const char* k, si
   }
 }
 
-static inline void scores_dp(int nr, const uint16_t* const qb[4], const char* k, size_t ks, int64_t n, int64_t d,
+static OFFLOAD_INLINE void scores_dp(int nr, const uint16_t* const qb[4], const char* k, size_t ks, int64_t n, int64_t d,
                              float scale, float* s, int64_t sstride, Prefetcher& pf) {
   switch (nr) {
     case 1: scores_dp_rows<1>(qb, k, ks, n, d, scale, s, sstride, pf); break;
@@ -387,7 +387,7 @@ static inline void scores_dp(int nr, const uint16_t* const qb[4], const char* k,
 // One pass of accumulate_rows over elements [i, i + NV * W): NR x NV accumulators in registers
 // for all n value rows; NV even reads pairs (storage order), NV == 1 one vector (element order).
 template <int KIND, int NR, int NV>
-static inline void accumulate_pass(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
+static OFFLOAD_INLINE void accumulate_pass(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
                                    const char* v, size_t vs, int64_t n, int64_t i, Prefetcher& pf) {
   vec a[NR][NV];
 #pragma GCC unroll 4
@@ -421,7 +421,7 @@ static inline void accumulate_pass(float* const acc[4], const float alpha[4], co
 // acc[j] = acc[j] * alpha[j] + sum_t w[j * wstride + t] * v[t] for NR <= 4 rows j and n value
 // rows (row stride vs bytes): each value chunk is loaded and widened once for the NR rows.
 template <int KIND, int NR>
-static inline void accumulate_rows(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
+static OFFLOAD_INLINE void accumulate_rows(float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
                                    const char* v, size_t vs, int64_t n, int64_t d, Prefetcher& pf) {
   int64_t i = 0;
 #if OFFLOAD_ISA > 0
@@ -440,7 +440,7 @@ static inline void accumulate_rows(float* const acc[4], const float alpha[4], co
 }
 
 template <int KIND>
-static inline void accumulate(int nr, float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
+static OFFLOAD_INLINE void accumulate(int nr, float* const acc[4], const float alpha[4], const float* w, int64_t wstride,
                               const char* v, size_t vs, int64_t n, int64_t d, Prefetcher& pf) {
   switch (nr) {
     case 1: accumulate_rows<KIND, 1>(acc, alpha, w, wstride, v, vs, n, d, pf); break;

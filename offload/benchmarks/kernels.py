@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from offload.config import OffloadConfig
 from offload.kernels import available_kernels, paged_attention
+from offload.store.host_memory import host_zeros, huge_pages_supported
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -101,14 +102,17 @@ class CompetingLoad:
             proc.wait()
 
 
-def make_inputs(ctx: int, dtype: torch.dtype, q_len: int, bsz: int, gen: torch.Generator):
-    """Head-major pages (as the store keeps them) scattered at random over a pool twice the size
-    the batch needs."""
+def make_inputs(ctx: int, dtype: torch.dtype, q_len: int, bsz: int, gen: torch.Generator, huge_pages: bool = True):
+    """Head-major pages scattered at random over a pool twice the size the batch needs; the pool
+    memory as the store allocates it (`host_zeros`: transparent huge pages where the OS has them)
+    or, with huge_pages=False, plain torch memory."""
     pages_per_seq = ctx // PAGE_SIZE
     total = bsz * pages_per_seq
     shape = (2 * total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM)
-    key_pages = torch.randn(shape, generator=gen).to(dtype)
-    value_pages = torch.randn(shape, generator=gen).to(dtype)
+    alloc = host_zeros if huge_pages else lambda shape, dtype: torch.zeros(shape, dtype=dtype)
+    key_pages, value_pages = alloc(shape, dtype), alloc(shape, dtype)
+    key_pages.copy_(torch.randn(shape, generator=gen))
+    value_pages.copy_(torch.randn(shape, generator=gen))
     page_table = torch.randperm(2 * total, generator=gen)[:total].view(bsz, pages_per_seq)
     num_pages = torch.full((bsz,), pages_per_seq)
     last = torch.full((bsz,), PAGE_SIZE)
@@ -132,7 +136,7 @@ def grouped_matmul(query, keys, values, scale):
     return torch.matmul(probs, values).view(bsz, num_heads, q_len, head_dim)
 
 
-def bench_point(ctx, dtype_name, q_len, bsz, threads, bandwidth, kernels, gen, flush):
+def bench_point(ctx, dtype_name, q_len, bsz, threads, bandwidth, kernels, gen, flush, huge_pages=True):
     dtype = DTYPES[dtype_name]
     kv_bytes = 2 * bsz * ctx * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize  # K and V, read once
     row = {"threads": threads, "ctx": ctx, "dtype": dtype_name, "q": q_len, "batch": bsz, "kv_mib": kv_bytes / 2**20}
@@ -140,7 +144,7 @@ def bench_point(ctx, dtype_name, q_len, bsz, threads, bandwidth, kernels, gen, f
         row["skipped"] = f"paged KV {kv_bytes / 2**30:.1f} GiB > {MAX_PAGED_BYTES / 2**30:.0f} GiB cap"
         return row
     torch.set_num_threads(threads)
-    query, kp, vp, table, counts, last = make_inputs(ctx, dtype, q_len, bsz, gen)
+    query, kp, vp, table, counts, last = make_inputs(ctx, dtype, q_len, bsz, gen, huge_pages)
     scale = HEAD_DIM**-0.5
     for name in kernels:
         t = median_time_s(lambda: paged_attention(query, kp, vp, table, counts, last, scale, kernel=name, threads=threads),
@@ -165,6 +169,17 @@ def bench_point(ctx, dtype_name, q_len, bsz, threads, bandwidth, kernels, gen, f
     else:
         row["baselines_skipped"] = f"contiguous copy {kv_bytes / 2**30:.1f} GiB > {MAX_BASELINE_BYTES / 2**30:.0f} GiB cap"
     return row
+
+
+def cpp_helpers() -> str | None:
+    """Where the C++ kernel's helper threads come from ("openmp" or "own", with how many calls
+    ran on the OpenMP team and how many of those waited for a late team thread), None without it."""
+    try:
+        from offload.kernels.cpp_kernel import helpers, openmp_stats
+    except ImportError:
+        return None
+    calls, late = openmp_stats()
+    return helpers() + (f" ({calls} calls on the team, {late} waited for a late thread)" if calls else "")
 
 
 def cpu_name() -> str:
@@ -194,7 +209,8 @@ def markdown(meta, rows, kernels) -> str:
         f"Machine: {meta['machine']}; measured read bandwidth {bandwidths} (torch.sum over 1 GiB). Layout: "
         f"{NUM_HEADS} query heads, {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, pages of {PAGE_SIZE} tokens "
         f"scattered at random over a pool twice the needed size, caches flushed before every timed call, "
-        f"non-causal. {load}Load average at the start {meta['load_average_1m_at_start']:.1f}, at the end "
+        f"non-causal. Pool memory: {meta.get('pool_memory', 'plain torch')}; C++ helper threads: "
+        f"{meta.get('cpp_helpers')}. {load}Load average at the start {meta['load_average_1m_at_start']:.1f}, at the end "
         f"{meta['load_average_1m_at_end']:.1f}. Command: `{meta['command']}`. Medians; GB/s = K+V bytes read / "
         f"time; % of BW against the bandwidth with the same thread count; speedups are {best} over torch.",
         "",
@@ -244,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated context lengths instead of the sweep's (Q 1, B 1, bf16 and fp32)")
     parser.add_argument("--competing-load", type=int, default=0, metavar="N",
                         help="run N CPU-bound busy loops beside the measurement (default 0)")
+    parser.add_argument("--plain-memory", action="store_true",
+                        help="pages in plain torch memory instead of the store's (huge pages where the OS has them)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_attention")
     args = parser.parse_args(argv)
     if args.competing_load < 0:
@@ -267,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
             gen = torch.Generator().manual_seed(0)
             for ctx, dtype_name, q_len, bsz in points:
-                row = bench_point(ctx, dtype_name, q_len, bsz, count, bandwidths[count], kernels, gen, flush)
+                row = bench_point(ctx, dtype_name, q_len, bsz, count, bandwidths[count], kernels, gen, flush,
+                                  not args.plain_memory)
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     meta = {
@@ -278,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
         "read_bandwidth_gbps": bandwidths,
         "torch": torch.__version__,
         "kernels": kernels,
+        "pool_memory": "plain torch" if args.plain_memory else "as the store allocates it (huge pages: "
+                       f"{'advised' if huge_pages_supported() else 'not available'})",
+        "cpp_helpers": cpp_helpers(),
         "command": "offload bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

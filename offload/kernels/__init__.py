@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from offload.kernels.merge import merge_partials
@@ -88,19 +89,25 @@ def check_paged_inputs(
         raise ValueError(f"page_table must be [B={bsz}, max_pages]; got {tuple(page_table.shape)}")
     if num_pages.shape != (bsz,) or last_page_len.shape != (bsz,):
         raise ValueError(f"num_pages and last_page_len must be [B={bsz}]; got {tuple(num_pages.shape)}, {tuple(last_page_len.shape)}")
-    if bool((num_pages < 0).any()) or bool((num_pages > page_table.shape[1]).any()):
-        raise ValueError(f"num_pages must be in [0, {page_table.shape[1]}]; got {num_pages.tolist()}")
-    used = num_pages > 0
-    if bool(((last_page_len < 1) | (last_page_len > page_size))[used].any()):
+    # The index checks on host copies with numpy: a few microseconds, where the same checks as
+    # torch ops on these tiny tensors cost more than a short context's whole attention.
+    counts = _host_ints(num_pages)
+    lens = _host_ints(last_page_len)
+    max_pages = page_table.shape[1]
+    if (counts < 0).any() or (counts > max_pages).any():
+        raise ValueError(f"num_pages must be in [0, {max_pages}]; got {counts.tolist()}")
+    if ((lens < 1) | (lens > page_size))[counts > 0].any():
         raise ValueError(
-            f"last_page_len must be in [1, page_size={page_size}] for non-empty rows; got {last_page_len.tolist()} "
+            f"last_page_len must be in [1, page_size={page_size}] for non-empty rows; got {lens.tolist()} "
             "(pages are [num_pages, H_kv, page_size, D], head-major: page_size is dimension 2)"
         )
-    cols = torch.arange(page_table.shape[1], device=page_table.device)
-    listed = cols[None, :] < num_pages[:, None].to(page_table.device)
-    ids = page_table[listed]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= key_pages.shape[0]):
-        raise ValueError(f"page indices must be in [0, {key_pages.shape[0]}); got min {int(ids.min())}, max {int(ids.max())}")
+    ids = _host_ints(page_table)[np.arange(max_pages)[None, :] < counts[:, None]]
+    if ids.size and (ids.min() < 0 or ids.max() >= key_pages.shape[0]):
+        raise ValueError(f"page indices must be in [0, {key_pages.shape[0]}); got min {ids.min()}, max {ids.max()}")
+
+
+def _host_ints(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.int64).numpy()
 
 
 def paged_attention(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ def _load() -> ctypes.CDLL:
 _lib = _load()
 _lib.offload_cpu_best_isa.restype = ctypes.c_int
 _lib.offload_cpu_best_isa.argtypes = []
+_lib.offload_cpu_openmp_built.restype = ctypes.c_int
+_lib.offload_cpu_openmp_built.argtypes = []
+_lib.offload_cpu_use_openmp.restype = ctypes.c_int
+_lib.offload_cpu_use_openmp.argtypes = [ctypes.c_int]
 _lib.offload_paged_attention.restype = ctypes.c_int
 _lib.offload_paged_attention.argtypes = (
     [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int]
@@ -42,6 +47,62 @@ _lib.offload_paged_attention.argtypes = (
 )
 
 BEST_ISA = int(_lib.offload_cpu_best_isa())
+_lib.offload_cpu_openmp_stats.restype = None
+_lib.offload_cpu_openmp_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 2
+_lib.offload_cpu_openmp_library.restype = ctypes.c_char_p
+_lib.offload_cpu_openmp_library.argtypes = []
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def openmp_runtimes() -> set[str]:
+    """Real paths of the OpenMP runtimes mapped into this process (Linux; empty where unknown)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return set()
+    return {os.path.realpath(p) for p in paths if Path(p).name.startswith(OPENMP_RUNTIMES)}
+
+
+def torch_openmp_runtime() -> str | None:
+    """The OpenMP runtime torch runs its CPU ops on: the one inside torch's install if there is
+    one, else the only one in the process; None when torch does not use OpenMP or it is unclear."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    runtimes = openmp_runtimes()
+    torch_dir = os.path.realpath(Path(torch.__file__).parent.parent)
+    own = {p for p in runtimes if p.startswith(os.path.join(torch_dir, "torch"))}
+    if len(own) == 1:
+        return own.pop()
+    return runtimes.pop() if len(runtimes) == 1 else None
+
+
+def use_openmp(on: bool = True) -> bool:
+    """Take the kernel's helper threads from OpenMP (on) or from threads of its own (off); returns
+    what is in force. OpenMP is only used where the extension was built with it and its OpenMP
+    calls reach the runtime torch uses: then torch's workers, still spinning after the model's last
+    matmul, pick up the kernel's work at once, where a thread of our own would wait for the core
+    that worker holds. A second runtime's threads would fight torch's for the cores instead."""
+    ours = _lib.offload_cpu_openmp_library().decode()
+    torch_rt = torch_openmp_runtime() if on and ours else None
+    same = torch_rt is not None and os.path.realpath(ours) == torch_rt
+    return bool(_lib.offload_cpu_use_openmp(int(same)))
+
+
+def helpers() -> str:
+    """Where the kernel's helper threads come from now: "openmp" or "own"."""
+    return "openmp" if _lib.offload_cpu_use_openmp(-1) else "own"
+
+
+def openmp_stats() -> tuple[int, int]:
+    """(calls run on the OpenMP team, calls of those that waited for a late team thread); after a
+    late one the next calls use the kernel's own threads for a while (csrc/paged_attention.cpp)."""
+    calls, late = ctypes.c_int64(), ctypes.c_int64()
+    _lib.offload_cpu_openmp_stats(ctypes.byref(calls), ctypes.byref(late))
+    return calls.value, late.value
+
+
+use_openmp(True)  # the default
 
 
 def paged_attention_cpp(

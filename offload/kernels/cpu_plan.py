@@ -7,7 +7,8 @@ so a page's rows for those heads are read as one contiguous block, and each KV h
 heads x Q rows form the tile that reuses every key and value row once it is loaded. The head
 group is as wide as the accumulators allow (`ACC_BYTES`, so they stay in L2 even for chunked
 prefill with Q = 512), and page ranges are split (flash-decoding, split-K) until there are
-`ITEMS_PER_THREAD` items per thread, so one long sequence keeps every core busy. Each item
+`ITEMS_PER_THREAD` items per thread, so one long sequence keeps every core busy (one thread
+never splits: there is nothing to balance, and the merge would be pure cost). Each item
 writes an unnormalised partial (running max m, sum l, accumulator); a second pass merges the
 splits by log-sum-exp.
 """
@@ -49,7 +50,7 @@ def plan_split(bsz: int, num_kv_heads: int, group_rows: int, head_dim: int, max_
     items = bsz * groups
     want = threads * ITEMS_PER_THREAD
     splits = 1
-    if items < want and max_used_pages > MIN_PAGES_PER_SPLIT:
+    if threads > 1 and items < want and max_used_pages > MIN_PAGES_PER_SPLIT:
         splits = min(-(-want // items), max(1, max_used_pages // MIN_PAGES_PER_SPLIT))
     return Split(heads, groups, splits)
 

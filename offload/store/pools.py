@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from offload.sizes import format_bytes
+from offload.store.host_memory import host_zeros
 from offload.store.layout import KVLayout
 
 
@@ -53,6 +54,8 @@ class PagePool:
     def _alloc(self, capacity: int) -> torch.Tensor:
         shape = (capacity, *self.layout.page_shape)
         # Zeroed, not empty: masked keys get probability 0, and 0 * (NaN garbage) would still be NaN.
+        if self.device.type == "cpu" and not self.pin_memory:
+            return host_zeros(shape, self.layout.dtype)  # huge pages where the OS has them
         tensor = torch.zeros(shape, dtype=self.layout.dtype, device=self.device)
         return tensor.pin_memory() if self.pin_memory else tensor
 

@@ -292,10 +292,51 @@ def test_bad_softcap_is_refused(bad):
         paged_attention(*args, 0.3, softcap=bad)
 
 
-@pytest.mark.skipif("cpp" not in VARIANTS, reason="the C++ extension is not built here")
-def test_cpp_concurrent_callers_and_fork():
+def helper_sources() -> list[str]:
+    if "cpp" not in VARIANTS:
+        return []
+    from offload.kernels import cpp_kernel
+
+    return ["own"] + (["openmp"] if cpp_kernel._lib.offload_cpu_openmp_built() else [])
+
+
+@pytest.fixture(params=helper_sources())
+def helpers(request):
+    """The C++ kernel with its helper threads from each source this build has (restored after)."""
+    from offload.kernels import cpp_kernel
+
+    before = cpp_kernel.helpers()
+    cpp_kernel.use_openmp(request.param == "openmp")
+    try:
+        yield request.param
+    finally:
+        cpp_kernel.use_openmp(before == "openmp")
+
+
+def test_cpp_helper_sources(helpers):
+    """Both helper sources give the kernel's answer, over several calls back to back."""
+    from offload.kernels import cpp_kernel
+
+    if helpers == "openmp":
+        assert cpp_kernel.helpers() == "openmp", "the extension's OpenMP runtime should be torch's"
+        ours = cpp_kernel._lib.offload_cpu_openmp_library().decode()
+        assert os.path.realpath(ours) == cpp_kernel.torch_openmp_runtime()  # not a second runtime
+    args = make_case(16, 8, 2, 4, 64, [700, 333, 1], torch.bfloat16, seed=6)
+    ref_out, ref_lse, _ = naive_paged_attention(*args, 0.125)
+    calls_before, _ = cpp_kernel.openmp_stats()
+    for _ in range(3):
+        out, lse = paged_attention(*args, 0.125, kernel="cpp", threads=2)
+        torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+    calls, late = cpp_kernel.openmp_stats()
+    # the first call after use_openmp tries the team (later ones may not, if it was late)
+    assert (calls > calls_before) == (helpers == "openmp") and 0 <= late <= calls
+
+
+def test_cpp_concurrent_callers_and_fork(helpers):
     """The C++ helper pool serves one call at a time: a concurrent caller runs alone and still
-    gets the right answer; a forked child gets a fresh pool (helper threads do not survive fork)."""
+    gets the right answer; a forked child gets a fresh pool of its own threads (helper threads,
+    ours or OpenMP's, do not survive fork)."""
     import multiprocessing
     from concurrent.futures import ThreadPoolExecutor
 
