@@ -404,7 +404,9 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
 
   pool->run(fn, args, items, threads - 1, (size_t)(4 * page_size));  // scores / weights of 4 query rows
 
-  // Merge the splits by log-sum-exp (exact); rows that saw no key give 0 and -inf.
+  // Merge the splits by log-sum-exp (exact); rows that saw no key give 0 and -inf. The weighted
+  // sum runs in storage order (contiguous, vectorised), one permutation to element order per row.
+  std::vector<float> merged((size_t)head_dim);
   for (int64_t bh = 0; bh < bsz * num_heads; ++bh) {
     for (int64_t qi = 0; qi < q_len; ++qi) {
       const int64_t base = bh * num_splits * q_len + qi;  // row of split 0
@@ -418,13 +420,15 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
       }
       float total = 0.f;
       for (int64_t s = 0; s < num_splits; ++s) total += part_l[base + s * q_len] * std::exp(part_m[base + s * q_len] - m);
-      std::fill(o, o + head_dim, 0.f);
+      float* mg = merged.data();
+      std::fill(mg, mg + head_dim, 0.f);
       for (int64_t s = 0; s < num_splits; ++s) {
         const float w = std::exp(part_m[base + s * q_len] - m) / total;
         if (w == 0.f) continue;
         const float* acc = part_acc.data() + (base + s * q_len) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) o[d] += w * acc[order[(size_t)d]];
+        for (int64_t e = 0; e < head_dim; ++e) mg[e] += w * acc[e];
       }
+      for (int64_t d = 0; d < head_dim; ++d) o[d] = mg[order[(size_t)d]];
       lse[bh * q_len + qi] = m + std::log(total);
     }
   }

@@ -128,7 +128,8 @@ def paged_attention_cpp(
     table, counts, last = index_arrays(page_table, num_pages, last_page_len)
     threads = threads or default_threads()
     split = plan_split(
-        bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim, int(counts.max(initial=0)), threads
+        bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim, int(counts.max(initial=0)), threads,
+        page_size=key_pages.shape[2],
     )
     q = query.detach().to(torch.float32).contiguous()  # scaled in the kernel: a bf16 query stays exact
     out = torch.empty(bsz, num_heads, q_len, head_dim, dtype=torch.float32)

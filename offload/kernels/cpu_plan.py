@@ -24,6 +24,7 @@ import torch
 ACC_BYTES = 256 * 1024  # accumulators of one item (heads x Q x D float32): well inside L2
 ITEMS_PER_THREAD = 4  # enough items that unequal rows still balance over the threads
 MIN_PAGES_PER_SPLIT = 4  # below this the merge costs more than the split gains
+SPLIT_TOKENS_PER_ROW = 4  # and a split reads at least this many tokens per query row (see plan_split)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -42,16 +43,21 @@ class Split:
     num_splits: int  # page ranges per (sequence, head group)
 
 
-def plan_split(bsz: int, num_kv_heads: int, group_rows: int, head_dim: int, max_used_pages: int, threads: int) -> Split:
-    """Choose the work split; group_rows = G * Q query rows per KV head."""
+def plan_split(bsz: int, num_kv_heads: int, group_rows: int, head_dim: int, max_used_pages: int, threads: int,
+               page_size: int) -> Split:
+    """Choose the work split; group_rows = G * Q query rows per KV head. A split reads at least
+    MIN_PAGES_PER_SPLIT pages and at least SPLIT_TOKENS_PER_ROW tokens per query row: its partial
+    accumulators (group_rows x D floats per KV head, zeroed, written, merged) must stay small next
+    to the KV it reads, which many query rows (Q = 16) over a short context would not."""
     per_head_bytes = group_rows * head_dim * 4
     heads = max(1, min(num_kv_heads, ACC_BYTES // max(per_head_bytes, 1)))
     groups = -(-num_kv_heads // heads)
     items = bsz * groups
     want = threads * ITEMS_PER_THREAD
+    min_pages = max(MIN_PAGES_PER_SPLIT, -(-SPLIT_TOKENS_PER_ROW * group_rows // page_size))
     splits = 1
-    if threads > 1 and items < want and max_used_pages > MIN_PAGES_PER_SPLIT:
-        splits = min(-(-want // items), max(1, max_used_pages // MIN_PAGES_PER_SPLIT))
+    if threads > 1 and items < want and max_used_pages > min_pages:
+        splits = min(-(-want // items), max(1, max_used_pages // min_pages))
     return Split(heads, groups, splits)
 
 

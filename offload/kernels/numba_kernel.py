@@ -344,7 +344,8 @@ def paged_attention_numba(
     table, counts, last = index_arrays(page_table, num_pages, last_page_len)
     threads = min(threads or default_threads(), numba.config.NUMBA_NUM_THREADS)
     split = plan_split(
-        bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim, int(counts.max(initial=0)), threads
+        bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim, int(counts.max(initial=0)), threads,
+        page_size=key_pages.shape[2],
     )
     q = (query.detach().to(torch.float32) * scale).contiguous().numpy()
     out = torch.empty(bsz, num_heads, q_len, head_dim, dtype=torch.float32)

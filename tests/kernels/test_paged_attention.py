@@ -62,6 +62,7 @@ CASES = {  # name: (page_size, H, H_kv, Q, D, lengths, dtype, causal)
     "page16-gqa8-empty-row-fp32": (16, 16, 2, 1, 32, [0, 50], torch.float32, False),
     "page16-odd-dim-bf16": (16, 4, 1, 3, 24, [33], torch.bfloat16, False),
     "page16-long-split-fp16": (16, 4, 1, 2, 32, [1000, 17], torch.float16, True),
+    "page16-long-split-q16-bf16": (16, 8, 2, 16, 32, [1500, 40], torch.bfloat16, True),
 }
 
 
@@ -127,12 +128,24 @@ def test_bf16_query_and_pages(variant, page_size, heads, kv_heads, q_len, head_d
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "torch"])
-def test_thread_counts_and_splits_agree(variant):
+@pytest.mark.parametrize("case", ["page16-long-split-fp16", "page16-long-split-q16-bf16"])
+def test_thread_counts_and_splits_agree(variant, case):
     """One long sequence is split over page ranges (split-K); results do not depend on it."""
-    assert plan_split(1, 1, 8, 32, 63, threads=2).num_splits > 1
-    a = check(variant, "page16-long-split-fp16", threads=1)
-    b = check(variant, "page16-long-split-fp16", threads=2)
+    page_size, heads, kv_heads, q_len, _, lengths, _, _ = CASES[case]
+    assert plan_split(1, kv_heads, heads // kv_heads * q_len, 32, -(-lengths[0] // page_size), threads=2,
+                      page_size=page_size).num_splits > 1
+    a = check(variant, case, threads=1)
+    b = check(variant, case, threads=2)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_split_plan():
+    """One thread never splits; a split reads at least 4 pages and 4 tokens per query row."""
+    assert plan_split(1, 8, 4, 128, 2048, threads=1, page_size=16).num_splits == 1
+    assert plan_split(1, 8, 4, 128, 2048, threads=2, page_size=16).num_splits == 8  # 4 items per thread
+    assert plan_split(1, 8, 64, 128, 64, threads=2, page_size=16).num_splits == 4  # 16 pages = 4 x 64 rows
+    assert plan_split(1, 8, 4, 128, 6, threads=2, page_size=16).num_splits == 1  # too short to split
+    assert plan_split(8, 8, 4, 128, 2048, threads=2, page_size=16).num_splits == 1  # 8 items already
 
 
 def test_page_lse_is_optional():
