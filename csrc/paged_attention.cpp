@@ -137,8 +137,8 @@ IndexFn index_fn(int isa) {
 // Runs a call's work items on the calling thread and helper threads; items are claimed one at a
 // time from a shared ticket, so whoever is awake does the work.
 //
-// Helpers are OpenMP threads where the build has OpenMP and the process runs one OpenMP runtime
-// (cpp_kernel.py checks, then `use_openmp`): the runtime torch loaded, so its workers, still
+// Helpers are OpenMP threads where the build has OpenMP and its OpenMP calls reach the runtime
+// torch uses (cpp_kernel.py checks, then sets `use_openmp`): torch's workers, still
 // spinning after the model's last matmul, take items at once. Threads of our own would find the
 // other core held by that spinning worker and do nothing until the scheduler swaps them in (on two
 // cores a call then ran at one thread's speed). Otherwise our own threads: nothing waits on one
@@ -152,6 +152,7 @@ class WorkPool {
   typedef void (*Fn)(const ItemArgs&, int64_t, float*);
 
   bool use_openmp = false;
+  int64_t openmp_calls_ = 0, openmp_late_ = 0;  // calls on the team, and those that waited for it
 
   void forget_late_team() {  // the next call tries the OpenMP team again
 #ifdef _OPENMP
@@ -239,9 +240,6 @@ class WorkPool {
   static constexpr int64_t kLateMicros = 200;  // a spinning or just-woken worker arrives in far less
   static constexpr int64_t kMaxOpenmpSkip = 1024;
   int64_t openmp_skip_ = 0, openmp_backoff_ = 0;  // under call_mu_
- public:
-  int64_t openmp_calls_ = 0, openmp_late_ = 0;  // calls on the team, and those that waited for it
- private:
 #endif
 
   // Claims and runs items of generation gen until none are left; returns how many it ran.
@@ -331,11 +329,7 @@ OFFLOAD_EXPORT int offload_cpu_openmp_built() {
 
 // Calls run on an OpenMP team so far, and how many of them waited for a late team thread.
 OFFLOAD_EXPORT void offload_cpu_openmp_stats(int64_t* calls, int64_t* late) {
-#ifdef _OPENMP
   *calls = pool->openmp_calls_, *late = pool->openmp_late_;
-#else
-  *calls = *late = 0;
-#endif
 }
 
 // The file of the OpenMP runtime this library's OpenMP calls go to ("" without OpenMP).

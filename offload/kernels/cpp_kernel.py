@@ -70,8 +70,9 @@ def torch_openmp_runtime() -> str | None:
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
     runtimes = openmp_runtimes()
-    torch_dir = os.path.realpath(Path(torch.__file__).parent.parent)
-    own = {p for p in runtimes if p.startswith(os.path.join(torch_dir, "torch"))}
+    package = Path(os.path.realpath(Path(torch.__file__).parent))
+    bundled = (package, package.with_name("torch.libs"))  # torch/lib, or auditwheel's torch.libs
+    own = {p for p in runtimes if any(Path(p).is_relative_to(d) for d in bundled)}
     if len(own) == 1:
         return own.pop()
     return runtimes.pop() if len(runtimes) == 1 else None
@@ -83,10 +84,20 @@ def use_openmp(on: bool = True) -> bool:
     calls reach the runtime torch uses: then torch's workers, still spinning after the model's last
     matmul, pick up the kernel's work at once, where a thread of our own would wait for the core
     that worker holds. A second runtime's threads would fight torch's for the cores instead."""
-    ours = _lib.offload_cpu_openmp_library().decode()
+    ours = openmp_library()
     torch_rt = torch_openmp_runtime() if on and ours else None
-    same = torch_rt is not None and os.path.realpath(ours) == torch_rt
-    return bool(_lib.offload_cpu_use_openmp(int(same)))
+    return bool(_lib.offload_cpu_use_openmp(int(torch_rt is not None and ours == torch_rt)))
+
+
+def openmp_built() -> bool:
+    """Whether the extension was built with OpenMP (it can take helpers from a team)."""
+    return bool(_lib.offload_cpu_openmp_built())
+
+
+def openmp_library() -> str | None:
+    """Real path of the OpenMP runtime the extension's OpenMP calls reach; None without OpenMP."""
+    path = _lib.offload_cpu_openmp_library().decode()
+    return os.path.realpath(path) if path else None
 
 
 def helpers() -> str:
