@@ -12,12 +12,17 @@ each method at several levels, against the unreduced model on the same samples:
   minicache           adjacent layers merged from the middle layer up (SLERP directions, kept magnitudes,
                       outliers retained), at several retention thresholds
   minicache-from-1    the same from layer 1 up (beyond MiniCache's deeper half)
+  xkv                 the prompt's KV factorised by one SVD per group of 4 layers (xKV), keys before RoPE,
+                      at several ranks per layer
+  xkv-2               the same with groups of 2 layers
+  svd-single          the same with one SVD per layer (xKV's "single SVD" baseline, equal ranks per layer)
 
 Quality uses the strict protocol (prefill, then each scored token a decode step): perplexity of
 the last tokens of text windows (stories260K: TinyStories sample text; embedded:
 `embedded.sample_text`), top-1 agreement with the unreduced model's predictions there, and for the
 embedded model exact-match accuracy on passkey / MQAR / copy samples. KV bytes per token are
-counted from what the cache holds after a prefill (offload's pages, or MiniCache's tensors).
+counted from what the cache holds after a prefill of the first text window (offload's pages, or the
+MiniCache / xKV cache's tensors).
 Calibration (KVSharer, Procrustes, SVD) uses other text than the evaluation.
 
     offload bench crosslayer            # every level, 4 text windows, 20 samples per task (minutes)
@@ -41,7 +46,9 @@ from offload.benchmarks import machine
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 HEAD_METHODS = ("mean", "procrustes", "svd")
 METHOD_ORDER = ("baseline", "kvsharer", "kvsharer-similar", "headmerge-mean", "headmerge-procrustes",
-                "headmerge-svd", "minicache", "minicache-from-1")
+                "headmerge-svd", "minicache", "minicache-from-1", "xkv", "xkv-2", "svd-single")
+XKV_GROUPS = {"xkv": 4, "xkv-2": 2, "svd-single": 1}
+XKV_RANK_SHARES = (0.5, 0.25, 0.125)  # per-layer rank / (kv_heads x head_dim)
 TASKS = ("passkey", "mqar", "copy")
 
 
@@ -87,7 +94,7 @@ def stories_setup(path: Path, text: Path, windows: int, context: int, scored: in
         raise ValueError(f"{text} has {len(ids)} tokens; this run needs {need}")
     evaluation = [torch.tensor([ids[i * context:(i + 1) * context]]) for i in range(windows)]
     cal = [torch.tensor([ids[len(ids) - (i + 1) * 128:len(ids) - i * 128]]) for i in range(calibration)]
-    return Setup(bins[0].stem, model, tokenizer, evaluation, scored, cal, evaluation[0][:, :256])
+    return Setup(bins[0].stem, model, tokenizer, evaluation, scored, cal, evaluation[0])
 
 
 def embedded_setup(windows: int, context: int, scored: int, calibration: int, task_context: int) -> Setup:
@@ -96,7 +103,7 @@ def embedded_setup(windows: int, context: int, scored: int, calibration: int, ta
     model, tokenizer = embedded.load_embedded_model()
     evaluation = [embedded.sample_text(context, seed=100 + i) for i in range(windows)]
     cal = [embedded.sample_text(256, seed=200 + i) for i in range(calibration)]
-    return Setup("embedded", model, tokenizer, evaluation, scored, cal, evaluation[0][:, :256], task_context)
+    return Setup("embedded", model, tokenizer, evaluation, scored, cal, evaluation[0], task_context)
 
 
 def variants(setup: Setup, quick: bool, min_similarity: float):
@@ -104,6 +111,7 @@ def variants(setup: Setup, quick: bool, min_similarity: float):
     from offload.crosslayer import evaluation, head_merge, kvsharer
     from offload.crosslayer.minicache import MiniCache
     from offload.crosslayer.sharing import format_sharing
+    from offload.crosslayer.xkv import XKVCache
 
     model = setup.model
     layers = model.config.num_hidden_layers
@@ -145,6 +153,20 @@ def variants(setup: Setup, quick: bool, min_similarity: float):
                                      lambda: MiniCache.for_model(model, start_layer=start, gamma=gamma), details)
 
         yield method, level, make
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = config.num_key_value_heads * head_dim
+    for method, group in XKV_GROUPS.items():
+        for share in XKV_RANK_SHARES[:1] if quick else XKV_RANK_SHARES:
+            rank = max(1, round(share * width))
+            level = f"rank {rank} of {width} per layer"
+
+            def make(method=method, group=group, rank=rank, level=level):
+                details = {"group_size": group, "key_rank": rank, "value_rank": rank}
+                return evaluation.cached(method, level, model,
+                                         lambda: XKVCache.for_model(model, rank, rank, group_size=group), details)
+
+            yield method, level, make
 
 
 def run_setup(setup: Setup, quick: bool, samples: int, min_similarity: float, progress) -> list[Row]:
@@ -186,11 +208,32 @@ def _retained_share(variant, setup: Setup) -> float:
         session.close()
 
 
-def write(rows: list[Row], meta: dict, out: Path) -> None:
+def write(rows: list[Row], meta: dict, out: Path, studies: list[Path] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, out.with_suffix(".png"))
+    plot(rows, out.with_suffix(".png"), trained_points(studies))
+
+
+def trained_points(paths) -> list[dict]:
+    """The trained sharing configurations of `offload bench crosslayer-study` results (their JSON files),
+    as points for the embedded model's panels: KV saved, perplexity ratio to their own standard model,
+    and the mean of the same three tasks at the same context as here (passkey, mqar, copy @1024)."""
+    points = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            continue
+        for row in json.loads(path.read_text())["rows"]:
+            if row["configuration"] == "standard":
+                continue
+            accuracy = [row["accuracy"].get(task, {}).get("1024") for task in TASKS]
+            target = row["configuration"].partition("-")[2]
+            points.append({"series": f"trained, {'bottom' if target == 'bottom' else 'top/middle'} target "
+                                     f"({row['layers']} layers)",
+                           "reduction": 100 * (1 - 1 / row["kv_reduction"]), "ppl_ratio": row["perplexity_ratio"],
+                           "accuracy": (sum(accuracy) / len(accuracy)) if None not in accuracy else None})
+    return points
 
 
 def markdown(rows: list[Row], meta: dict) -> str:
@@ -234,7 +277,7 @@ def summary_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path: Path, trained: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +286,7 @@ def plot(rows: list[Row], path: Path) -> None:
     models = list(dict.fromkeys(r.model for r in rows))
     panels = [(m, "ppl") for m in models] + [(m, "tasks") for m in models if any(r.tasks for r in rows if r.model == m)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
-    markers = dict(zip(METHOD_ORDER, "*osDv^PX"))
+    markers = dict(zip(METHOD_ORDER, "*osDv^PXhd<>"))
     for ax, (model, kind) in zip(axes[0], panels):
         for method in METHOD_ORDER:
             sel = sorted((r for r in rows if r.model == model and r.method == method), key=lambda r: r.kv_reduction)
@@ -253,6 +296,12 @@ def plot(rows: list[Row], path: Path) -> None:
             ys = ([r.perplexity_ratio for r in sel] if kind == "ppl"
                   else [sum(r.tasks.values()) / len(r.tasks) for r in sel])
             ax.plot(xs, ys, marker=markers[method], linestyle="-" if len(sel) > 1 else "none", label=method)
+        if model == "embedded":  # trained sharing: the same architecture, trained with its map (crosslayer-study)
+            for series, style in zip(dict.fromkeys(p["series"] for p in trained), ("k+", "kx", "m+", "mx")):
+                sel = [p for p in trained if p["series"] == series and p["ppl_ratio" if kind == "ppl" else "accuracy"]
+                       is not None]
+                ax.plot([p["reduction"] for p in sel], [p["ppl_ratio" if kind == "ppl" else "accuracy"] for p in sel],
+                        style, markersize=9, label=series)
         ax.set_xlabel("KV bytes per token saved (%)")
         if kind == "ppl":
             ax.set_yscale("log")
@@ -263,9 +312,14 @@ def plot(rows: list[Row], path: Path) -> None:
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{model}: task accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("offload: training-free cross-layer KV reductions (strict protocol, unreduced = baseline)")
-    fig.tight_layout()
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(6, len(legend)), fontsize=8)
+    fig.suptitle("offload: cross-layer KV reductions, strict protocol (training-free: ratio to the unreduced model; "
+                 "trained: ratio to its own standard model of the same depth)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(legend) + 5) // 6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -291,11 +345,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (quality only: one avoids oversubscribing a shared machine)")
     parser.add_argument("--summary", action="store_true", help="print the README's summary of --out's JSON and exit")
+    parser.add_argument("--study", type=Path, nargs="*",
+                        default=[Path("bench/results/crosslayer_study.json"),
+                                 Path("bench/results/crosslayer_study_8layers.json")],
+                        help="crosslayer-study results whose trained configurations join the embedded model's plot")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --out's plot from its JSON and exit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/crosslayer"))
     args = parser.parse_args(argv)
     if args.summary:
         data = json.loads(args.out.with_suffix(".json").read_text())
         print(summary_table([Row(**r) for r in data["rows"]]), end="")
+        return
+    if args.plot_only:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        plot([Row(**r) for r in data["rows"]], args.out.with_suffix(".png"), trained_points(args.study))
+        print(f"wrote {args.out.with_suffix('.png')}")
         return
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -322,6 +386,6 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for setup in setups:
         rows += run_setup(setup, args.quick, args.samples, args.min_similarity, progress)
-        write(rows, meta, args.out)  # partial results survive an interrupted run
+        write(rows, meta, args.out, args.study)  # partial results survive an interrupted run
     print(args.out.with_suffix(".md").read_text())
     print(f"wrote {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from offload.crosslayer.cache_layer import CountedLayer
 from offload.crosslayer.slerp_merge import MergedStates
 
 DEFAULT_T = 0.6
@@ -61,20 +62,14 @@ class MergedPair:
         return 0 if self.keys is None else self.keys.nbytes() + self.values.nbytes()
 
 
-class PairLayer(CacheLayerMixin):
+class PairLayer(CountedLayer):
     """One layer of a merged pair, as transformers sees it (member 0 is the lower layer)."""
 
-    is_sliding = False
-    is_croppable = False
+    owner = "MiniCache"
 
     def __init__(self, pair: MergedPair, member: int) -> None:
         super().__init__()
         self.pair, self.member = pair, member
-        self.seen = 0
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -88,24 +83,6 @@ class PairLayer(CacheLayerMixin):
             self.pair.merge(key_states, value_states)
         self.seen += key_states.shape[-2]
         return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("MiniCache does not reorder merged pairs (beam search)")
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("MiniCache cannot crop merged pairs")
-
-    def reset(self) -> None:
-        raise NotImplementedError("MiniCache cannot be reset; create a new one")
 
 
 class MiniCache(Cache):
