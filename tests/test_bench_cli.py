@@ -82,6 +82,38 @@ def test_the_readme_policy_table_is_the_committed_benchmark_results():
     assert summary_table(results) in (root / "README.md").read_text()
 
 
+def test_the_readme_states_the_oracle_bound_of_the_committed_results():
+    from pathlib import Path
+
+    from offload.benchmarks.policies import load, oracle_bound_note
+
+    root = Path(__file__).resolve().parents[1]
+    results = load(root / "bench/results/policies.json", {"samples": 20}, keep_meta=True)
+    readme = " ".join((root / "README.md").read_text().split())
+    assert oracle_bound_note(results) in readme
+
+
+def test_oracle_exceptions_count_the_questions_that_can_differ():
+    from offload.benchmarks.policies import Cell, Results, oracle_bound_note, oracle_exceptions
+
+    def cell(policy, task, accuracy, effect="demote", budget=10.0):
+        return Cell(policy, effect, budget, task, 1024, accuracy=accuracy, samples=20)
+
+    results = Results(meta={}, cells=[
+        cell("oracle", "mqar", 0.95), cell("quest", "mqar", 0.975),      # 80 questions: 2 more right
+        cell("oracle", "copy", 0.80), cell("h2o", "copy", 0.80),         # a tie is bounded
+        cell("tova", "copy", 0.95, effect="drop"),                        # drop cells are not compared
+        cell("sparq", "copy", 0.70), cell("quest", "copy", 0.90, budget=25.0),  # no oracle cell at 25%
+    ])
+    compared, exceptions = oracle_exceptions(results)
+    assert compared == 3
+    assert [(e["policy"], e["questions"], e["k"], e["p_min"]) for e in exceptions] == [("quest", 80, 2, 0.25)]
+    assert "bounds the other rows in 2 of 3 demote cells" in oracle_bound_note(results)
+    assert "is 0.25" in oracle_bound_note(results)
+    assert oracle_bound_note(Results(meta={}, cells=[cell("oracle", "copy", 0.8), cell("h2o", "copy", 0.7)])) == \
+        "The oracle row bounds every other row in all 1 demote cells."
+
+
 def test_the_readme_crosslayer_table_is_the_committed_benchmark_results():
     """README's cross-layer summary is `offload bench crosslayer --summary` of bench/results/crosslayer.json."""
     from pathlib import Path

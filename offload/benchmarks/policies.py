@@ -282,6 +282,7 @@ def markdown(results: Results) -> str:
                 + f" | {_kib(sum(c.moved_bytes_per_step for c in cells) / n)}"
                 f" | {sum(c.kv_kept for c in cells) / n:.2f} |")
         lines.append("")
+    lines += ["## The oracle as a bound", "", oracle_bound_note(results), ""]
     if results.perplexity:
         lines += ["## Perplexity (stories260K, Grimm's tales)", "",
                   f"{meta.get('ppl_context')} tokens of text, the last {meta.get('ppl_eval')} scored as decode steps.", "",
@@ -311,6 +312,49 @@ def summary_table(results: Results, length: int = 4096, budgets=(10.0, 25.0)) ->
         mass = sum(c.mass_captured for c in picked) / max(1, len(picked))
         lines.append(f"| {policy} | " + " | ".join(row) + f" | {recall:.2f}{_old_rule_mark(picked)} | {mass:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def questions_per_sample(task: str) -> int:
+    """Questions an evaluation sample of `task` asks, each scored alone (accuracy's unit)."""
+    from offload.models import tasks
+
+    return {"mqar": tasks.MQAR_EVAL_QUERIES, "vartrack": tasks.VARTRACK_QUERIES}.get(task, 1)
+
+
+def oracle_exceptions(results: Results) -> tuple[int, list[dict]]:
+    """(demote cells compared, the cells scoring above the oracle's cell of the same task, length and
+    budget). Each exception carries `k`, the fewest questions on which the two can disagree (the
+    accuracy difference times the questions asked), and `p_min` = 0.5 ** k: the smallest one-sided
+    exact McNemar p-value any pairing of the same answers allows, i.e. the chance that a policy no
+    better than the oracle wins k discordant questions out of k. Both ran on the same seeded samples."""
+    oracle = {(c.task, c.length, c.budget_pct): c for c in results.cells if c.policy == "oracle" and c.effect == "demote"}
+    compared, exceptions = 0, []
+    for c in results.cells:
+        bound = oracle.get((c.task, c.length, c.budget_pct))
+        if c.policy == "oracle" or c.effect != "demote" or bound is None:
+            continue
+        compared += 1
+        if c.accuracy > bound.accuracy + 1e-9:
+            questions = c.samples * questions_per_sample(c.task)
+            k = round((c.accuracy - bound.accuracy) * questions)
+            exceptions.append({"policy": c.policy, "task": c.task, "length": c.length, "budget_pct": c.budget_pct,
+                               "accuracy": c.accuracy, "oracle": bound.accuracy, "questions": questions, "k": k,
+                               "p_min": 0.5 ** k})
+    return compared, exceptions
+
+
+def oracle_bound_note(results: Results) -> str:
+    """One sentence for the README and the results file: how often the oracle bounds the other rows,
+    and whether any exception could be more than sampling noise."""
+    compared, exceptions = oracle_exceptions(results)
+    if not exceptions:
+        return f"The oracle row bounds every other row in all {compared} demote cells."
+    ks = sorted(e["k"] for e in exceptions)
+    cells = ", ".join(f"{e['policy']} {e['task']} {e['length']} {e['budget_pct']:g}%" for e in exceptions)
+    return (f"The oracle row bounds the other rows in {compared - len(exceptions)} of {compared} demote cells. "
+            f"The {len(exceptions)} exceptions ({cells}) are {ks[0]} to {ks[-1]} questions of the same seeded "
+            f"samples, and none is significant: the smallest one-sided exact McNemar p-value any pairing of "
+            f"those answers allows is {0.5 ** ks[-1]:.3g} (0.5^k for k questions won).")
 
 
 def _old_rule_mark(cells) -> str:

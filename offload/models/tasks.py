@@ -70,6 +70,7 @@ COPY_WORDS = 8
 VARTRACK_HOPS = 2  # evaluation: every chain has 2 hops (variable -> variable -> digit)
 VARTRACK_CHAINS = 3  # evaluation: 3 chains (distinct variables), 2 of them queried
 VARTRACK_QUERIES = 2
+MQAR_EVAL_QUERIES = 4  # queried keys of an evaluation sample's 8 pairs, each scored alone
 AGGREGATE_COUNTS = (4, 2, 1)  # evaluation: votes per candidate word, the winner strictly most
 MAX_TRAIN_COPY_WORDS = 24
 # Words a copy span is drawn from: filler words, so the span looks like its surroundings.
@@ -372,7 +373,7 @@ def eval_sample(task: str, length: int, rng: np.random.Generator) -> Sample:
     if task == "passkey":
         b.passkey()
     elif task == "mqar":
-        b.mqar(num_pairs=8, num_queries=4)
+        b.mqar(num_pairs=8, num_queries=MQAR_EVAL_QUERIES)
     elif task == "copy":
         b.copy(COPY_WORDS)
     elif task == "vartrack":
