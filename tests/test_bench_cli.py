@@ -66,6 +66,21 @@ def test_crosslayer_study_runs_on_trained_model_folders(tmp_path):
     assert (tmp_path / "results/study.md").exists() and (tmp_path / "results/study.png").exists()
 
 
+def test_crosslayer_study_refuses_models_of_different_depths(tmp_path):
+    from offload.benchmarks.crosslayer_study import load_models
+    from offload.models import tasks
+    from offload.models.embedded import WordTokenizer
+    from offload.models.train import model_config, save
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = WordTokenizer(tasks.VOCAB)
+    for name, layers, sharing in (("standard", 6, None), ("pizza-bottom-kv2", 8, "pizza-bottom")):
+        model = AutoModelForCausalLM.from_config(model_config(len(tokenizer), 1e5, 4608, layers, sharing, 2))
+        save(model, tokenizer, tmp_path / name, {"command": f"test {name}"})
+    with pytest.raises(ValueError, match="different depths"):
+        load_models(tmp_path)
+
+
 def test_unknown_subcommand_is_named(tmp_path):
     run = _run(tmp_path, "speed")
     assert run.returncode != 0 and "unknown command 'speed'" in run.stderr

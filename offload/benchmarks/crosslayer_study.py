@@ -81,8 +81,12 @@ def load_models(models_dir: Path, names: list[str] | None = None):
         found.append((path.name, model, tokenizer, meta))
     if not any(name == "standard" for name, *_ in found):
         raise FileNotFoundError(f"{models_dir}: no 'standard' folder; the ratios need the standard model trained "
-                                "with the same recipe (python -m offload.models.train --layers 6 --recipe study "
+                                "with the same recipe (python -m offload.models.train --layers N --recipe study "
                                 f"--out {models_dir}/standard)")
+    depth = {name: model.config.num_hidden_layers for name, model, *_ in found}
+    if len(set(depth.values())) > 1:
+        raise ValueError(f"{models_dir}: the models have different depths ({depth}); ratios are to the standard model "
+                         "of the same depth, so keep each depth in its own folder")
     return sorted(found, key=lambda f: (f[0] != "standard", _order(f[0])))
 
 
@@ -260,7 +264,8 @@ def markdown(rows: list[StudyRow], meta: dict) -> str:
     lines = [
         "# Cross-layer KV sharing, trained at small scale (Wu, Wu and Tu's framework)", "",
         f"Command: `{meta['command']}`; machine: {meta['machine']}; torch {meta['torch']}.", "",
-        "Every model is the embedded architecture with 6 layers (hidden 128, 8 query heads, 2 KV heads of 16), "
+        f"Every model is the embedded architecture with {' or '.join(str(n) for n in sorted({r.layers for r in rows}))} "
+        "layers (hidden 128, 8 query heads, 2 KV heads of 16), "
         "trained from the same seed with the same data and curriculum (`--recipe study`: 1000 steps at 64 tokens, "
         "200 each at 128, 256 and 512; about 6.5M tokens); the command of each is in its row of the JSON. "
         "KV map: per layer, the layer whose KV it attends. KV B/token: bytes the cache holds per token. "
