@@ -38,6 +38,13 @@ class PageScorer:
         """
         raise NotImplementedError
 
+    def add_readers(self, scores: torch.Tensor, page_mass: torch.Tensor) -> torch.Tensor:
+        """Return scores that also count `page_mass` [B, max_pages] of other layers reading these pages
+        in the same step (cross-layer KV sharing: consumers attend their producer's pages), so the
+        pages' residency and eviction serve every reader. Added as this step's mass, without another
+        decay step."""
+        return scores.add_(page_mass)
+
 
 @dataclass(slots=True)
 class EvictionCandidates:

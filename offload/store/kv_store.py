@@ -511,7 +511,9 @@ class KVStore:
         where a consumer layer reads its producer's KV after the producer stored the new tokens.
 
         query [B, H, T, D]; query_pos [B, T] the queries' stored positions (-1: padding).
-        Exact in every mode (the consumer's queries select nothing). Returns (out, lse)."""
+        Exact in every mode (the consumer's queries select nothing); the attention mass of the
+        observed queries joins the layer's page scores (`PageScorer.add_readers`), so residency and
+        eviction weigh what consumers read too. Returns (out, lse)."""
         if self.active is not request:
             self.activate(request)
         table = request.tables[layer]
@@ -520,6 +522,7 @@ class KVStore:
         layer_plan = plan(table, valid, None, query.shape[2] <= MAX_DECODE_QUERY, new_pos=query_pos)
         empty = query.new_zeros(query.shape[0], self.layout.num_kv_heads, 0, self.layout.head_dim)
         result = self.runner.run(layer_plan, table, query, empty, empty, scale, softcap)
+        table.scores = self.scorer.add_readers(table.scores, result.page_mass)  # criticality serves every reader
         return result.out, result.lse
 
     def _may_speculate(self, request: Request, layer: int) -> bool:

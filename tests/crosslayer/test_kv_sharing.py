@@ -72,6 +72,33 @@ def test_the_store_holds_one_copy_per_kv_layer():
     assert measured[False][3] == 2 * device > 0
 
 
+@torch.inference_mode()
+def test_consumers_attention_mass_joins_the_producers_page_scores():
+    """A decode step: the producer's scores decay once and gain its own mass and each consumer's
+    (every observed row's mass sums to one per query head), so residency serves every reader."""
+    model = tiny_llama()
+    with OffloadedModel(model, page_size=8, device_budget="64MiB", prefix_cache=False, kv_sharing=SHARING) as om:
+        cache = om.new_cache(1, 64)
+        ids = token_ids(1, 41)
+        om(ids[:, :40], past_key_values=cache)
+        scorer, calls = om.store.scorer, []
+        update, add_readers = scorer.update, scorer.add_readers
+        scorer.update = lambda scores, mass: calls.append(("own", mass.clone())) or update(scores, mass)
+        scorer.add_readers = lambda scores, mass: calls.append(("reader", mass.clone())) or add_readers(scores, mass)
+        table = cache.request.tables[0]
+        before = table.scores.clone()
+        om(ids[:, 40:], past_key_values=cache)
+        del scorer.update, scorer.add_readers
+        # layer 0 stores (its own update), layers 1 and 3 read it, layer 2 keeps its own KV
+        assert [kind for kind, _ in calls] == ["own", "reader", "own", "reader"]
+        own, first, _, second = (mass for _, mass in calls)
+        heads = model.config.num_attention_heads
+        for reader in (first, second):
+            assert reader.sum().item() == pytest.approx(heads, abs=1e-4)
+        torch.testing.assert_close(table.scores, before * scorer.decay + own + first + second)
+        cache.release()
+
+
 def test_a_shared_model_still_passes_the_probe_and_says_it_approximates(caplog):
     with caplog.at_level("WARNING", logger="offload"):
         OffloadedModel(tiny_llama(), kv_sharing="1:0").unwrap()
