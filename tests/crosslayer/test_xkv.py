@@ -110,3 +110,20 @@ def test_generate_runs_with_the_cache():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         XKVCache(4, **kwargs)
+
+
+def test_a_rope_convention_other_than_llamas_is_refused_unless_keys_stay_rotated(monkeypatch):
+    """The unrotation assumes features p and p + D/2 pair up; the check runs the model's own RoPE."""
+    import transformers.models.llama.modeling_llama as llama
+
+    def interleaved(q, k, cos, sin, *args, **kwargs):  # GPT-J style: features 2i and 2i + 1 pair up
+        def rotate_pairs(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+
+    model = tiny_llama(num_layers=2)
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", interleaved)
+    with pytest.raises(ValueError, match="pre_rope=False"):
+        XKVCache.for_model(model, 4, 4)
+    assert XKVCache.for_model(model, 4, 4, pre_rope=False).groups[0].rotary is None
