@@ -297,11 +297,10 @@ def plot(rows: list[Row], path: Path, trained: list[dict] = ()) -> None:
                   else [sum(r.tasks.values()) / len(r.tasks) for r in sel])
             ax.plot(xs, ys, marker=markers[method], linestyle="-" if len(sel) > 1 else "none", label=method)
         if model == "embedded":  # trained sharing: the same architecture, trained with its map (crosslayer-study)
+            measure = "ppl_ratio" if kind == "ppl" else "accuracy"
             for series, style in zip(dict.fromkeys(p["series"] for p in trained), ("k+", "kx", "m+", "mx")):
-                sel = [p for p in trained if p["series"] == series and p["ppl_ratio" if kind == "ppl" else "accuracy"]
-                       is not None]
-                ax.plot([p["reduction"] for p in sel], [p["ppl_ratio" if kind == "ppl" else "accuracy"] for p in sel],
-                        style, markersize=9, label=series)
+                sel = [p for p in trained if p["series"] == series and p[measure] is not None]
+                ax.plot([p["reduction"] for p in sel], [p[measure] for p in sel], style, markersize=9, label=series)
         ax.set_xlabel("KV bytes per token saved (%)")
         if kind == "ppl":
             ax.set_yscale("log")

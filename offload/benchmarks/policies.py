@@ -354,7 +354,7 @@ def oracle_bound_note(results: Results) -> str:
     return (f"The oracle row bounds the other rows in {compared - len(exceptions)} of {compared} demote cells. "
             f"The {len(exceptions)} exceptions ({cells}) are {ks[0]} to {ks[-1]} questions of the same seeded "
             f"samples, and none is significant: the smallest one-sided exact McNemar p-value any pairing of "
-            f"those answers allows is {0.5 ** ks[-1]:.3g} (0.5^k for k questions won).")
+            f"those answers allows is {min(e['p_min'] for e in exceptions):.3g} (0.5^k for k questions won).")
 
 
 def _old_rule_mark(cells) -> str:

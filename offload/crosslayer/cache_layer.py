@@ -1,4 +1,5 @@
-"""`CountedLayer`: the transformers cache-layer boilerplate MiniCache and xKV share.
+"""What MiniCache and xKV share as transformers caches: `CountedLayer` (the cache-layer
+boilerplate), `full_attention_config` (the model check) and `layer_bytes`.
 
 A layer of a cache that stores KV in another form than one tensor per layer (merged pairs,
 factorised groups): it counts the tokens it has seen for transformers' masks and sequence
@@ -9,6 +10,24 @@ resetting). Subclasses implement `update`.
 from __future__ import annotations
 
 from transformers.cache_utils import CacheLayerMixin
+
+from offload.hf.layers import text_config
+
+
+def full_attention_config(model, cache_name: str):
+    """The model's decoder config, after checking that every layer is a full-attention layer."""
+    config = text_config(model.config)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"{cache_name} handles full-attention layers only; this model has layer types {sorted(kinds)}")
+    return config
+
+
+def layer_bytes(layer: CacheLayerMixin) -> int:
+    """Bytes of a transformers `DynamicLayer`'s keys and values (0 before its first update)."""
+    if not layer.is_initialized:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
 
 
 class CountedLayer(CacheLayerMixin):

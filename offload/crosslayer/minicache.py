@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from offload.crosslayer.cache_layer import CountedLayer
+from offload.crosslayer.cache_layer import CountedLayer, full_attention_config, layer_bytes
 from offload.crosslayer.slerp_merge import MergedStates
 
 DEFAULT_T = 0.6
@@ -108,20 +108,13 @@ class MiniCache(Cache):
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "MiniCache":
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise ValueError(f"MiniCache merges full-attention layers; this model has layer types {sorted(kinds)}")
-        return cls(config.num_hidden_layers, **kwargs)
+        return cls(full_attention_config(model, "MiniCache").num_hidden_layers, **kwargs)
 
     def kv_bytes(self) -> int:
         """Bytes of every tensor the cache holds: unmerged layers' keys and values, merged pairs'
         directions, magnitudes, retained vectors and their indices."""
         total = sum(p.nbytes() for p in self.merged)
-        for layer in self.layers:
-            if isinstance(layer, DynamicLayer) and layer.is_initialized:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        return total
+        return total + sum(layer_bytes(layer) for layer in self.layers if isinstance(layer, DynamicLayer))
 
     def retained_share(self) -> float:
         """Share of merged vectors (keys and values, all pairs) kept unmerged."""

@@ -38,20 +38,16 @@ import sys
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.models.llama.modeling_llama import rotate_half
 
-from offload.crosslayer.cache_layer import CountedLayer
+from offload.crosslayer.cache_layer import CountedLayer, full_attention_config, layer_bytes
 
 DEFAULT_GROUP_SIZE = 2
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """RoPE's pairing of features p and p + D/2 (transformers' Llama convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE: x [B, H, N, D], cos/sin [B, N, D] (as the model's rotary embedding returns them)."""
+    """Apply RoPE as transformers' Llama does (features p and p + D/2 paired): x [B, H, N, D], cos/sin
+    [B, N, D] (as the model's rotary embedding returns them)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
 
@@ -156,9 +152,7 @@ class GroupLayer(CountedLayer):
         return torch.cat([old_keys, tail_keys], dim=-2), torch.cat([old_values, tail_values], dim=-2)
 
     def nbytes(self) -> int:
-        if not self.tail.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.tail.keys, self.tail.values))
+        return layer_bytes(self.tail)
 
 
 class XKVCache(Cache):
@@ -187,29 +181,21 @@ class XKVCache(Cache):
                   start_layer: int = 0, pre_rope: bool = True) -> "XKVCache":
         """The cache for `model`; `pre_rope=True` factorises keys before RoPE (needs a rotary embedding
         with transformers' Llama pairing over the whole head, checked on the model's own code)."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise ValueError(f"XKVCache factorises full-attention layers; this model has layer types {sorted(kinds)}")
-        rotary = _llama_rotary(model) if pre_rope else None
+        config = full_attention_config(model, "XKVCache")
+        rotary = _llama_rotary(model, config) if pre_rope else None
         return cls(config.num_hidden_layers, key_rank, value_rank, group_size, start_layer, rotary)
 
     def kv_bytes(self) -> int:
         """Bytes of every tensor held: uncompressed layers' KV, factors and bases, later tokens."""
-        total = sum(g.nbytes() for g in self.groups)
-        for layer in self.layers:
-            if isinstance(layer, GroupLayer):
-                total += layer.nbytes()
-            elif layer.is_initialized:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        return total
+        return sum(g.nbytes() for g in self.groups) + sum(
+            layer.nbytes() if isinstance(layer, GroupLayer) else layer_bytes(layer) for layer in self.layers)
 
     def ranks(self) -> list[tuple[int, int]]:
         """(key rank, value rank) each group used (after capping at its tokens and width)."""
         return [(g.keys.rank, g.values.rank) for g in self.groups if g.keys is not None]
 
 
-def _llama_rotary(model):
+def _llama_rotary(model, config):
     """The model's rotary embedding, after checking that its attention rotates keys the way
     `rotate` does (features p and p + D/2 paired, over the whole head)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
@@ -218,7 +204,6 @@ def _llama_rotary(model):
     if rotary is None or not layers:
         raise ValueError(f"{type(model).__name__}: pre_rope=True needs a decoder with `rotary_emb` and `layers`; "
                          "pass pre_rope=False to factorise rotated keys")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
         raise ValueError(f"{type(model).__name__}: partial rotary embeddings are not undone here; pass pre_rope=False")
     attention = getattr(layers[0], "self_attn", None)

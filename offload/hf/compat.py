@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.hf.layers import STATE_KINDS, STORE_KINDS, cache_layer_types, iterates_prompt
+from offload.hf.layers import STATE_KINDS, STORE_KINDS, cache_layer_types, iterates_prompt, text_config
 
 PROBE_TOKENS = 24
 # Logits of the wrapped and the unwrapped model on the probe may differ by float rounding only:
@@ -31,13 +31,9 @@ class UnsupportedModel(TypeError):
     """The wrapped model uses something offload does not implement; it would run wrong, so it is refused."""
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def config_problems(model) -> list[str]:
     """What the model's config declares that offload cannot run exactly (empty: nothing)."""
-    text = _text_config(model.config)
+    text = text_config(model.config)
     problems = []
     shared = getattr(text, "num_kv_shared_layers", None)
     if shared and not getattr(text, "kv_sharing_modes", None):
@@ -107,13 +103,13 @@ def probe(model, run_wrapped, unwrap, rewrap) -> None:
 def probe_length(model) -> int:
     """PROBE_TOKENS, or fewer where a window, a chunk or the positions are shorter (within them the
     model's attention is full attention, which is what the probe compares)."""
-    text = _text_config(model.config)
+    text = text_config(model.config)
     limits = [getattr(text, f, None) for f in ("sliding_window", "attention_chunk_size", "max_position_embeddings")]
     return max(2, min([PROBE_TOKENS] + [int(x) for x in limits if isinstance(x, int) and x > 0]))
 
 
 def _message(model, problems: list[str]) -> str:
-    family = getattr(_text_config(model.config), "model_type", None) or type(model).__name__
+    family = getattr(text_config(model.config), "model_type", None) or type(model).__name__
     return (
         f"{type(model).__name__} ({family}) cannot run exactly under offload: " + "; ".join(problems)
         + ". Run it unwrapped (outputs would differ, so offload refuses rather than run it silently wrong)."

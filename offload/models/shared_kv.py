@@ -43,8 +43,9 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
     eager_attention_forward,
-    rotate_half,
 )
+
+from offload.crosslayer.xkv import rotate
 
 PARTITIONS = ("pizza", "sandwich", "lasagna")
 TARGETS = ("bottom", "top", "middle")
@@ -191,14 +192,14 @@ class SharedKVAttention(LlamaAttention):
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        query = _rope(query, cos, sin)
+        query = rotate(query, cos, sin)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         dropout = 0.0 if not self.training else self.attention_dropout
         store = past_key_values if hasattr(past_key_values, "attend_outside") else None  # offload's cache
         if self.kv_layer == self.layer_idx:
             keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            keys = _rope(keys, cos, sin)
+            keys = rotate(keys, cos, sin)
             if pass_state is not None:
                 pass_state.provisional[self.layer_idx] = (keys, values)
         if self.kv_layer > self.layer_idx:  # a later layer's KV: of the earlier tokens only
@@ -235,9 +236,6 @@ class SharedKVAttention(LlamaAttention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, H, T, D], as transformers' Llama applies it."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
 class _PassState:
