@@ -217,6 +217,7 @@ def paged_attention_blocked(
     scale: float,
     block_tokens: int = 8192,
     softcap: float | None = None,
+    page_lse_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal paged attention for long query blocks (chunked prefill): each sequence's pages
     are gathered in blocks of about `block_tokens` keys, attended with a fused, blocked kernel
@@ -224,7 +225,10 @@ def paged_attention_blocked(
 
     The paged kernels are built for decode (few query rows per KV byte, memory-bound); with
     hundreds of query rows the work is compute-bound and a blocked matmul kernel is faster.
-    Same contract as `offload.kernels.paged_attention` with causal=False and no page_lse_out.
+    Same contract as `offload.kernels.paged_attention` with causal=False; `page_lse_out`
+    [B, H, R, max_pages] receives the per-page log-sum-exp of the last R query rows (the observed
+    ones), computed from the same gathered blocks by one matmul per block (columns past a
+    sequence's pages are left as they are).
     """
     from offload.kernels.merge import merge_partials
 
@@ -246,4 +250,35 @@ def paged_attention_blocked(
             o, l = _attend_block(query[b : b + 1], k[None], v[None], scale, softcap)
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]
+            if page_lse_out is not None and page_lse_out.shape[2]:
+                rows = query[b, :, q_len - page_lse_out.shape[2] :]
+                page_lse_out[b, :, :, first : first + block.numel()] = _block_page_lse(rows, k, scale, page_size, softcap)
     return out, lse
+
+
+def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, scale: float, page_size: int, softcap=None) -> torch.Tensor:
+    """Per-page log-sum-exp of every row over gathered keys: query [H, R, D], keys [H_kv, T, D]
+    (whole pages but the last) -> [H, R, ceil(T / page_size)] float32.
+
+    Shifted by each row's maximum over the block (one reduction instead of one per page of 16);
+    a page more than ~87 nats below that maximum underflows float32 to -inf, and then the block
+    is done again shifted by each page's own maximum, so every finite value stays exact."""
+    num_heads, rows, head_dim = query.shape
+    num_kv_heads, count, _ = keys.shape
+    num_pages = -(-count // page_size)
+    q = query.float().reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
+
+    def page_scores() -> torch.Tensor:  # [H_kv, G * R, pages, page_size]
+        scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)
+        if count % page_size:
+            scores = torch.nn.functional.pad(scores, (0, num_pages * page_size - count), value=float("-inf"))
+        return scores.view(num_kv_heads, -1, num_pages, page_size)
+
+    pages = page_scores()
+    top = pages.amax(dim=(-2, -1), keepdim=True)  # each row's maximum over the block
+    out = top[..., 0] + pages.sub_(top).exp_().sum(dim=-1).log_()
+    if bool(torch.isneginf(out).any()):
+        pages = page_scores()
+        top = pages.amax(dim=-1, keepdim=True)
+        out = top[..., 0] + pages.sub_(top).exp_().sum(dim=-1).log_()
+    return out.view(num_heads, rows, num_pages)

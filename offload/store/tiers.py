@@ -111,7 +111,7 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     host-part computation, for the host pool, a disk map or a lender's pool.
 
     Decode blocks run the paged kernel; a prefill block (observe < Q: many rows per KV byte,
-    compute-bound) runs blocked matmuls, and the paged kernel over its observed rows for page_lse."""
+    compute-bound) runs blocked matmuls, the observed rows' page_lse from the same gathered blocks."""
     q = query.to(keys.device).float()
     bsz, num_heads, q_len, _ = q.shape
     last = torch.full((bsz,), keys.shape[2], dtype=torch.long)  # every page complete
@@ -121,10 +121,7 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         out, lse = paged_attention(q, keys, values, *args, kernel=kernel, page_lse_out=page_lse, validate=False,
                                    threads=threads, softcap=softcap)
     else:
-        out, lse = paged_attention_blocked(q, keys, values, *args, softcap=softcap)
-        if observe:
-            paged_attention(q[:, :, q_len - observe:], keys, values, *args, kernel=kernel, page_lse_out=page_lse,
-                            validate=False, threads=threads, softcap=softcap)
+        out, lse = paged_attention_blocked(q, keys, values, *args, softcap=softcap, page_lse_out=page_lse)
     return Partial(out, lse, page_lse)
 
 

@@ -20,11 +20,37 @@ def test_blocked_matches_reference(page_size, block_tokens, dtype):
     table = torch.stack([torch.randperm(num_pages, generator=gen)[:7] for _ in range(3)])
     counts = torch.tensor([7, 3, 0])
     last = torch.tensor([page_size, max(1, page_size // 2), page_size])
-    out, lse = paged_attention_blocked(query, keys, values, table, counts, last, 0.3, block_tokens=block_tokens)
-    ref_out, ref_lse, _ = naive_paged_attention(query, keys, values, table, counts, last, 0.3)
+    rows = 5  # the observed rows: the last 5 queries' per-page log-sum-exp
+    page_lse = torch.full((3, h, rows, table.shape[1]), float("-inf"))
+    out, lse = paged_attention_blocked(query, keys, values, table, counts, last, 0.3, block_tokens=block_tokens,
+                                       page_lse_out=page_lse)
+    ref_out, ref_lse, ref_page = naive_paged_attention(query, keys, values, table, counts, last, 0.3)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-4)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-4)
     assert torch.all(out[2] == 0) and torch.all(torch.isneginf(lse[2]))
+    for b, n in enumerate(counts.tolist()):
+        torch.testing.assert_close(page_lse[b, :, :, :n].double(), ref_page[b, :, q_len - rows :, :n], atol=2e-5, rtol=2e-4)
+        assert torch.all(torch.isneginf(page_lse[b, :, :, n:]))  # past the sequence's pages: untouched
+
+
+def test_blocked_page_lse_stays_exact_for_pages_far_below_the_best():
+    """A page ~400 nats below a row's best key underflows a shift by the row's maximum; its
+    page_lse still comes out finite and exact (the block is redone shifted per page)."""
+    gen = torch.Generator().manual_seed(3)
+    page_size, h, hkv, d = 4, 2, 1, 8
+    keys = torch.randn(3, hkv, page_size, d, generator=gen)
+    values = torch.randn(3, hkv, page_size, d, generator=gen)
+    query = torch.randn(1, h, 2, d, generator=gen)
+    direction = query[0, 0, -1] / query[0, 0, -1].norm()
+    keys[0] += 40.0 * direction  # page 0 far above, page 2 far below for the observed row
+    keys[2] -= 40.0 * direction
+    table, counts, last = torch.tensor([[0, 1, 2]]), torch.tensor([3]), torch.tensor([page_size])
+    page_lse = torch.full((1, h, 1, 3), float("-inf"))
+    paged_attention_blocked(query, keys, values, table, counts, last, 1.0, page_lse_out=page_lse)
+    _, _, ref_page = naive_paged_attention(query, keys, values, table, counts, last, 1.0)
+    assert float(ref_page[0, 0, -1, 0] - ref_page[0, 0, -1, 2]) > 200  # the case is what it claims
+    assert bool(torch.isfinite(page_lse).all())
+    torch.testing.assert_close(page_lse.double()[0, :, 0], ref_page[0, :, -1], atol=1e-3, rtol=2e-5)
 
 
 @pytest.mark.parametrize("prefix,q_len", [(0, 2), (0, 37), (5, 16), (33, 40)])

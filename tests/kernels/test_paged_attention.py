@@ -292,10 +292,14 @@ def test_blocked_prefill_kernel_applies_softcap():
 
     args = make_case(4, 4, 2, 9, 16, [30, 7], torch.float32, seed=8)
     query = args[0] * 4.0
-    out, lse = paged_attention_blocked(query, *args[1:], 0.25, block_tokens=8, softcap=2.0)
-    ref_out, ref_lse, _ = naive_paged_attention(query, *args[1:], 0.25, softcap=2.0)
+    rows = 3
+    page_lse = torch.full((*query.shape[:2], rows, args[3].shape[1]), float("-inf"))
+    out, lse = paged_attention_blocked(query, *args[1:], 0.25, block_tokens=8, softcap=2.0, page_lse_out=page_lse)
+    ref_out, ref_lse, ref_page = naive_paged_attention(query, *args[1:], 0.25, softcap=2.0)
     torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+    listed = ~torch.isnan(ref_page[:, :, -rows:])
+    torch.testing.assert_close(page_lse.double()[listed], ref_page[:, :, -rows:][listed], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
