@@ -81,6 +81,25 @@ def test_crosslayer_study_refuses_models_of_different_depths(tmp_path):
         load_models(tmp_path)
 
 
+def test_crosslayer_study_orders_variant_folders_and_labels_their_iteration(tmp_path):
+    """A folder named with a variant suffix (`pizza-top-kv2-m7`) sorts with its KV-layer count, and
+    the crosslayer plot labels a top target's point with the m and b it was trained with."""
+    from offload.benchmarks.crosslayer import trained_points
+    from offload.benchmarks.crosslayer_study import _order
+
+    names = ["pizza-top-kv2-m7", "lasagna-bottom", "pizza-bottom-kv2", "pizza-top", "pizza-top-kv2"]
+    assert sorted(names, key=_order) == ["pizza-top", "lasagna-bottom", "pizza-bottom-kv2", "pizza-top-kv2",
+                                         "pizza-top-kv2-m7"]
+    row = {"configuration": "pizza-top", "layers": 6, "kv_reduction": 3.0, "perplexity_ratio": 1.1,
+           "accuracy": {t: {"1024": 1.0} for t in ("passkey", "mqar", "copy")}}
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"rows": [
+        {**row, "train_command": "python -m offload.models.train --forward-passes 7 --backward-passes 2"},
+        {**row, "train_command": "python -m offload.models.train"}]}))
+    series = [p["series"] for p in trained_points([study])]
+    assert series == ["trained, top/middle target (6 layers, m = 7, b = 2)", "trained, top/middle target (6 layers)"]
+
+
 def test_unknown_subcommand_is_named(tmp_path):
     run = _run(tmp_path, "speed")
     assert run.returncode != 0 and "unknown command 'speed'" in run.stderr

@@ -34,7 +34,9 @@ Results: bench/results/crosslayer.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -229,8 +231,10 @@ def trained_points(paths) -> list[dict]:
                 continue
             accuracy = [row["accuracy"].get(task, {}).get("1024") for task in TASKS]
             target = row["configuration"].partition("-")[2]
+            passes = re.search(r"--forward-passes (\d+) --backward-passes (\d+)", row.get("train_command") or "")
+            iteration = f", m = {passes[1]}, b = {passes[2]}" if passes and target != "bottom" else ""
             points.append({"series": f"trained, {'bottom' if target == 'bottom' else 'top/middle'} target "
-                                     f"({row['layers']} layers)",
+                                     f"({row['layers']} layers{iteration})",
                            "reduction": 100 * (1 - 1 / row["kv_reduction"]), "ppl_ratio": row["perplexity_ratio"],
                            "accuracy": (sum(accuracy) / len(accuracy)) if None not in accuracy else None})
     return points
@@ -298,7 +302,8 @@ def plot(rows: list[Row], path: Path, trained: list[dict] = ()) -> None:
             ax.plot(xs, ys, marker=markers[method], linestyle="-" if len(sel) > 1 else "none", label=method)
         if model == "embedded":  # trained sharing: the same architecture, trained with its map (crosslayer-study)
             measure = "ppl_ratio" if kind == "ppl" else "accuracy"
-            for series, style in zip(dict.fromkeys(p["series"] for p in trained), ("k+", "kx", "m+", "mx")):
+            styles = itertools.cycle(("k+", "kx", "m+", "mx", "r*", "g^", "b1", "c2"))
+            for series, style in zip(dict.fromkeys(p["series"] for p in trained), styles):
                 sel = [p for p in trained if p["series"] == series and p[measure] is not None]
                 ax.plot([p["reduction"] for p in sel], [p[measure] for p in sel], style, markersize=9, label=series)
         ax.set_xlabel("KV bytes per token saved (%)")
@@ -346,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary", action="store_true", help="print the README's summary of --out's JSON and exit")
     parser.add_argument("--study", type=Path, nargs="*",
                         default=[Path("bench/results/crosslayer_study.json"),
-                                 Path("bench/results/crosslayer_study_8layers.json")],
+                                 Path("bench/results/crosslayer_study_8layers.json"),
+                                 Path("bench/results/crosslayer_study_m7.json")],
                         help="crosslayer-study results whose trained configurations join the embedded model's plot")
     parser.add_argument("--plot-only", action="store_true", help="redraw --out's plot from its JSON and exit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/crosslayer"))

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,10 +92,12 @@ def load_models(models_dir: Path, names: list[str] | None = None):
 
 
 def _order(name: str) -> tuple:
+    """Sort key of a folder name `partition-target[-kvN][-suffix]` (a suffix such as `-m7` names a variant)."""
     configuration, _, kv = name.partition("-kv")
+    kv_layers = re.match(r"\d*", kv).group()
     partition, _, target = configuration.partition("-")
-    return (int(kv) if kv else 0, PARTITION_ORDER.index(partition) if partition in PARTITION_ORDER else 9,
-            TARGET_ORDER.index(target) if target in TARGET_ORDER else 9)
+    return (int(kv_layers) if kv_layers else 0, PARTITION_ORDER.index(partition) if partition in PARTITION_ORDER else 9,
+            TARGET_ORDER.index(target) if target in TARGET_ORDER else 9, name)
 
 
 def describe(name: str, model) -> dict:
