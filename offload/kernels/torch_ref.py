@@ -266,10 +266,10 @@ def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, scale: float, page_
     num_heads, rows, head_dim = query.shape
     num_kv_heads, count, _ = keys.shape
     num_pages = -(-count // page_size)
-    q = query.float().reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
+    q = (query.float() * scale).reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
 
     def page_scores() -> torch.Tensor:  # [H_kv, G * R, pages, page_size]
-        scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)
+        scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)), softcap)
         if count % page_size:
             scores = torch.nn.functional.pad(scores, (0, num_pages * page_size - count), value=float("-inf"))
         return scores.view(num_kv_heads, -1, num_pages, page_size)
