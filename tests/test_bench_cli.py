@@ -159,6 +159,14 @@ def test_the_readme_crosslayer_table_is_the_committed_benchmark_results():
     assert summary_table(rows) in (root / "README.md").read_text()
 
 
+def test_bench_decode_names_a_wrong_configuration(capsys):
+    from offload.benchmarks.decode import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--configs", "a,g"])
+    assert exc.value.code == 2 and "--configs takes a,b,c,d,e,f, got 'g'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "exact,fast"], "--modes takes exact and/or sparse, got 'fast'"),
     (["--configs", "a,e"], "--configs takes a,b,c,d, got 'e'"),

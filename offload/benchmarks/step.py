@@ -1,7 +1,7 @@
 """What one decode step costs beside the attention kernels and the model's matmuls, and what
 prefill costs against the unwrapped model: the runtime's own overhead.
 
-    offload bench step            # batch 8, 1k context, exact and sparse; an 8k prefill
+    offload bench step            # batch 8, 1k context, exact and sparse; 8k and 32k prefills
     offload bench step --quick    # batch 2, 1k context, a 1k prefill, one repetition
 
 The embedded model on its pass-key prompts, device budget 25% of the KV cache, emulated 25 GB/s
@@ -10,7 +10,7 @@ decode steps with cProfile and splits their wall time into the attention kernels
 kernels, the dense device part, the prefill kernels, log-sum-exp merges, waiting for a host-part
 worker), the model's matmuls (`torch.nn.functional.linear`) and the rest (bookkeeping, the
 model's own Python, everything else); the profiler's overhead is scaled out by the unprofiled wall
-time of the same steps. Prefill runs `--prefill-tokens` random tokens through the wrapped model
+time of the same steps. Prefill runs each of `--prefill-tokens` random tokens through the wrapped model
 (chunks of `prefill_chunk`) and through the unwrapped model with a DynamicCache, interleaved.
 Medians over `--repeats`. Results: bench/results/step.{json,md}.
 """
@@ -127,10 +127,9 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['mode']} | {row['batch']} | {row['context']} | {row['step_ms']:.2f} ms | "
                      f"{row['kernels_ms']:.2f} ms | {row['matmuls_ms']:.2f} ms | {row['rest_ms']:.2f} ms |")
     if results["prefill"]:
-        row = results["prefill"]
-        lines += ["", "| prefill tokens | chunk | offload | unwrapped | ratio |", "|---|---|---|---|---|",
-                  f"| {row['tokens']} | {row['chunk']} | {row['offload_s']:.3f} s | {row['unwrapped_s']:.3f} s | "
-                  f"{row['ratio']:.2f}x |"]
+        lines += ["", "| prefill tokens | chunk | offload | unwrapped | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {row['tokens']} | {row['chunk']} | {row['offload_s']:.3f} s | {row['unwrapped_s']:.3f} s | "
+                  f"{row['ratio']:.2f}x |" for row in results["prefill"]]
     return "\n".join(lines) + "\n"
 
 
@@ -142,26 +141,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=["exact", "sparse"], default=["exact", "sparse"])
     parser.add_argument("--steps", type=int, default=16, help="decode steps per profiled repetition")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions (default 5)")
-    parser.add_argument("--prefill-tokens", type=int, default=None, help="prompt for the prefill comparison "
-                        "(default 8192; 0 leaves it out)")
+    parser.add_argument("--prefill-tokens", type=int, nargs="+", default=None, help="prompt lengths for the "
+                        "prefill comparison (default 8192 32768; 0 leaves it out)")
     parser.add_argument("--out", default="bench/results/step")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     batch = args.batch or (2 if args.quick else 8)
     context = args.context or 1024
     repeats = args.repeats or (1 if args.quick else 5)
-    prefill_tokens = args.prefill_tokens if args.prefill_tokens is not None else (1024 if args.quick else 8192)
+    prefill_tokens = args.prefill_tokens if args.prefill_tokens is not None else ([1024] if args.quick else [8192, 32768])
     for name, value in (("--batch", batch), ("--context", context), ("--steps", args.steps), ("--repeats", repeats)):
         if value < 1:
             parser.error(f"{name} must be at least 1; got {value}")
-    if prefill_tokens < 0:
+    if any(tokens < 0 for tokens in prefill_tokens):
         parser.error(f"--prefill-tokens must be 0 or more; got {prefill_tokens}")
     meta = {"command": " ".join(["offload bench step", *argv]), "machine": machine(),
             "torch": torch.__version__}
     model, _ = embedded.load_embedded_model()
     results = {"meta": meta, "decode": [decode_step(model, mode, batch, context, args.steps, repeats)
                                         for mode in args.modes],
-               "prefill": prefill(model, prefill_tokens, repeats) if prefill_tokens else None}
+               "prefill": [prefill(model, tokens, repeats) for tokens in prefill_tokens if tokens]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
