@@ -231,8 +231,9 @@ def trained_points(paths) -> list[dict]:
                 continue
             accuracy = [row["accuracy"].get(task, {}).get("1024") for task in TASKS]
             target = row["configuration"].partition("-")[2]
-            passes = re.search(r"--forward-passes (\d+) --backward-passes (\d+)", row.get("train_command") or "")
-            iteration = f", m = {passes[1]}, b = {passes[2]}" if passes and target != "bottom" else ""
+            command = row.get("train_command") or ""
+            m, b = (re.search(rf"--{flag}[ =](\d+)", command) for flag in ("forward-passes", "backward-passes"))
+            iteration = f", m = {m[1]}, b = {b[1]}" if m and b and target != "bottom" else ""
             points.append({"series": f"trained, {'bottom' if target == 'bottom' else 'top/middle'} target "
                                      f"({row['layers']} layers{iteration})",
                            "reduction": 100 * (1 - 1 / row["kv_reduction"]), "ppl_ratio": row["perplexity_ratio"],

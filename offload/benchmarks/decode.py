@@ -227,7 +227,8 @@ def main(argv=None) -> None:
                         help="runs per configuration (each a different prompt); tokens/s is their median")
     parser.add_argument("--out", default=str(RESULTS / "decode"))
     args = parser.parse_args(argv)
-    unknown = set(args.configs.split(",")) - set("abcdef")
+    wanted = set(args.configs.split(",")) | {"a"}
+    unknown = wanted - set("abcdef")
     if unknown:
         parser.error(f"--configs takes a,b,c,d,e,f, got {','.join(sorted(unknown))!r}")
     embedded_model = args.model == "embedded"
@@ -263,7 +264,6 @@ def main(argv=None) -> None:
                                                                      mode="sparse", prefetch=False,
                                                                      sparse_misses="skip", **common),
         }
-        wanted = set(args.configs.split(",")) | {"a"}
         configs = {name: run for name, run in configs.items() if name[1] in wanted}
         baseline, baseline_tokens = None, None
         for name, run in configs.items():
@@ -317,16 +317,17 @@ def main(argv=None) -> None:
             f"{100 * r['stall_share']:.1f}% | {r['h2d_bytes_per_token'] / 2**20:.3f} MiB | {r['h2d_ratio_to_a']:.4f} | "
             f"{recall} | {coverage} | {100 * r['token_agreement_with_a']:.0f}% |"
         )
-    pairs = [(d, e) for d in rows for e in rows if d["context"] == e["context"]
-             and d["config"].startswith("(d)") and e["config"].startswith("(e)")]
-    for d, e in pairs:
+    def pairs(first: str, second: str):  # rows of two configurations at the same context
+        return [(x, y) for x in rows for y in rows if x["context"] == y["context"]
+                and x["config"].startswith(f"({first})") and y["config"].startswith(f"({second})")]
+
+    for d, e in pairs("d", "e"):
         lines += ["", f"Prefetch in sparse mode at {d['context']}: (d) / (e) tokens/s "
                       f"{d['tokens_per_s'] / e['tokens_per_s']:.2f}x, recall {d['prefetch_recall']:.3f} against "
                       f"{e['prefetch_recall']:.3f}, h2d bytes per token "
                       + (f"{d['h2d_bytes_per_token'] / e['h2d_bytes_per_token']:.2f}x what the residency rule alone moves."
                          if e["h2d_bytes_per_token"] else f"{d['h2d_bytes_per_token'] / 2**10:.1f} KiB (none without prefetch).")]
-    for e, f in ((e, f) for e in rows for f in rows if e["context"] == f["context"]
-                 and e["config"].startswith("(e)") and f["config"].startswith("(f)")):
+    for e, f in pairs("e", "f"):
         lines += ["", f"The most prefetch can gain here at {e['context']}: (f) / (e) tokens/s "
                       f"{f['tokens_per_s'] / e['tokens_per_s']:.2f}x (no host part at all; on this CPU a page read on "
                       "the host costs what one on the device does, so only the host part's fixed cost can be saved)."]

@@ -262,7 +262,7 @@ def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, scale: float, page_
 
     Shifted by each row's maximum over the block (one reduction instead of one per page of 16);
     a page more than ~87 nats below that maximum underflows float32 to -inf, and then the block
-    is done again shifted by each page's own maximum, so every finite value stays exact."""
+    is done again by `torch.logsumexp` per page, so every finite value stays exact."""
     num_heads, rows, head_dim = query.shape
     num_kv_heads, count, _ = keys.shape
     num_pages = -(-count // page_size)
@@ -277,8 +277,6 @@ def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, scale: float, page_
     pages = page_scores()
     top = pages.amax(dim=(-2, -1), keepdim=True)  # each row's maximum over the block
     out = top[..., 0] + pages.sub_(top).exp_().sum(dim=-1).log_()
-    if bool(torch.isneginf(out).any()):
-        pages = page_scores()
-        top = pages.amax(dim=-1, keepdim=True)
-        out = top[..., 0] + pages.sub_(top).exp_().sum(dim=-1).log_()
+    if bool(torch.isneginf(out).any()):  # the shift above modified the scores in place
+        out = torch.logsumexp(page_scores(), dim=-1)
     return out.view(num_heads, rows, num_pages)

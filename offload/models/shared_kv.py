@@ -236,8 +236,6 @@ class SharedKVAttention(LlamaAttention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
-
-
 class _PassState:
     """What one iteration over the span hands the next: the KV layers' keys and values of this
     forward's tokens (`provisional`: a layer below reads the previous pass's, a layer above this
