@@ -66,7 +66,20 @@ struct ItemArgs {
   float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: plain
 };
 
-typedef void (*ItemFn)(const ItemArgs&, int64_t, float*);
+// The per-page exp sums of offload_page_exp_sums (the prefill's observed rows):
+//   q [H_kv, M, D] float32, already scaled; keys [H_kv, T, D] float32; shift [H_kv, M] float32, at
+//   least every score of its row (the row's log-sum-exp over these keys); out [H_kv, M, ceil(T / S)]
+//   the sum over each page's keys of exp(q.k - shift). An item is one KV head and `tile_pages` pages.
+struct PageSumArgs {
+  const float* q;
+  const float* keys;
+  const float* shift;
+  float* out;
+  int64_t rows, tokens, head_dim, page_size, num_pages, tile_pages, tiles;
+};
+
+// A work item of either kind: args points at the ItemArgs or PageSumArgs of the call.
+typedef void (*ItemFn)(const void*, int64_t, float*);
 typedef int64_t (*IndexFn)(int64_t, int64_t, int);
 
 namespace isa_scalar {
@@ -124,6 +137,15 @@ ItemFn item_fn(int isa) {
   return isa_scalar::run_item;
 }
 
+ItemFn page_sum_fn(int isa) {
+#ifdef OFFLOAD_X86
+  if (isa == 3) return isa_avx512bf16::page_sum_item;  // (the same code: the keys are float32)
+  if (isa == 2) return isa_avx512::page_sum_item;
+  if (isa == 1) return isa_avx2::page_sum_item;
+#endif
+  return isa_scalar::page_sum_item;
+}
+
 // Element e of a row -> its position in that variant's storage order (see paged_attention_impl.h).
 IndexFn index_fn(int isa) {
 #ifdef OFFLOAD_X86
@@ -149,7 +171,7 @@ IndexFn index_fn(int isa) {
 // takes no CPU from other processes.
 class WorkPool {
  public:
-  typedef void (*Fn)(const ItemArgs&, int64_t, float*);
+  typedef ItemFn Fn;
 
   bool use_openmp = false;
   int64_t openmp_calls_ = 0, openmp_late_ = 0;  // calls on the team, and those that waited for it
@@ -163,7 +185,7 @@ class WorkPool {
 
   // fn(args, i, scratch) for every i in [0, items), on this thread plus up to `helpers` others;
   // scratch is a per-thread buffer of scratch_floats floats.
-  void run(Fn fn, const ItemArgs& args, int64_t items, int helpers, size_t scratch_floats) {
+  void run(Fn fn, const void* args, int64_t items, int helpers, size_t scratch_floats) {
     helpers = (int)std::min<int64_t>(helpers, items - 1);
     std::unique_lock<std::mutex> call(call_mu_, std::defer_lock);
     if (helpers > 0) call.try_lock();  // (a one-thread call never holds the helpers from another)
@@ -187,7 +209,7 @@ class WorkPool {
         ++threads_;
       }
       gen = gen_.load() + 1;
-      fn_ = fn, args_ = &args, items_ = items, wanted_ = helpers, scratch_floats_ = scratch_floats;
+      fn_ = fn, args_ = args, items_ = items, wanted_ = helpers, scratch_floats_ = scratch_floats;
       done_.store(0);
       ticket_.store((uint64_t)gen << 32);
       gen_.store(gen);
@@ -211,7 +233,7 @@ class WorkPool {
   // take (plus kLateMicros) makes the next calls use our own threads, which are never waited for
   // unless running, for twice as many calls each time it happens again (up to kMaxOpenmpSkip);
   // the first call that finds the team prompt again resets that.
-  void run_openmp(Fn fn, const ItemArgs& args, int64_t items, int helpers, size_t scratch_floats) {
+  void run_openmp(Fn fn, const void* args, int64_t items, int helpers, size_t scratch_floats) {
     using clock = std::chrono::steady_clock;
     std::atomic<int64_t> next{0};
     int64_t mine = 0;
@@ -243,7 +265,7 @@ class WorkPool {
 #endif
 
   // Claims and runs items of generation gen until none are left; returns how many it ran.
-  int64_t work(uint32_t gen, Fn fn, const ItemArgs& args, int64_t items, float* scratch) {
+  int64_t work(uint32_t gen, Fn fn, const void* args, int64_t items, float* scratch) {
     int64_t ran = 0;
     for (;;) {
       uint64_t t = ticket_.load(std::memory_order_relaxed);
@@ -271,7 +293,7 @@ class WorkPool {
       seen = gen_.load();
       if (index >= wanted_) continue;
       const Fn fn = fn_;
-      const ItemArgs& args = *args_;  // valid while this generation has unclaimed items (see run)
+      const void* args = args_;  // valid while this generation has unclaimed items (see run)
       const int64_t items = items_;
       if (scratch.size() < scratch_floats_) scratch.resize(scratch_floats_);
       lock.unlock();
@@ -293,7 +315,7 @@ class WorkPool {
   }
   std::atomic<uint32_t> gen_{0};  // the current call; written under mu_
   Fn fn_ = nullptr;
-  const ItemArgs* args_ = nullptr;
+  const void* args_ = nullptr;
   int64_t items_ = 0;
   int wanted_ = 0;
   size_t scratch_floats_ = 0;
@@ -348,6 +370,24 @@ OFFLOAD_EXPORT int offload_cpu_use_openmp(int on) {
   return pool->use_openmp;
 }
 
+// Per-page sums of exp(score - shift) (shapes: PageSumArgs); returns 0, or 3 where isa is not
+// supported here. isa: -1 the best, or force 0/1/2/3 (3 runs 2's code: the keys are float32).
+OFFLOAD_EXPORT int offload_page_exp_sums(const float* q, const float* keys, const float* shift, int64_t num_kv_heads,
+                                         int64_t rows, int64_t tokens, int64_t head_dim, int64_t page_size, float* out,
+                                         int threads, int isa) {
+  const int best = best_isa();
+  if (isa < 0) isa = best;
+  if (isa > best) return 3;
+  const int64_t num_pages = (tokens + page_size - 1) / page_size;
+  const int64_t tile_pages = std::max<int64_t>(1, 256 / page_size);  // about 256 keys a tile
+  const int64_t tiles = (num_pages + tile_pages - 1) / tile_pages;
+  if (num_kv_heads * rows * num_pages == 0) return 0;
+  PageSumArgs args{q, keys, shift, out, rows, tokens, head_dim, page_size, num_pages, tile_pages, tiles};
+  const int64_t padded = (tile_pages * page_size + 31) / 32 * 32;  // a tile's tokens rounded up to 2W
+  pool->run(page_sum_fn(isa), &args, num_kv_heads * tiles, std::max(threads, 1) - 1, (size_t)((head_dim + 4) * padded));
+  return 0;
+}
+
 // Returns 0 on success; 1 a page index out of range; 2 out of memory; 3 isa not supported here.
 // isa: -1 picks the best; 0/1/2/3 force one (tests cover every variant this CPU can run).
 OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages, const void* value_pages, int kind,
@@ -396,7 +436,7 @@ OFFLOAD_EXPORT int offload_paged_attention(const float* q, const void* key_pages
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   if (threads < 1) threads = 1;
 
-  pool->run(fn, args, items, threads - 1, (size_t)(4 * page_size));  // scores / weights of 4 query rows
+  pool->run(fn, &args, items, threads - 1, (size_t)(4 * page_size));  // scores / weights of 4 query rows
 
   // Merge the splits by log-sum-exp (exact); rows that saw no key give 0 and -inf. The weighted
   // sum runs in storage order (contiguous, vectorised), one permutation to element order per row.

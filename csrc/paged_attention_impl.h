@@ -559,10 +559,89 @@ static void run_item_kind(const ItemArgs& a, int64_t item, float* sbuf) {
   }
 }
 
-static void run_item(const ItemArgs& a, int64_t item, float* sbuf) {
+static void run_item(const void* args, int64_t item, float* sbuf) {
+  const ItemArgs& a = *static_cast<const ItemArgs*>(args);
   if (a.kind == 0) return run_item_kind<0>(a, item, sbuf);
   if (a.kind == 1) return run_item_kind<1>(a, item, sbuf);
   return run_item_kind<2>(a, item, sbuf);
+}
+
+// sum of s[0:n).
+static OFFLOAD_INLINE float sum_of(const float* s, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if OFFLOAD_ISA > 0
+  if (n >= W) {
+    vec acc = vload(s);
+    for (i = W; i + W <= n; i += W) acc = vadd(acc, vload(s + i));
+    total = vsum(acc);
+  }
+#endif
+  for (; i < n; ++i) total += s[i];
+  return total;
+}
+
+// One item of offload_page_exp_sums (shapes: PageSumArgs): KV head h, pages [p0, p1). The tile's
+// keys are first transposed into scratch ([D][Tp], Tp its token count rounded up to 2W, zero
+// padded), so W consecutive keys' scores are D fused multiply-adds on whole vectors, shared by four
+// query rows at a time; exp(score - shift) of a row's tile goes to scratch, then is summed per page.
+// Nothing the size of rows x tokens is ever written to memory (the torch version writes the scores
+// and reads them back three times). The vector exp clamps at -87: the caller treats any page sum
+// below exp(-70) as underflowed and recomputes it exactly (offload/kernels/torch_ref.py).
+static void page_sum_item(const void* args, int64_t item, float* sbuf) {
+  const PageSumArgs& a = *static_cast<const PageSumArgs*>(args);
+  const int64_t D = a.head_dim, S = a.page_size, M = a.rows, T = a.tokens, P = a.num_pages;
+  const int64_t h = item / a.tiles, p0 = (item % a.tiles) * a.tile_pages, p1 = std::min(P, p0 + a.tile_pages);
+  const int64_t t0 = p0 * S, n = std::min(T, p1 * S) - t0;
+  const int64_t step = W > 0 ? 2 * W : 1, Tp = (n + step - 1) / step * step;
+  float* kt = sbuf;           // [D][Tp]
+  float* e = sbuf + D * Tp;   // [4][Tp]
+  const float* keys = a.keys + (h * T + t0) * D;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * Tp + j] = keys[j * D + d];
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * Tp + n, kt + (d + 1) * Tp, 0.f);
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, M - m0);
+    const float* qr[4];
+    float sh[4];
+    for (int64_t r = 0; r < 4; ++r) {  // rows past M repeat the first (computed, never stored)
+      const int64_t m = h * M + m0 + (r < nr ? r : 0);
+      qr[r] = a.q + m * D, sh[r] = a.shift[m];
+    }
+#if OFFLOAD_ISA > 0
+    for (int64_t t = 0; t < Tp; t += 2 * W) {
+      vec acc[4][2];
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = vzero();
+      for (int64_t d = 0; d < D; ++d) {
+        const vec k0 = vload(kt + d * Tp + t), k1 = vload(kt + d * Tp + t + W);
+        for (int r = 0; r < 4; ++r) {
+          const vec qd = vset1(qr[r][d]);
+          acc[r][0] = vfma(qd, k0, acc[r][0]);
+          acc[r][1] = vfma(qd, k1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        const vec s = vset1(sh[r]);
+        vstore(e + r * Tp + t, vexp(vsub(acc[r][0], s)));
+        vstore(e + r * Tp + t + W, vexp(vsub(acc[r][1], s)));
+      }
+    }
+#else
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t t = 0; t < n; ++t) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += qr[r][d] * kt[d * Tp + t];
+        e[r * Tp + t] = std::exp(dot - sh[r]);
+      }
+#endif
+    for (int64_t r = 0; r < nr; ++r) {
+      float* o = a.out + (h * M + m0 + r) * P;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t start = (p - p0) * S;
+        o[p] = sum_of(e + r * Tp + start, std::min(S, n - start));
+      }
+    }
+  }
 }
 
 static int64_t storage_index_of(int64_t e, int64_t d, int kind) { return storage_index(e, d, kind); }

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from offload.kernels.merge import merge_partials
-from offload.kernels.torch_ref import dense_attention, paged_attention_torch
+from offload.kernels.torch_ref import dense_attention, page_exp_sums_torch, paged_attention_torch
 
 PagedKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -32,7 +32,7 @@ except Exception as exc:  # numba missing or broken for this numpy: record it, k
     _UNAVAILABLE["numba"] = f"{type(exc).__name__}: {exc}"
 
 try:
-    from offload.kernels.cpp_kernel import paged_attention_cpp
+    from offload.kernels.cpp_kernel import page_exp_sums_cpp, paged_attention_cpp
 
     _KERNELS["cpp"] = paged_attention_cpp
 except Exception as exc:  # not built (no compiler at install time) or cannot be loaded
@@ -162,8 +162,19 @@ def paged_attention(
     )
 
 
+def page_exp_sums_kernel(kernel: str = "auto", threads: int | None = None) -> Callable[..., torch.Tensor]:
+    """`page_sums(query, keys, shift, page_size)` for `paged_attention_blocked` from `kernel`'s
+    family (contract: `torch_ref.page_exp_sums_torch`): the C++ one runs fused on `threads` (None:
+    every core), the others fall back to torch's."""
+    name = resolve_kernel(kernel)
+    if name == "cpp":
+        return lambda query, keys, shift, page_size: page_exp_sums_cpp(query, keys, shift, page_size, threads)
+    return page_exp_sums_torch
+
+
 __all__ = [
     "paged_attention",
+    "page_exp_sums_kernel",
     "dense_attention",
     "merge_partials",
     "available_kernels",

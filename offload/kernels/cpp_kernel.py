@@ -155,3 +155,22 @@ def paged_attention_cpp(
     if status:
         raise ValueError(f"C++ paged attention failed: {_ERRORS.get(status, f'status {status}')}")
     return out, lse
+
+
+_lib.offload_page_exp_sums.restype = ctypes.c_int
+_lib.offload_page_exp_sums.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] + [ctypes.c_int] * 2
+
+
+def page_exp_sums_cpp(query: torch.Tensor, keys: torch.Tensor, shift: torch.Tensor, page_size: int,
+                      threads: int | None = None, isa: int = -1) -> torch.Tensor:
+    """C++ `page_exp_sums` (contract in `offload.kernels.torch_ref.page_exp_sums_torch`): one fused
+    pass, the scores never written to memory. isa as in `paged_attention_cpp`."""
+    num_kv_heads, rows, head_dim = query.shape
+    tokens = keys.shape[1]
+    q, k, s = (t.detach().to(torch.float32).contiguous() for t in (query, keys, shift))
+    out = torch.empty(num_kv_heads, rows, -(-tokens // page_size), dtype=torch.float32)
+    status = _lib.offload_page_exp_sums(q.data_ptr(), k.data_ptr(), s.data_ptr(), num_kv_heads, rows, tokens, head_dim,
+                                        page_size, out.data_ptr(), int(threads or default_threads()), int(isa))
+    if status:
+        raise ValueError(f"C++ page sums failed: {_ERRORS.get(status, f'status {status}')}")
+    return out

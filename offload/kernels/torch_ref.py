@@ -3,6 +3,9 @@ attention the device part uses. Both return (out float32, lse float32)."""
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 
@@ -207,6 +210,11 @@ def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return dense_attention(query, keys, values, visible, scale, softcap)
 
 
+# The float32 keys and values `paged_attention_blocked` gathers at a time when not told a block size:
+# fewer, larger blocks mean fewer kernel calls and merges; the bound keeps the copy's memory small.
+BLOCK_BYTES = 64 << 20
+
+
 def paged_attention_blocked(
     query: torch.Tensor,
     key_pages: torch.Tensor,
@@ -215,25 +223,30 @@ def paged_attention_blocked(
     num_pages: torch.Tensor,
     last_page_len: torch.Tensor,
     scale: float,
-    block_tokens: int = 8192,
+    block_tokens: int | None = None,
     softcap: float | None = None,
     page_lse_out: torch.Tensor | None = None,
+    page_sums: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal paged attention for long query blocks (chunked prefill): each sequence's pages
-    are gathered in blocks of about `block_tokens` keys, attended with a fused, blocked kernel
+    are gathered in blocks of about `block_tokens` keys (None: as many as fill `BLOCK_BYTES` with
+    float32 keys and values, 8192 for a Llama-3-8B layout), attended with a fused, blocked kernel
     (torch's CPU flash attention, else matmul + softmax) and merged by log-sum-exp.
 
     The paged kernels are built for decode (few query rows per KV byte, memory-bound); with
     hundreds of query rows the work is compute-bound and a blocked matmul kernel is faster.
     Same contract as `offload.kernels.paged_attention` with causal=False; `page_lse_out`
     [B, H, R, max_pages] receives the per-page log-sum-exp of the last R query rows (the observed
-    ones), computed from the same gathered blocks by one matmul per block (columns past a
+    ones), computed from the same gathered blocks by `page_sums` (a `page_exp_sums` kernel; None:
+    `page_exp_sums_torch`), shifted by each row's log-sum-exp over the block (columns past a
     sequence's pages are left as they are).
     """
     from offload.kernels.merge import merge_partials
 
     bsz, num_heads, q_len, head_dim = query.shape
     page_size = key_pages.shape[2]
+    if block_tokens is None:
+        block_tokens = BLOCK_BYTES // (2 * key_pages.shape[1] * head_dim * 4)
     block_pages = max(1, block_tokens // page_size)
     out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device)
@@ -251,32 +264,56 @@ def paged_attention_blocked(
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]
             if page_lse_out is not None and page_lse_out.shape[2]:
-                rows = query[b, :, q_len - page_lse_out.shape[2] :]
-                page_lse_out[b, :, :, first : first + block.numel()] = _block_page_lse(rows, k, scale, page_size, softcap)
+                observed = slice(q_len - page_lse_out.shape[2], q_len)
+                page_lse_out[b, :, :, first : first + block.numel()] = _block_page_lse(
+                    query[b, :, observed], k, l[0, :, observed], scale, page_size, softcap, page_sums)
     return out, lse
 
 
-def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, scale: float, page_size: int, softcap=None) -> torch.Tensor:
-    """Per-page log-sum-exp of every row over gathered keys: query [H, R, D], keys [H_kv, T, D]
-    (whole pages but the last) -> [H, R, ceil(T / page_size)] float32.
+# A page sum below this is treated as underflowed (a compiled exp may clamp near exp(-87)) and the
+# block's page log-sum-exps are recomputed exactly, each page shifted by its own maximum.
+_UNDERFLOW = math.exp(-70.0)
 
-    Shifted by each row's maximum over the block (one reduction instead of one per page of 16);
-    a page more than ~87 nats below that maximum underflows float32 to -inf, and then the block
-    is done again by `torch.logsumexp` per page, so every finite value stays exact."""
-    num_heads, rows, head_dim = query.shape
-    num_kv_heads, count, _ = keys.shape
+
+def page_exp_sums_torch(query: torch.Tensor, keys: torch.Tensor, shift: torch.Tensor, page_size: int,
+                        softcap: float | None = None) -> torch.Tensor:
+    """Per-page sums of exp(score - shift): query [H_kv, M, D] float32 already scaled, keys
+    [H_kv, T, D], shift [H_kv, M] (at least every score of its row) -> [H_kv, M, ceil(T / page_size)]
+    float32, the last page summing the keys it has. The reference for the compiled versions."""
+    scores = soft_cap(torch.matmul(query, keys.float().transpose(-1, -2)), softcap)
+    return _per_page(scores.sub_(shift[..., None]).exp_(), page_size, 0.0).sum(dim=-1)
+
+
+def _per_page(scores: torch.Tensor, page_size: int, fill: float) -> torch.Tensor:
+    """[..., T] -> [..., ceil(T / page_size), page_size], the last page padded with `fill`."""
+    count = scores.shape[-1]
     num_pages = -(-count // page_size)
+    if count % page_size:
+        scores = torch.nn.functional.pad(scores, (0, num_pages * page_size - count), value=fill)
+    return scores.view(*scores.shape[:-1], num_pages, page_size)
+
+
+def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, row_lse: torch.Tensor, scale: float, page_size: int,
+                    softcap=None, page_sums=None) -> torch.Tensor:
+    """Per-page log-sum-exp of every row over gathered keys: query [H, R, D], keys [H_kv, T, D]
+    (whole pages but the last), row_lse [H, R] each row's log-sum-exp over these keys -> [H, R,
+    ceil(T / page_size)] float32.
+
+    row_lse + log(sum of exp(score - row_lse)) per page: no exp overflows (row_lse is at least every
+    score) and no reduction for a shift is needed. A page far below its row (a sum under
+    `_UNDERFLOW`, about 70 nats) is lost to float32 that way, and then the block is done again by
+    `torch.logsumexp` per page, so every finite value stays exact."""
+    num_heads, rows, head_dim = query.shape
+    num_kv_heads = keys.shape[0]
     q = (query.float() * scale).reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
-
-    def page_scores() -> torch.Tensor:  # [H_kv, G * R, pages, page_size]
+    shift = row_lse.float().reshape(num_kv_heads, -1)
+    sums = None
+    if bool(torch.isfinite(shift).all()):
+        if page_sums is None or softcap:
+            sums = page_exp_sums_torch(q, keys, shift, page_size, softcap)
+        else:
+            sums = page_sums(q, keys.float(), shift, page_size)
+    if sums is None or bool((sums < _UNDERFLOW).any()):
         scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)), softcap)
-        if count % page_size:
-            scores = torch.nn.functional.pad(scores, (0, num_pages * page_size - count), value=float("-inf"))
-        return scores.view(num_kv_heads, -1, num_pages, page_size)
-
-    pages = page_scores()
-    top = pages.amax(dim=(-2, -1), keepdim=True)  # each row's maximum over the block
-    out = top[..., 0] + pages.sub_(top).exp_().sum(dim=-1).log_()
-    if bool(torch.isneginf(out).any()):  # the shift above modified the scores in place
-        out = torch.logsumexp(page_scores(), dim=-1)
-    return out.view(num_heads, rows, num_pages)
+        return torch.logsumexp(_per_page(scores, page_size, float("-inf")), dim=-1).view(num_heads, rows, -1)
+    return (shift[..., None] + sums.log_()).view(num_heads, rows, -1)

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from offload.kernels import merge_partials, paged_attention
+from offload.kernels import merge_partials, page_exp_sums_kernel, paged_attention
 from offload.kernels.torch_ref import paged_attention_blocked
 
 
@@ -121,7 +121,8 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         out, lse = paged_attention(q, keys, values, *args, kernel=kernel, page_lse_out=page_lse, validate=False,
                                    threads=threads, softcap=softcap)
     else:
-        out, lse = paged_attention_blocked(q, keys, values, *args, softcap=softcap, page_lse_out=page_lse)
+        out, lse = paged_attention_blocked(q, keys, values, *args, softcap=softcap, page_lse_out=page_lse,
+                                           page_sums=page_exp_sums_kernel(kernel, threads))
     return Partial(out, lse, page_lse)
 
 
