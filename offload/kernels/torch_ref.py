@@ -54,8 +54,7 @@ def dense_attention_scores(query, keys, values, visible, scale, softcap: float |
     if score_rows is not None and score_rows < q_len and not softcap and query.device.type == "cpu":
         out, lse = _fused_attention(query, keys, values, visible, scale)
         rows_visible = visible[..., q_len - score_rows :, :]
-        _, _, scores = _dense(query[:, :, q_len - score_rows :], keys, values, rows_visible, scale, softcap)
-        return out, lse, scores
+        return out, lse, _masked_scores(query[:, :, q_len - score_rows :], keys, rows_visible, scale, softcap)
     out, lse, scores = _dense(query, keys, values, visible, scale, softcap)
     return out, lse, scores if score_rows is None else scores[:, :, max(0, q_len - score_rows) :]
 
@@ -107,11 +106,12 @@ def prefill_attention_scores(query, keys, values, seen: torch.Tensor, scale: flo
     row_visible = torch.cat([seen[:, None, :].expand(-1, rows, -1),
                              (key[None, prefix:] <= key[prefix + q_len - rows :, None]).expand(seen.shape[0], -1, -1)],
                             dim=2)
-    _, _, scores = _dense(query[:, :, q_len - rows :], keys, values, row_visible, scale, None)
-    return out, lse, scores
+    return out, lse, _masked_scores(query[:, :, q_len - rows :], keys, row_visible, scale, None)
 
 
-def _dense(query, keys, values, visible, scale, softcap):
+def _grouped_scores(query, keys, visible, scale, softcap) -> torch.Tensor:
+    """Masked scaled scores [B, H_kv, G, Q, T] (-inf where hidden). visible [B, Q, T] (every head)
+    or [B, H_kv, Q, T] (per KV head)."""
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
@@ -119,9 +119,21 @@ def _dense(query, keys, values, visible, scale, softcap):
     q = query.float().reshape(bsz, num_kv_heads, group * q_len, head_dim)
     scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G*Q, T]
     scores = scores.view(bsz, num_kv_heads, group, q_len, kv_len)
-    # visible [B, Q, T] (every head) or [B, H_kv, Q, T] (per KV head)
     mask = visible[:, None, None, :, :] if visible.dim() == 3 else visible[:, :, None, :, :]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.masked_fill_(~mask, float("-inf"))
+
+
+def _masked_scores(query, keys, visible, scale, softcap) -> torch.Tensor:
+    """The masked scores of `_dense` alone, [B, H, Q, T] (no softmax, no output)."""
+    bsz, num_heads, q_len, _ = query.shape
+    return _grouped_scores(query, keys, visible, scale, softcap).view(bsz, num_heads, q_len, keys.shape[2])
+
+
+def _dense(query, keys, values, visible, scale, softcap):
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    scores = _grouped_scores(query, keys, visible, scale, softcap)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
     finite = torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
@@ -130,10 +142,13 @@ def _dense(query, keys, values, visible, scale, softcap):
     return out, lse.reshape(bsz, num_heads, q_len), scores.reshape(bsz, num_heads, q_len, kv_len)
 
 
-def head_major_tokens(pages: torch.Tensor) -> torch.Tensor:
-    """Pages [n, H_kv, page_size, D] -> each KV head's tokens in order: [H_kv, n * page_size, D]."""
-    n, num_kv_heads, page_size, head_dim = pages.shape
-    return pages.transpose(0, 1).reshape(num_kv_heads, n * page_size, head_dim)
+def gather_head_major(pages: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Pages `ids` of a pool [P, H_kv, page_size, D] -> each KV head's tokens in order:
+    [H_kv, len(ids) * page_size, D]. (Whole pages first, then one transposing copy: an index_select
+    along the pages of the transposed pool is one copy, not two, but measured slower in a prefill.)"""
+    _, num_kv_heads, page_size, head_dim = pages.shape
+    picked = pages.index_select(0, ids)
+    return picked.transpose(0, 1).reshape(num_kv_heads, ids.numel() * page_size, head_dim)
 
 
 def paged_attention_torch(
@@ -164,8 +179,8 @@ def paged_attention_torch(
             continue
         ids = page_table[b, :n].long()
         kv_len = (n - 1) * page_size + int(last_page_len[b])
-        k = head_major_tokens(key_pages.index_select(0, ids))[:, :kv_len].unsqueeze(0)
-        v = head_major_tokens(value_pages.index_select(0, ids))[:, :kv_len].unsqueeze(0)
+        k = gather_head_major(key_pages, ids)[:, :kv_len].unsqueeze(0)
+        v = gather_head_major(value_pages, ids)[:, :kv_len].unsqueeze(0)
         key_pos = torch.arange(kv_len, device=query.device)
         if causal:
             query_pos = torch.arange(q_len, device=query.device) + (kv_len - q_len)
@@ -258,8 +273,8 @@ def paged_attention_blocked(
             count = block.numel() * page_size
             if first + block_pages >= n:  # the row's last page may be partial
                 count -= page_size - int(last_page_len[b])
-            k = head_major_tokens(key_pages.index_select(0, block))[:, :count]
-            v = head_major_tokens(value_pages.index_select(0, block))[:, :count]
+            k = gather_head_major(key_pages, block)[:, :count]
+            v = gather_head_major(value_pages, block)[:, :count]
             o, l = _attend_block(query[b : b + 1], k[None], v[None], scale, softcap)
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]
@@ -270,8 +285,8 @@ def paged_attention_blocked(
     return out, lse
 
 
-# A page sum below this is treated as underflowed (a compiled exp may clamp near exp(-87)) and the
-# block's page log-sum-exps are recomputed exactly, each page shifted by its own maximum.
+# A page sum below this is treated as underflowed (a compiled exp may clamp near exp(-87)) and that
+# page's log-sum-exp is recomputed exactly, shifted by its own maximum.
 _UNDERFLOW = math.exp(-70.0)
 
 
@@ -301,19 +316,39 @@ def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, row_lse: torch.Tens
 
     row_lse + log(sum of exp(score - row_lse)) per page: no exp overflows (row_lse is at least every
     score) and no reduction for a shift is needed. A page far below its row (a sum under
-    `_UNDERFLOW`, about 70 nats) is lost to float32 that way, and then the block is done again by
-    `torch.logsumexp` per page, so every finite value stays exact."""
+    `_UNDERFLOW`, about 70 nats) is lost to float32 that way; those pages alone are redone by
+    `torch.logsumexp` over their own keys, so every finite value stays exact."""
     num_heads, rows, head_dim = query.shape
     num_kv_heads = keys.shape[0]
     q = (query.float() * scale).reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
     shift = row_lse.float().reshape(num_kv_heads, -1)
-    sums = None
-    if bool(torch.isfinite(shift).all()):
-        if page_sums is None or softcap:
-            sums = page_exp_sums_torch(q, keys, shift, page_size, softcap)
-        else:
-            sums = page_sums(q, keys.float(), shift, page_size)
-    if sums is None or bool((sums < _UNDERFLOW).any()):
+    if not bool(torch.isfinite(shift).all()):  # (not from a block where every row sees every key)
         scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)), softcap)
         return torch.logsumexp(_per_page(scores, page_size, float("-inf")), dim=-1).view(num_heads, rows, -1)
-    return (shift[..., None] + sums.log_()).view(num_heads, rows, -1)
+    if page_sums is None or softcap:
+        sums = page_exp_sums_torch(q, keys, shift, page_size, softcap)
+    else:
+        sums = page_sums(q, keys.float(), shift, page_size)
+    low = sums < _UNDERFLOW
+    out = sums.log_().add_(shift[..., None])
+    if bool(low.any()):
+        out[low] = _page_lse_at(q, keys.float(), low.nonzero(as_tuple=True), page_size, softcap)
+    return out.view(num_heads, rows, -1)
+
+
+def _page_lse_at(query: torch.Tensor, keys: torch.Tensor, where: tuple, page_size: int, softcap=None,
+                 chunk: int = 1 << 14) -> torch.Tensor:
+    """The exact log-sum-exp of the (KV head, row, page) entries `where` (index tensors), each over
+    its own page's keys: query [H_kv, M, D] scaled, keys [H_kv, T, D]; in chunks of `chunk` entries."""
+    num_kv_heads, count, head_dim = keys.shape
+    num_pages = -(-count // page_size)
+    paged = torch.nn.functional.pad(keys, (0, 0, 0, num_pages * page_size - count)).view(
+        num_kv_heads, num_pages, page_size, head_dim)
+    present = (torch.arange(num_pages * page_size, device=keys.device) < count).view(num_pages, page_size)
+    head, row, page = where
+    out = torch.empty(head.numel(), dtype=torch.float32, device=keys.device)
+    for first in range(0, head.numel(), chunk):
+        h, r, p = (t[first : first + chunk] for t in (head, row, page))
+        scores = soft_cap(torch.einsum("nd,nsd->ns", query[h, r], paged[h, p]), softcap)
+        out[first : first + chunk] = torch.logsumexp(scores.masked_fill(~present[p], float("-inf")), dim=-1)
+    return out

@@ -136,3 +136,20 @@ def test_page_exp_sums_kernel_follows_the_cpu_kernel_setting():
         torch.testing.assert_close(page_exp_sums_kernel(name, threads=1)(query, keys, shift, 16), ref, atol=1e-7, rtol=2e-5)
     with pytest.raises(ValueError, match="OFFLOAD_CPU_KERNEL"):
         page_exp_sums_kernel("fortran")
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_underflowed_pages_are_redone_exactly_in_chunks(softcap):
+    """Half the pages 300 nats below the rest: each of them is recomputed over its own keys (in
+    chunks smaller than their number), matching torch.logsumexp per page."""
+    from offload.kernels.torch_ref import _page_lse_at, _per_page, soft_cap
+
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 6, 8, generator=gen)
+    keys = torch.randn(2, 45, 8, generator=gen)  # 3 pages of 16, the last partial
+    keys[:, 16:32] -= 300.0 * query.mean(dim=1, keepdim=True) / query.mean(dim=1, keepdim=True).norm(dim=-1, keepdim=True)
+    scores = soft_cap(query @ keys.transpose(-1, -2), softcap)
+    ref = torch.logsumexp(_per_page(scores.double(), 16, float("-inf")), dim=-1)
+    where = torch.ones_like(ref, dtype=torch.bool).nonzero(as_tuple=True)
+    out = _page_lse_at(query, keys, where, 16, softcap, chunk=5)
+    torch.testing.assert_close(out.double(), ref[where], atol=1e-4, rtol=1e-6)
