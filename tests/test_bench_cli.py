@@ -144,6 +144,10 @@ def test_oracle_exceptions_count_the_questions_that_can_differ():
     assert [(e["policy"], e["questions"], e["k"], e["p_min"]) for e in exceptions] == [("quest", 80, 2, 0.25)]
     assert "bounds the other rows in 2 of 3 demote cells" in oracle_bound_note(results)
     assert "is 0.25" in oracle_bound_note(results)
+    assert "above the full cache" not in oracle_bound_note(results)  # no full-cache accuracy known
+    results.full_cache = {"mqar": {1024: 0.95}}  # the full cache answers as the oracle does
+    assert oracle_exceptions(results)[1][0]["above_full"]
+    assert "Of them, 1 also score above the full cache itself" in oracle_bound_note(results)
     assert oracle_bound_note(Results(meta={}, cells=[cell("oracle", "copy", 0.8), cell("h2o", "copy", 0.7)])) == \
         "The oracle row bounds every other row in all 1 demote cells."
 
