@@ -190,21 +190,21 @@ def paged_attention_torch(
         o, l = dense_attention(query[b : b + 1], k, v, visible.unsqueeze(0), scale, softcap)
         out[b], lse[b] = o[0], l[0]
         if page_lse_out is not None:
-            page_lse_out[b, :, :, :n] = _page_lse(query[b], k[0], visible, scale, page_size, n, softcap)
+            page_lse_out[b, :, :, :n] = _page_lse(query[b], k[0], visible, scale, page_size, softcap)
     return out, lse
 
 
-def _page_lse(query, keys, visible, scale, page_size, num_pages, softcap=None):
-    """Per-page log-sum-exp of the scores: query [H, Q, D], keys [Hkv, T, D] -> [H, Q, num_pages]."""
+def _page_lse(query, keys, visible, scale, page_size, softcap=None):
+    """Per-page log-sum-exp of the scores: query [H, Q, D], keys [Hkv, T, D], visible [Q, T] (None:
+    every key) -> [H, Q, ceil(T / page_size)]."""
     num_heads, q_len, _ = query.shape
     num_kv_heads, kv_len, _ = keys.shape
     group = num_heads // num_kv_heads
     q = query.float().reshape(num_kv_heads, group * q_len, -1)
     scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap).view(num_heads, q_len, kv_len)
-    scores = scores.masked_fill(~visible[None], float("-inf"))
-    pad = num_pages * page_size - kv_len
-    scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-    return torch.logsumexp(scores.view(num_heads, q_len, num_pages, page_size), dim=-1)
+    if visible is not None:
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+    return torch.logsumexp(_per_page(scores, page_size, float("-inf")), dim=-1)
 
 
 # torch's fused CPU flash attention returns the log-sum-exp as well (private op; used when present).
@@ -320,19 +320,19 @@ def _block_page_lse(query: torch.Tensor, keys: torch.Tensor, row_lse: torch.Tens
     `torch.logsumexp` over their own keys, so every finite value stays exact."""
     num_heads, rows, head_dim = query.shape
     num_kv_heads = keys.shape[0]
-    q = (query.float() * scale).reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
     shift = row_lse.float().reshape(num_kv_heads, -1)
     if not bool(torch.isfinite(shift).all()):  # (not from a block where every row sees every key)
-        scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)), softcap)
-        return torch.logsumexp(_per_page(scores, page_size, float("-inf")), dim=-1).view(num_heads, rows, -1)
-    if page_sums is None or softcap:
+        return _page_lse(query, keys, None, scale, page_size, softcap)
+    q = (query.float() * scale).reshape(num_kv_heads, (num_heads // num_kv_heads) * rows, head_dim)
+    keys = keys.float()
+    if page_sums is None or softcap:  # (the compiled sums have no soft-capping)
         sums = page_exp_sums_torch(q, keys, shift, page_size, softcap)
     else:
-        sums = page_sums(q, keys.float(), shift, page_size)
+        sums = page_sums(q, keys, shift, page_size)
     low = sums < _UNDERFLOW
     out = sums.log_().add_(shift[..., None])
     if bool(low.any()):
-        out[low] = _page_lse_at(q, keys.float(), low.nonzero(as_tuple=True), page_size, softcap)
+        out[low] = _page_lse_at(q, keys, low.nonzero(as_tuple=True), page_size, softcap)
     return out.view(num_heads, rows, -1)
 
 
