@@ -182,3 +182,14 @@ def test_bench_tiers_names_a_wrong_mode_or_configuration(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU exists")
+@pytest.mark.parametrize("command", ["decode", "step"])
+def test_bench_device_cuda_without_a_gpu_is_refused(capsys, command):
+    import importlib
+
+    main = importlib.import_module(f"offload.benchmarks.{command}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda"])
+    assert exc.value.code == 2 and "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
     offload bench decode            # 8k and 32k prompts, 256 new tokens
     offload bench decode --quick    # an 8k prompt, 32 new tokens
+    offload bench decode --device cuda   # on a GPU: its own PCIe link, (a) is transformers'
+                                         # DynamicCache(offloading=True); no emulation
     (python bench/bench_decode.py from a source tree runs the same)
 
 A Llama-like layout (32 query heads, 8 KV heads, head_dim 128; a small hidden size and few
@@ -105,6 +107,12 @@ class WholeLayerOffload:
             handle.remove()
 
 
+def _elapsed(start: float, result: torch.Tensor) -> float:
+    """Seconds since `start` once `result` exists (waits for a GPU's queued work)."""
+    int(result.reshape(-1)[0])
+    return time.perf_counter() - start
+
+
 @torch.inference_mode()
 def decode_loop(step, first_token: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
     """Greedy decode with `step(token) -> logits`; returns tokens and seconds."""
@@ -120,8 +128,10 @@ def decode_loop(step, first_token: torch.Tensor, new_tokens: int) -> tuple[list[
 @torch.inference_mode()
 def run_baseline(model, prompt, new_tokens, link_gbps):
     cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
     logits = model(prompt, past_key_values=cache, use_cache=True).logits
     first = logits[:, -1:].argmax(-1)
+    prefill_s = _elapsed(start, first)
     emu = WholeLayerOffload(model, link_gbps)
     emu.active = True
 
@@ -134,11 +144,36 @@ def run_baseline(model, prompt, new_tokens, link_gbps):
     finally:
         emu.remove()
     return {
-        "tokens": [int(first)] + tokens[:-1], "decode_s": seconds, "tokens_per_s": new_tokens / seconds,
-        "stall_share": emu.stall_s / seconds, "h2d_bytes_per_token": emu.h2d_bytes / new_tokens,
+        "tokens": [int(first)] + tokens[:-1], "prefill_s": prefill_s, "decode_s": seconds,
+        "tokens_per_s": new_tokens / seconds, "stall_share": emu.stall_s / seconds, "h2d_bytes_per_token": emu.h2d_bytes / new_tokens,
         "prefetch_recall": None, "mass_coverage": None,
         # Every layer's KV crosses the link and is read on the device, each step.
         "device_read_bytes_per_token": emu.h2d_bytes / new_tokens, "host_read_bytes_per_token": 0.0,
+    }
+
+
+@torch.inference_mode()
+def run_baseline_cuda(model, prompt, new_tokens):
+    """(a) on a GPU: transformers' own offloaded cache (`DynamicCache(offloading=True)`), whose
+    layers' KV goes back to the host after use and returns, the next layer's prefetched, over the
+    real PCIe link. Bytes are counted as the emulation counts them: every layer's KV, each step."""
+    cache = DynamicCache(config=model.config, offloading=True)
+    start = time.perf_counter()
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    first = logits[:, -1:].argmax(-1)
+    prefill_s = _elapsed(start, first)
+    moved = 0
+
+    def step(token):
+        nonlocal moved
+        moved += cache.get_seq_length() * kv_bytes_per_token_layer(model) * model.config.num_hidden_layers
+        return model(token, past_key_values=cache, use_cache=True).logits
+
+    tokens, seconds = decode_loop(step, first, new_tokens)
+    return {
+        "tokens": [int(first)] + tokens[:-1], "prefill_s": prefill_s, "decode_s": seconds,
+        "tokens_per_s": new_tokens / seconds, "stall_share": None, "h2d_bytes_per_token": moved / new_tokens, "prefetch_recall": None,
+        "mass_coverage": None, "device_read_bytes_per_token": moved / new_tokens, "host_read_bytes_per_token": 0.0,
     }
 
 
@@ -147,8 +182,10 @@ def run_offload(model, prompt, new_tokens, budget, link_gbps, **config):
     om = OffloadedModel(model, device_budget=budget, emulate_link_gbps=link_gbps, **config)
     try:
         cache = om.new_cache(1, prompt.shape[1] + new_tokens)
+        start = time.perf_counter()
         logits = om(prompt, past_key_values=cache).logits
         first = logits[:, -1:].argmax(-1)
+        prefill_s = _elapsed(start, first)
         before = cache.stats()
         decode_start = cache.decode_s
 
@@ -163,9 +200,10 @@ def run_offload(model, prompt, new_tokens, budget, link_gbps, **config):
         rows = after.mass_rows - before.mass_rows
         assert cache.decode_s > decode_start
         result = {
-            "tokens": [int(first)] + tokens[:-1], "decode_s": seconds, "tokens_per_s": new_tokens / seconds,
-            "stall_share": stall / seconds,
+            "tokens": [int(first)] + tokens[:-1], "prefill_s": prefill_s, "decode_s": seconds,
+            "tokens_per_s": new_tokens / seconds, "stall_share": stall / seconds,
             "h2d_bytes_per_token": (after.h2d_bytes - before.h2d_bytes) / new_tokens,
+            "h2d_gbps": after.h2d_gbps, "d2h_gbps": after.d2h_gbps,
             "prefetch_recall": on_device / needed if needed else 1.0,
             "prefetch_precision": after.prefetch_precision,
             "mass_coverage": (after.mass_device - before.mass_device) / rows if rows else 1.0,
@@ -191,6 +229,10 @@ def _prompts(model, context: int, repeats: int, embedded_model: bool) -> list[to
     return [torch.randint(3, model.config.vocab_size, (1, context), generator=generator) for _ in range(repeats)]
 
 
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
 def _combine(runs: list[dict]) -> dict:
     """One row from runs on different prompts: the median tokens/s, the mean of every other number."""
     out = {}
@@ -200,7 +242,7 @@ def _combine(runs: list[dict]) -> dict:
         values = [r[key] for r in runs]
         if key == "tokens_per_s":
             out[key] = statistics.median(values)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = sum(values) / len(values)
         else:
             out[key] = value
@@ -225,8 +267,15 @@ def main(argv=None) -> None:
                         help="random-weight Llama-3-8B layout (default) or the trained embedded model on pass-key prompts")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per configuration (each a different prompt); tokens/s is their median")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu (default): the CPU emulates the device and the link (--link-gbps); cuda: a real GPU "
+                             "and its own PCIe link (no emulation), and (a) is transformers' DynamicCache(offloading=True)")
     parser.add_argument("--out", default=str(RESULTS / "decode"))
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    device = torch.device(args.device)
+    link_gbps = args.link_gbps if device.type == "cpu" else 0.0
     wanted = set(args.configs.split(",")) | {"a"}
     unknown = wanted - set("abcdef")
     if unknown:
@@ -242,25 +291,27 @@ def main(argv=None) -> None:
         model = embedded.load_embedded_model()[0]
     else:
         model = build_model(args.layers, getattr(torch, args.dtype))
+    model = model.to(device)
     layers = model.config.num_hidden_layers
     rows = []
     for context in contexts:
-        prompts = _prompts(model, context, args.repeats, embedded_model)
+        prompts = [p.to(device) for p in _prompts(model, context, args.repeats, embedded_model)]
         total = context + new_tokens
         kv_total = total * kv_bytes_per_token_layer(model) * layers
         budget = int(budget_fraction * kv_total)
         common = dict(page_size=args.page_size)
         configs = {
-            "(a) whole-layer offload": lambda prompt: run_baseline(model, prompt, new_tokens, args.link_gbps),
-            "(b) exact, no prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+            "(a) whole-layer offload": (lambda prompt: run_baseline(model, prompt, new_tokens, args.link_gbps))
+            if device.type == "cpu" else (lambda prompt: run_baseline_cuda(model, prompt, new_tokens)),
+            "(b) exact, no prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, link_gbps,
                                                                  mode="exact", prefetch=False, **common),
-            "(c) exact + prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+            "(c) exact + prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, link_gbps,
                                                                mode="exact", prefetch=True, **common),
-            "(d) sparse + prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+            "(d) sparse + prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, link_gbps,
                                                                 mode="sparse", prefetch=True, **common),
-            "(e) sparse, no prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+            "(e) sparse, no prefetch": lambda prompt: run_offload(model, prompt, new_tokens, budget, link_gbps,
                                                                   mode="sparse", prefetch=False, **common),
-            "(f) sparse, misses skipped": lambda prompt: run_offload(model, prompt, new_tokens, budget, args.link_gbps,
+            "(f) sparse, misses skipped": lambda prompt: run_offload(model, prompt, new_tokens, budget, link_gbps,
                                                                      mode="sparse", prefetch=False,
                                                                      sparse_misses="skip", **common),
         }
@@ -285,13 +336,14 @@ def main(argv=None) -> None:
                 token_agreement_with_a=agree / (new_tokens * len(runs)),
             )
             rows.append(result)
-            print(f"   {result['tokens_per_s']:.2f} tok/s, stall {100 * result['stall_share']:.1f}%, "
+            print(f"   {result['tokens_per_s']:.2f} tok/s, stall {_share(result['stall_share'])}, "
                   f"h2d/token {result['h2d_bytes_per_token'] / 2**20:.2f} MiB ({result['h2d_ratio_to_a']:.3f} of a), "
                   f"recall {result['prefetch_recall']}, coverage {result['mass_coverage']}", flush=True)
     meta = {
         "command": "offload bench decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_threads": torch.get_num_threads(),
-        "link_gbps": args.link_gbps, "budget_fraction": budget_fraction, "layers": layers,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (emulated device tier)",
+        "link_gbps": link_gbps, "budget_fraction": budget_fraction, "layers": layers,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "page_size": args.page_size,
         "load_avg": list(__import__("os").getloadavg()), "repeats": args.repeats, "model": args.model,
         "layout": ("the embedded model (8 query heads, 2 KV heads, head_dim 16, trained), pass-key prompts"
@@ -302,19 +354,20 @@ def main(argv=None) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"Decode benchmark (`{meta['command']}`): {meta['layout']}, {layers} layers, {meta['dtype']}, "
-        f"emulated {args.link_gbps:g} GB/s link, device budget {100 * budget_fraction:.0f}% of the KV cache, "
+        + (f"emulated {args.link_gbps:g} GB/s link" if link_gbps else f"on a {meta['device']} and its own PCIe link "
+           f"((a): transformers' DynamicCache(offloading=True))") + f", device budget {100 * budget_fraction:.0f}% of the KV cache, "
         f"page size {args.page_size}; tokens/s the median of {args.repeats} run(s) on different prompts, "
         f"the rest their mean; load average {meta['load_avg'][0]:.1f} on {meta['cpu_threads']} threads.",
         "",
-        "| context | configuration | tokens/s | × (a) | stall share | h2d / token | ÷ (a) | recall | mass coverage | tokens = (a) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| context | configuration | prefill s | tokens/s | × (a) | stall share | h2d / token | ÷ (a) | recall | mass coverage | tokens = (a) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         recall = "—" if r["prefetch_recall"] is None else f"{r['prefetch_recall']:.3f}"
         coverage = "—" if r["mass_coverage"] is None else f"{r['mass_coverage']:.3f}"
         lines.append(
-            f"| {r['context']} | {r['config']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_a']:.2f} | "
-            f"{100 * r['stall_share']:.1f}% | {r['h2d_bytes_per_token'] / 2**20:.3f} MiB | {r['h2d_ratio_to_a']:.4f} | "
+            f"| {r['context']} | {r['config']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.2f} | {r['speedup_vs_a']:.2f} | "
+            f"{_share(r['stall_share'])} | {r['h2d_bytes_per_token'] / 2**20:.3f} MiB | {r['h2d_ratio_to_a']:.4f} | "
             f"{recall} | {coverage} | {100 * r['token_agreement_with_a']:.0f}% |"
         )
     def pairs(first: str, second: str):  # rows of two configurations at the same context
@@ -329,8 +382,9 @@ def main(argv=None) -> None:
                          if e["h2d_bytes_per_token"] else f"{d['h2d_bytes_per_token'] / 2**10:.1f} KiB (none without prefetch).")]
     for e, f in pairs("e", "f"):
         lines += ["", f"The most prefetch can gain here at {e['context']}: (f) / (e) tokens/s "
-                      f"{f['tokens_per_s'] / e['tokens_per_s']:.2f}x (no host part at all; on this CPU a page read on "
-                      "the host costs what one on the device does, so only the host part's fixed cost can be saved)."]
+                      f"{f['tokens_per_s'] / e['tokens_per_s']:.2f}x (no host part at all"
+                      + ("; on this CPU a page read on the host costs what one on the device does, so only the host "
+                         "part's fixed cost can be saved)." if device.type == "cpu" else ").")]
     lines += [
         "",
         f"Projection, not a measurement (`offload/benchmarks/projection.py`): the bytes each configuration read "

@@ -3,6 +3,7 @@ prefill costs against the unwrapped model: the runtime's own overhead.
 
     offload bench step            # batch 8, 1k context, exact and sparse; 8k and 32k prefills
     offload bench step --quick    # batch 2, 1k context, a 1k prefill, one repetition
+    offload bench step --device cuda   # on a GPU; also counts host synchronisations per step
 
 The embedded model on its pass-key prompts, device budget 25% of the KV cache, emulated 25 GB/s
 link (the decode benchmark's setting for the embedded model). Each repetition profiles `--steps`
@@ -65,35 +66,79 @@ def split_profile(stats: pstats.Stats) -> tuple[float, float, float]:
     return total, kernel_s, matmul_s
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def top_functions(stats: pstats.Stats, steps: int, count: int = 25) -> list[tuple[str, float, int]]:
+    """The `count` functions with the most own time: (file:line(name), ms per step, calls per step)."""
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:count]
+    return [(f"{Path(k[0]).name}:{k[1]}({k[2]})", v[2] / steps * 1e3, v[1] // steps) for k, v in rows]
+
+
+def host_syncs(om, cache, token, steps: int) -> tuple[torch.Tensor, float, list[tuple[str, float]]]:
+    """Decode `steps` steps with torch's CUDA sync debug mode on: the synchronising calls per step
+    (each blocks the host until the GPU's queue drains) and where they are, most frequent first."""
+    import warnings
+    from collections import Counter
+
+    where: Counter[str] = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                token = om(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    per_step = sum(where.values()) / steps
+    return token, per_step, [(site, n / steps) for site, n in where.most_common(20)]
+
+
 def decode_step(model, mode: str, batch: int, context: int, steps: int, repeats: int) -> dict:
+    device = model.device
     sample = embedded.task_samples("passkey", context, 1, seed=1)[0]
-    prompt = torch.from_numpy(sample.input_ids[None, : sample.context_end].copy()).repeat(batch, 1)
-    budget = int(0.25 * kv_bytes(model, prompt.shape[1] + steps * (repeats + 1) + 8, batch))
-    rows = []
-    with OffloadedModel(model, device_budget=budget, mode=mode, emulate_link_gbps=25.0) as om:
-        cache = om.new_cache(batch, prompt.shape[1] + steps * (repeats + 1) + 8)
+    prompt = torch.from_numpy(sample.input_ids[None, : sample.context_end].copy()).repeat(batch, 1).to(device)
+    budget = int(0.25 * kv_bytes(model, prompt.shape[1] + steps * (repeats + 2) + 8, batch))
+    rows, top = [], []
+    link = 25.0 if device.type == "cpu" else 0.0  # a GPU has its own link
+    with OffloadedModel(model, device_budget=budget, mode=mode, emulate_link_gbps=link) as om:
+        cache = om.new_cache(batch, prompt.shape[1] + steps * (repeats + 2) + 8)
         token = om(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
         for _ in range(min(4, steps)):  # warm up
             token = om(token, past_key_values=cache).logits[:, -1:].argmax(-1)
         for _ in range(repeats):
             profile = cProfile.Profile()
+            _sync(device)
             start = time.perf_counter()
             profile.enable()
             for _ in range(steps):
                 token = om(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            _sync(device)
             profile.disable()
             wall = (time.perf_counter() - start) / steps
-            total, kernel_s, matmul_s = split_profile(pstats.Stats(profile))
+            stats = pstats.Stats(profile)
+            total, kernel_s, matmul_s = split_profile(stats)
             scale = wall / (total / steps) if total else 1.0  # the profiler's overhead scaled out
             kernels, matmuls = kernel_s / steps * scale, matmul_s / steps * scale
             rows.append((wall, kernels, matmuls, wall - kernels - matmuls))
+            top = top_functions(stats, steps)
+        syncs, sync_sites = None, []
+        if device.type == "cuda":
+            token, syncs, sync_sites = host_syncs(om, cache, token, steps)
     step, kernels, matmuls, rest = (statistics.median(r[i] for r in rows) * 1e3 for i in range(4))
-    return {"mode": mode, "batch": batch, "context": context, "step_ms": step, "kernels_ms": kernels,
-            "matmuls_ms": matmuls, "rest_ms": rest}
+    return {"mode": mode, "batch": batch, "context": context, "device": str(device), "step_ms": step,
+            "kernels_ms": kernels, "matmuls_ms": matmuls, "rest_ms": rest, "host_syncs_per_step": syncs,
+            "sync_sites": sync_sites, "top_functions": top}
 
 
 def prefill(model, tokens: int, repeats: int) -> dict:
-    ids = torch.randint(5, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    device = model.device
+    ids = torch.randint(5, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
     om = OffloadedModel(model)
     chunk = om.config.prefill_chunk
 
@@ -110,9 +155,11 @@ def prefill(model, tokens: int, repeats: int) -> dict:
             for name, run in runs.items():
                 if name == "offload":
                     om.wrap()
+                _sync(device)
                 start = time.perf_counter()
                 with torch.inference_mode():
                     run()
+                _sync(device)
                 took = time.perf_counter() - start
                 if name == "offload":
                     om.unwrap()
@@ -136,6 +183,11 @@ def markdown(results: dict) -> str:
     for row in results["decode"]:
         lines.append(f"| {row['mode']} | {row['batch']} | {row['context']} | {row['step_ms']:.2f} ms | "
                      f"{row['kernels_ms']:.2f} ms | {row['matmuls_ms']:.2f} ms | {row['rest_ms']:.2f} ms |")
+    for row in results["decode"]:
+        if row.get("host_syncs_per_step") is not None:
+            sites = ", ".join(f"{site} ({n:g})" for site, n in row["sync_sites"][:8])
+            lines += ["", f"{row['mode']}: {row['host_syncs_per_step']:g} host synchronisations per step "
+                          f"(torch.cuda.set_sync_debug_mode); most frequent: {sites}."]
     if results["prefill"]:
         lines += ["", "*Unwrapped* prefills in one pass; *unwrapped, chunked* feeds the same chunks as offload "
                   "through a DynamicCache (what chunking alone costs the plain model).", "",
@@ -157,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="repetitions (default 5)")
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=None, help="prompt lengths for the "
                         "prefill comparison (default 8192 32768; 0 leaves it out)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu (default; the device tier emulated, 25 GB/s link) or cuda (a real GPU; decode rows "
+                             "also count the host synchronisations per step and where they happen)")
     parser.add_argument("--out", default="bench/results/step")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -171,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--prefill-tokens must be 0 or more; got {prefill_tokens}")
     meta = {"command": " ".join(["offload bench step", *argv]), "machine": machine(),
             "torch": torch.__version__}
-    model, _ = embedded.load_embedded_model()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    model = embedded.load_embedded_model()[0].to(args.device)
     results = {"meta": meta, "decode": [decode_step(model, mode, batch, context, args.steps, repeats)
                                         for mode in args.modes],
                "prefill": [prefill(model, tokens, repeats) for tokens in prefill_tokens if tokens]}
