@@ -151,6 +151,16 @@ def gather_head_major(pages: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return picked.transpose(0, 1).reshape(num_kv_heads, ids.numel() * page_size, head_dim)
 
 
+def gather_to(pages: torch.Tensor, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`gather_head_major` onto `device`: the pages are picked where they live and cross as they
+    are (one contiguous copy), the transposing copy runs on `device`."""
+    if pages.device == device:
+        return gather_head_major(pages, ids)
+    _, num_kv_heads, page_size, head_dim = pages.shape
+    picked = pages.index_select(0, ids.to(pages.device)).to(device)
+    return picked.transpose(0, 1).reshape(num_kv_heads, ids.numel() * page_size, head_dim)
+
+
 def paged_attention_torch(
     query: torch.Tensor,
     key_pages: torch.Tensor,
@@ -221,6 +231,13 @@ def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         rows = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
         out, lse = _FLASH_CPU(rows, keys.float(), values.float(), 0.0, False, scale=scale)[:2]
         return out.reshape(bsz, num_heads, q_len, head_dim), lse.reshape(bsz, num_heads, q_len)
+    if query.device.type == "cuda" and not softcap:
+        # The same grouping on a GPU, through its memory-efficient kernel (it returns the
+        # log-sum-exp, padded to a multiple of 32 rows, and takes float32).
+        rows = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            rows, keys.float(), values.float(), None, True, 0.0, False, scale=scale)[:2]
+        return out.reshape(bsz, num_heads, q_len, head_dim), lse[..., : rows.shape[2]].reshape(bsz, num_heads, q_len)
     visible = torch.ones(1, query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device)
     return dense_attention(query, keys, values, visible, scale, softcap)
 
@@ -255,6 +272,10 @@ def paged_attention_blocked(
     ones), computed from the same gathered blocks by `page_sums` (a `page_exp_sums` kernel; None:
     `page_exp_sums_torch`), shifted by each row's log-sum-exp over the block (columns past a
     sequence's pages are left as they are).
+
+    The pages may live elsewhere than the query (the host pool of a GPU model): each block is
+    gathered where the pages are and computed where the query is (then `page_sums` must take
+    tensors there; None does); out and lse are on the query's device.
     """
     from offload.kernels.merge import merge_partials
 
@@ -273,8 +294,8 @@ def paged_attention_blocked(
             count = block.numel() * page_size
             if first + block_pages >= n:  # the row's last page may be partial
                 count -= page_size - int(last_page_len[b])
-            k = gather_head_major(key_pages, block)[:, :count]
-            v = gather_head_major(value_pages, block)[:, :count]
+            k = gather_to(key_pages, block, query.device)[:, :count]
+            v = gather_to(value_pages, block, query.device)[:, :count]
             o, l = _attend_block(query[b : b + 1], k[None], v[None], scale, softcap)
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]

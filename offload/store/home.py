@@ -412,11 +412,12 @@ class PageHome:
 
     # ------------------------------------------------------------------ partial attention
     def attend(self, query: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, scale: float, observe: int,
-               softcap: float | None = None, kernel: str | None = None) -> Partial:
+               softcap: float | None = None, kernel: str | None = None, device: torch.device | None = None) -> Partial:
         """Partial attention of `query` [B, H, Q, D] over pages `table` [B, n] (ids; counts[b] used
         per sequence), each group of pages where it lives: host pages with the host kernel, lower
         pages by their tier (read in bounded chunks, or attended remotely), merged by log-sum-exp.
-        `PagesLost` (after marking them) if a tier lost some."""
+        `device`: where a prefill block over host pages is computed (`attend_pages`), when every
+        page is on the host. `PagesLost` (after marking them) if a tier lost some."""
         kernel = kernel or self.kernel
         self.settle()  # (a layer's copies left a step ago: they have landed by now)
         with self._lock:
@@ -432,7 +433,8 @@ class PageHome:
         if not self.lower or bool((where[used] == -1).all()):
             slots = torch.where(used, host_slot[ids], torch.full_like(ids, -1))
             return attend_pages(query, self.host.keys, self.host.values, slots, counts, scale, observe, softcap,
-                                kernel, self.threads)
+                                kernel, self.threads, device)
+        query = query.cpu()
         bsz, num_heads, q_len, head_dim = query.shape
         total = empty_partial(bsz, num_heads, q_len, head_dim, observe, table.shape[1])
         for group in [-1, *range(len(self.lower))]:

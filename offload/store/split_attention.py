@@ -212,7 +212,11 @@ class SplitAttention:
 
     def _host_kernels(self, result: HostResult, query, table: PageTable, plan: LayerPlan, scale, observe, kernel,
                       softcap) -> None:
-        part = table.home.attend(query.to("cpu"), plan.host_table, plan.host_counts, scale, observe, softcap, kernel)
+        # A prefill block on a GPU is computed there (its host pages cross the link block by
+        # block); decode steps read the host pages where they are, with the CPU kernel.
+        device = query.device if not plan.decode and query.device.type == "cuda" else None
+        part = table.home.attend(query if device is not None else query.to("cpu"), plan.host_table, plan.host_counts,
+                                 scale, observe, softcap, kernel, device)
         result.out, result.lse, result.page_lse = part.out, part.lse, part.page_lse
 
     @staticmethod

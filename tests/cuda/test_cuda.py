@@ -172,3 +172,32 @@ def test_memory_returns_after_close():
     om.unwrap()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before + 1024 * 1024
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_prefill_block_over_host_pages_computed_on_the_gpu(softcap, num_kv_heads):
+    """A prefill block's host part computed on the GPU (pages gathered on the host, copied block
+    by block) equals the CPU's: out, lse and the observed rows' per-page log-sum-exp."""
+    from offload.kernels import torch_ref
+    from offload.store.tiers import attend_pages
+
+    gen = torch.Generator().manual_seed(0)
+    page_size, head_dim, heads, q_len, observe = 16, 32, 4, 37, 5
+    keys = torch.randn(40, num_kv_heads, page_size, head_dim, generator=gen).pin_memory()
+    values = torch.randn(40, num_kv_heads, page_size, head_dim, generator=gen).pin_memory()
+    query = torch.randn(2, heads, q_len, head_dim, generator=gen)
+    table = torch.tensor([[3, 7, 1, 30, 12, 5, 9, -1], [0, 2, 4, 6, 8, 10, 39, 38]])
+    counts = torch.tensor([7, 8])
+    ref = attend_pages(query, keys, values, table, counts, 0.2, observe, softcap, kernel="torch")
+    old = torch_ref.BLOCK_BYTES
+    torch_ref.BLOCK_BYTES = 3 * page_size * 2 * num_kv_heads * head_dim * 4  # three pages a block
+    try:
+        got = attend_pages(query.to(CUDA), keys, values, table, counts, 0.2, observe, softcap, kernel="torch",
+                           device=CUDA)
+    finally:
+        torch_ref.BLOCK_BYTES = old
+    assert got.out.device.type == "cuda"
+    torch.testing.assert_close(got.out.cpu(), ref.out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.lse.cpu(), ref.lse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.page_lse, ref.page_lse, rtol=0, atol=1e-4)
