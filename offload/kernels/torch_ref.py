@@ -82,8 +82,9 @@ def _fused_attention(query, keys, values, visible, scale):
 def prefill_attention_scores(query, keys, values, seen: torch.Tensor, scale: float, score_rows: int):
     """`dense_attention_scores` for a prefill chunk laid out the usual way, without a [Q, T] mask:
     the last Q keys are the Q queries' own tokens (causal), the earlier ones are seen by every
-    row or by none (`seen` [B, T - Q] bool). CPU flash attention in causal mode skips the hidden
-    half; the earlier keys are merged in by log-sum-exp. No softcap. Returns (out, lse, scores of
+    row or by none (`seen` [B, T - Q] bool). Flash attention in causal mode (the CPU's, or a
+    GPU's memory-efficient kernel) skips the hidden half; the earlier keys are merged in by
+    log-sum-exp. No softcap. Returns (out, lse, scores of
     the last `score_rows` rows [B, H, R, T], -inf where hidden)."""
     from offload.kernels.merge import merge_partials
 
@@ -92,14 +93,15 @@ def prefill_attention_scores(query, keys, values, seen: torch.Tensor, scale: flo
     group = query.shape[1] // keys.shape[1]
     own_k = keys[:, :, prefix:].float().repeat_interleave(group, dim=1)
     own_v = values[:, :, prefix:].float().repeat_interleave(group, dim=1)
-    out, lse = _FLASH_CPU(query.float().contiguous(), own_k, own_v, 0.0, True, scale=scale)[:2]
-    out, lse = out.float(), lse.float()
+    out, lse = _fused_rows(query, own_k, own_v, True, scale)
     if bool(seen.any()):
         if bool(seen.all()):
             before = _attend_block(query, keys[:, :, :prefix], values[:, :, :prefix], scale)
-        else:
+        elif query.device.type == "cpu":
             before = _fused_attention(query, keys[:, :, :prefix], values[:, :, :prefix],
                                       seen[:, None, :].expand(-1, q_len, -1), scale)
+        else:
+            before = _attend_seen(query, keys[:, :, :prefix], values[:, :, :prefix], seen, scale)
         out, lse = merge_partials(out, lse, *before)
     rows = min(score_rows, q_len)
     key = torch.arange(kv_len, device=query.device)
@@ -221,23 +223,49 @@ def _page_lse(query, keys, visible, scale, page_size, softcap=None):
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _has_fused(query: torch.Tensor) -> bool:
+    """Whether `_fused_rows` runs where `query` is: torch's CPU flash attention, or a GPU's."""
+    return (_FLASH_CPU is not None and query.device.type == "cpu") or query.device.type == "cuda"
+
+
+def _fused_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool, scale: float):
+    """(out, lse) float32 of query [B, H, Q, D] over keys/values [B, H, T, D] (as many heads), by
+    the fused kernel of the query's device: torch's CPU flash attention, or on a GPU its
+    memory-efficient attention (which returns the log-sum-exp too, padded to a multiple of 32
+    rows). causal: query i sees keys up to i (Q == T)."""
+    q, k, v = query.float().contiguous(), keys.float().contiguous(), values.float().contiguous()
+    if query.device.type == "cpu":
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out.float(), lse.float()
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]
+
+
+def _attend_seen(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, scale: float):
+    """(out, lse) of query [B, H, Q, D] over the keys each sequence's rows all see (`seen` [B, T]
+    bool), one fused call per sequence over just those keys; a sequence that sees none gets zeros
+    and -inf. No [Q, T] mask is built."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    out = torch.zeros(bsz, num_heads, q_len, head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.full((bsz, num_heads, q_len), float("-inf"), dtype=torch.float32, device=query.device)
+    for b in range(bsz):
+        idx = seen[b].nonzero().flatten().to(keys.device)
+        if idx.numel():
+            o, l = _attend_block(query[b : b + 1], keys[b : b + 1, :, idx], values[b : b + 1, :, idx], scale)
+            out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
 def _attend_block(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, softcap=None):
     """Every key visible. query [B, H, Q, D]; keys/values [B, H_kv, T, D] -> (out, lse) float32."""
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads = keys.shape[1]
-    if _FLASH_CPU is not None and query.device.type == "cpu" and not softcap:
+    if _has_fused(query) and not softcap:
         # Every row sees every key, so a KV head's G query heads are G * Q rows of one head: the
         # keys are read as they are, never repeated per query head.
         rows = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
-        out, lse = _FLASH_CPU(rows, keys.float(), values.float(), 0.0, False, scale=scale)[:2]
+        out, lse = _fused_rows(rows, keys, values, False, scale)
         return out.reshape(bsz, num_heads, q_len, head_dim), lse.reshape(bsz, num_heads, q_len)
-    if query.device.type == "cuda" and not softcap:
-        # The same grouping on a GPU, through its memory-efficient kernel (it returns the
-        # log-sum-exp, padded to a multiple of 32 rows, and takes float32).
-        rows = query.float().reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * q_len, head_dim)
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            rows, keys.float(), values.float(), None, True, 0.0, False, scale=scale)[:2]
-        return out.reshape(bsz, num_heads, q_len, head_dim), lse[..., : rows.shape[2]].reshape(bsz, num_heads, q_len)
     visible = torch.ones(1, query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device)
     return dense_attention(query, keys, values, visible, scale, softcap)
 

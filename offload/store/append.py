@@ -92,8 +92,9 @@ def _append_to_tails(table: PageTable, new_keys: torch.Tensor, new_values: torch
     if max(offsets) + 1 >= ps or max(table.length) + 1 > table.max_pages * ps:
         return False  # a tail completes (or a sequence is full: the per-sequence path says so)
     pool = table.device_pool
-    tails = torch.tensor(table.tail_slot, dtype=torch.long, device=pool.keys.device)
-    at = torch.tensor(offsets, dtype=torch.long, device=pool.keys.device)
+    # (built on the CPU and copied without waiting for a GPU's queue)
+    tails = torch.tensor(table.tail_slot, dtype=torch.long).to(pool.keys.device, non_blocking=True)
+    at = torch.tensor(offsets, dtype=torch.long).to(pool.keys.device, non_blocking=True)
     pool.keys[tails, :, at] = new_keys[:, :, 0].to(pool.keys.dtype)  # [B, H_kv, D]
     pool.values[tails, :, at] = new_values[:, :, 0].to(pool.values.dtype)
     table.length = [length + 1 for length in table.length]

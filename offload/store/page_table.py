@@ -39,7 +39,8 @@ class LayerCounters:
     skipped_pages: int = 0  # sparse mode with skip_misses: needed pages not attended
     failed_copies: int = 0
     failed_kernels: int = 0
-    mass_device: float = 0.0  # summed over decode rows: share of attention mass on the device part
+    mass_device: float | torch.Tensor = 0.0  # summed over decode rows: share of attention mass on the device part
+    # (on a GPU a 0-dim tensor there, read by Request.stats)
     mass_rows: int = 0
     dropped_pages: int = 0  # effect="drop": pages this request freed for good
     gathered_bytes: int = 0  # host pages read into the device part (per-head selections)

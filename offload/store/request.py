@@ -113,7 +113,8 @@ class Request:
             total = sum(table.num_complete(b) for b in range(table.batch_size))
             stats.pages_resident += resident
             stats.pages_total += total
-            counters = {name: getattr(table.counters, name) for name in COUNTER_NAMES}
+            # (a GPU's running sums are read here, once: float() waits for its queue)
+            counters = {name: _number(getattr(table.counters, name)) for name in COUNTER_NAMES}
             for name in LAYER_SUMS:
                 setattr(stats, name, getattr(stats, name) + counters[name])
             stats.per_layer.append({"layer": idx, "pages_resident": resident, "pages_total": total, **counters})
@@ -133,3 +134,7 @@ class Request:
         if not self.released:
             self.store.release(self)
 
+
+def _number(value):
+    """A counter as a Python number (some are sums kept on a GPU as 0-dim tensors)."""
+    return value.item() if isinstance(value, torch.Tensor) else value

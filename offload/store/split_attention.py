@@ -69,8 +69,10 @@ class SplitAttention:
         start = time.perf_counter()
         paged, paged_pages, device_slots, device_pos = self._paged_device_part(plan, table, query, scale, softcap,
                                                                                 has_host)
-        keys, values, key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots, device_pos)
-        new_pos = plan.new_pos.to(key_pos.device)
+        keys, values, key_pos, host_key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots,
+                                                                  device_pos)
+        # (plan tensors live on the CPU: copies to a GPU are issued without waiting for its queue)
+        new_pos = plan.new_pos.to(key_pos.device, non_blocking=True)
         if _plain_prefill(plan, key_pos, new_pos, query, softcap):
             prefix = key_pos.shape[1] - new_pos.shape[1]
             out_d, lse_d, key_lse = prefill_attention_scores(query, keys, values, key_pos[:, :prefix] >= 0, scale, observe)
@@ -82,7 +84,7 @@ class SplitAttention:
         # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
         table.counters.device_attn_s += time.perf_counter() - start
         layout = table.layout
-        table.counters.device_read_bytes += int((key_pos >= 0).sum()) * layout.page_bytes // layout.page_size
+        table.counters.device_read_bytes += int((host_key_pos >= 0).sum()) * layout.page_bytes // layout.page_size
         table.counters.host_read_bytes += int(plan.host_counts.sum()) * layout.page_bytes
 
         if has_host:
@@ -102,15 +104,17 @@ class SplitAttention:
             out, lse = out_d, lse_d
         if plan.decode:
             share = torch.exp(lse_d - lse).nan_to_num(0.0)  # [B, H, Q]
-            rows = (plan.new_pos >= 0)[:, None, :].expand_as(share).to(share.device)
-            table.counters.mass_device += float(share[rows].sum())
-            table.counters.mass_rows += int(rows.sum())
+            real = plan.new_pos >= 0
+            mass = (share * real.to(share.device, non_blocking=True)[:, None, :]).sum()
+            # (on a GPU the sum stays there until stats are read: no wait for its queue here)
+            table.counters.mass_device += mass if mass.device.type != "cpu" else float(mass)
+            table.counters.mass_rows += int(real.sum()) * share.shape[1]
         # Padding rows see no key: zeros (their lse is -inf in both parts, so the merge gave zeros too).
-        out = out.masked_fill((plan.new_pos < 0).to(out.device)[:, None, :, None], 0.0)
+        out = out.masked_fill((plan.new_pos < 0).to(out.device, non_blocking=True)[:, None, :, None], 0.0)
         pages_lse = [] if host is None else [(host.page_lse, plan.host_pages)]
         if paged is not None:
             pages_lse.append((paged.page_lse, paged_pages))
-        mass = self._page_mass(table, lse[:, :, lse.shape[2] - observe :], key_lse, key_pos, pages_lse)
+        mass = self._page_mass(table, lse[:, :, lse.shape[2] - observe :], key_lse, host_key_pos, pages_lse)
         return RunResult(out, lse, mass)
 
     @staticmethod
@@ -171,9 +175,9 @@ class SplitAttention:
     def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values, device_slots, device_pos):
         """Contiguous K/V of the device part's `device_slots` [B, n] (key positions `device_pos`
         [B, n * page_size]), the gathered pages and the new tokens: [B, H_kv, T_dev, D] each, and key
-        positions [B, T_dev] (-1 = no key)."""
+        positions [B, T_dev] (-1 = no key) on the device and on the CPU."""
         pool = table.device_pool
-        slots = device_slots.to(pool.device)
+        slots = device_slots.to(pool.device, non_blocking=True)
         bsz, num_kv, head_dim = table.batch_size, table.layout.num_kv_heads, table.layout.head_dim
 
         def per_head(pages: torch.Tensor) -> torch.Tensor:  # pages [B * n, H_kv, S, D] -> [B, H_kv, n * S, D]
@@ -195,8 +199,8 @@ class SplitAttention:
         values = torch.cat([*value_parts, new_values], dim=2)
         if new_keys.shape[2]:  # (a layer reading stored KV only brings queries, no new keys)
             pos_parts.append(plan.new_pos)
-        key_pos = torch.cat(pos_parts, dim=1).to(pool.device)
-        return keys, values, key_pos
+        host_key_pos = torch.cat(pos_parts, dim=1)
+        return keys, values, host_key_pos.to(pool.device, non_blocking=True), host_key_pos
 
     def _host_part(self, query, table: PageTable, plan: LayerPlan, scale, observe, kernel=None, softcap=None) -> HostResult:
         """Attend the host pages; also per-page lse for the observed rows. Never raises: errors are returned."""
@@ -225,7 +229,8 @@ class SplitAttention:
         query heads of each KV head and the observed rows.
 
         lse [B, H, O] is the merged log-sum-exp of the observed rows; a key's (or a paged part's
-        page's) share of a row is exp(its lse - the row's lse). pages_lse: (page_lse [B, H, O, n],
+        page's) share of a row is exp(its lse - the row's lse); key_pos [B, T_dev] the device
+        part's key positions, on the CPU. pages_lse: (page_lse [B, H, O, n],
         logical pages [B, n], -1 where none) of each part run by the paged kernel."""
         ps = table.layout.page_size
         sink = table.max_pages  # the extra column collects keys of no page
@@ -240,7 +245,7 @@ class SplitAttention:
         if key_lse.shape[-1] > 0:
             probs = torch.exp(key_lse - safe_lse[..., None]).masked_fill(~finite[..., None], 0.0)
             key_mass = per_kv_head(probs).cpu()  # [B, H_kv, T_dev]
-            pos = key_pos.cpu()
+            pos = key_pos
             page = torch.where(pos >= 0, pos // ps, torch.full_like(pos, sink)).clamp(max=sink)
             mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), key_mass)
         for page_lse, pages in pages_lse:
@@ -257,12 +262,12 @@ class SplitAttention:
 def _plain_prefill(plan: LayerPlan, key_pos: torch.Tensor, new_pos: torch.Tensor, query: torch.Tensor,
                    softcap: float | None) -> bool:
     """Whether the device part is an ordinary prefill chunk (`prefill_attention_scores`): on the
-    CPU, more than one query, every new token real and stored in order as the last keys, every
+    CPU or a GPU, more than one query, every new token real and stored in order as the last keys, every
     earlier key before the first of them, no window, chunk, per-head pages or softcap. Decided from
     the [B, T] positions, never from a [Q, T] mask."""
     q_len = new_pos.shape[1]
     if (plan.decode or q_len < 2 or softcap or plan.window is not None or plan.chunk is not None
-            or plan.head_keep is not None or query.device.type != "cpu" or key_pos.shape[1] < q_len):
+            or plan.head_keep is not None or query.device.type not in ("cpu", "cuda") or key_pos.shape[1] < q_len):
         return False
     own = key_pos[:, key_pos.shape[1] - q_len :]
     if not torch.equal(own, new_pos) or not bool((new_pos[:, 1:] - new_pos[:, :-1] == 1).all()):

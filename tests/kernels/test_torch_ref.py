@@ -37,3 +37,24 @@ def test_score_rows_with_softcap_takes_the_plain_path_and_the_last_rows():
     out, lse, scores = dense_attention_scores(query, keys, values, visible, 0.3, softcap=5.0)
     f_out, f_lse, f_scores = dense_attention_scores(query, keys, values, visible, 0.3, softcap=5.0, score_rows=4)
     assert torch.equal(f_out, out) and torch.equal(f_lse, lse) and torch.equal(f_scores, scores[:, :, -4:])
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_attend_seen_equals_the_masked_fused_path(num_kv_heads):
+    """Keys each sequence's rows all see, attended per sequence without a mask (the GPU's path
+    for a prefill chunk whose earlier keys are partly absent), against the masked CPU flash path;
+    a sequence that sees no key gets zeros and -inf."""
+    from offload.kernels.torch_ref import _attend_seen, _fused_attention
+
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(3, 4, 9, 16, generator=gen)
+    keys = torch.randn(3, num_kv_heads, 21, 16, generator=gen)
+    values = torch.randn(3, num_kv_heads, 21, 16, generator=gen)
+    seen = torch.rand(3, 21, generator=gen) < 0.5
+    seen[0, 5] = True
+    seen[2] = False
+    out, lse = _attend_seen(query, keys, values, seen, 0.25)
+    ref_out, ref_lse = _fused_attention(query, keys, values, seen[:, None, :].expand(-1, 9, -1), 0.25)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-5)
+    assert bool((out[2] == 0).all()) and bool(torch.isneginf(lse[2]).all())
