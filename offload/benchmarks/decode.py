@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import platform
+import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -339,13 +341,15 @@ def main(argv=None) -> None:
             print(f"   {result['tokens_per_s']:.2f} tok/s, stall {_share(result['stall_share'])}, "
                   f"h2d/token {result['h2d_bytes_per_token'] / 2**20:.2f} MiB ({result['h2d_ratio_to_a']:.3f} of a), "
                   f"recall {result['prefetch_recall']}, coverage {result['mass_coverage']}", flush=True)
+    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OFFLOAD_"))
     meta = {
-        "command": "offload bench decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": (settings + " " if settings else "") + "offload bench decode "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (emulated device tier)",
         "link_gbps": link_gbps, "budget_fraction": budget_fraction, "layers": layers,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "page_size": args.page_size,
-        "load_avg": list(__import__("os").getloadavg()), "repeats": args.repeats, "model": args.model,
+        "load_avg": list(os.getloadavg()), "repeats": args.repeats, "model": args.model,
         "layout": ("the embedded model (8 query heads, 2 KV heads, head_dim 16, trained), pass-key prompts"
                    if embedded_model else "32 query heads, 8 KV heads, head_dim 128, hidden 512, random weights"),
     }
