@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{name} must be at least 1; got {value}")
     if any(tokens < 0 for tokens in prefill_tokens):
         parser.error(f"--prefill-tokens must be 0 or more; got {prefill_tokens}")
-    meta = {"command": " ".join(["offload bench step", *argv]), "machine": machine(),
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OFFLOAD_")]
+    meta = {"command": " ".join([*settings, "offload bench step", *argv]), "machine": machine(),
             "torch": torch.__version__}
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")

@@ -114,6 +114,15 @@ class PageHome:
     def add(self, num: int) -> list[int]:
         """`num` new pages (reference count 1) with a host slot each, pinned until the caller has
         filled them (`host_slots`, then `unpin`); colder pages spill to make room."""
+        if 0 < num <= self.host.num_free:  # room for all (a prefill chunk's pages): one allocation, one lock
+            slots = self.host.allocate_many(num)  # (ascending: their home copies coalesce)
+            with self._lock:
+                pages = [self._new_id_locked() for _ in range(num)]
+                for page, slot in zip(pages, slots):
+                    self.pins[page] = 1
+                    self.host_slot[page] = slot
+                self._version += 1
+            return pages
         pages = []
         try:
             for _ in range(num):
@@ -134,24 +143,28 @@ class PageHome:
 
     def _new_id(self) -> int:
         with self._lock:
-            if self._free:
-                page = self._free.pop()
-            else:
-                page = len(self.refcount)
-                for column in (self.refcount, self.touched, self.pins):
-                    column.append(0)
-                for column in (self.host_slot, self.tier, self.tier_slot):
-                    column.append(-1)
-                self.heat.append(0.0)
-                if page >= self.key_min.shape[0]:
-                    grown = max(16, 2 * self.key_min.shape[0])
-                    self.key_min = _grow(self.key_min, grown)
-                    self.key_max = _grow(self.key_max, grown)
-            self.refcount[page], self.pins[page], self.heat[page] = 1, 0, 0.0
-            self.host_slot[page], self.tier[page], self.tier_slot[page] = -1, -1, -1
-            self._version += 1
-            self.clock += 1
-            self.touched[page] = self.clock
+            return self._new_id_locked()
+
+    def _new_id_locked(self) -> int:
+        """A new page id (reference count 1, no location); the caller holds `_lock`."""
+        if self._free:
+            page = self._free.pop()
+        else:
+            page = len(self.refcount)
+            for column in (self.refcount, self.touched, self.pins):
+                column.append(0)
+            for column in (self.host_slot, self.tier, self.tier_slot):
+                column.append(-1)
+            self.heat.append(0.0)
+            if page >= self.key_min.shape[0]:
+                grown = max(16, 2 * self.key_min.shape[0])
+                self.key_min = _grow(self.key_min, grown)
+                self.key_max = _grow(self.key_max, grown)
+        self.refcount[page], self.pins[page], self.heat[page] = 1, 0, 0.0
+        self.host_slot[page], self.tier[page], self.tier_slot[page] = -1, -1, -1
+        self._version += 1
+        self.clock += 1
+        self.touched[page] = self.clock
         return page
 
     def _host_slot_for_new(self) -> int:

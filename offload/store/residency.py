@@ -142,13 +142,16 @@ class Residency:
             i, p = evict.nonzero(as_tuple=True)
             table.slots[rows[i], p] = -1
         bring = wanted & ~resident & ~inflight
-        for i, b in enumerate(seqs):
-            for p, (keys, values) in fresh[i].items():
-                if p < num and bool(bring[i, p]):
-                    slot = pool.allocate()
-                    pool.keys[slot], pool.values[slot] = keys, values
-                    table.slots[b, p] = slot
-                    bring[i, p] = False
+        for i, b in enumerate(seqs):  # pages at hand: one allocation and one write per sequence
+            at = torch.tensor([p for p in fresh[i] if p < num], dtype=torch.long)
+            keep = at[bring[i, at]] if at.numel() else at
+            if keep.numel():
+                pages_kept = keep.tolist()
+                slots = torch.tensor(pool.allocate_many(len(pages_kept)), dtype=torch.long)
+                pool.keys[slots] = torch.stack([fresh[i][p][0] for p in pages_kept])
+                pool.values[slots] = torch.stack([fresh[i][p][1] for p in pages_kept])
+                table.slots[b, keep] = slots
+                bring[i, keep] = False
         if not bool(bring.any()):
             return
         # Required pages all come; of the rest the highest scores (then the newest) first.
