@@ -321,7 +321,10 @@ class OffloadedModel:
                 # keyed by token ids alone, so they never enter the prefix cache.
                 cache.positions_from_mask = False
             outputs = self._forward(cache, input_ids, attention_mask, **kwargs)
-            self._last_stats = cache.stats()  # answers once the caller drops the cache
+            # Answers once the caller drops the cache; without waiting for copies still running (a
+            # decode loop's home copies overlap its next step; reading om.stats while the cache
+            # lives waits for them).
+            self._last_stats = cache.stats(flush=False)
             return outputs
 
     def _forward(self, cache: OffloadCache, input_ids, attention_mask, logits: bool = True, **kwargs):

@@ -426,12 +426,13 @@ class OffloadCache(Cache):
         return valid
 
     # results ---------------------------------------------------------------------------------
-    def stats(self) -> OffloadStats:
+    def stats(self, flush: bool = True) -> OffloadStats:
+        """Counters of this cache's request (`Request.stats`; flush: wait for copies still running)."""
         if self._final_stats is not None:
             return self._final_stats
         if self.request is None:
             return OffloadStats(device_budget_bytes=self.config.device_budget)
-        stats = self.request.stats()
+        stats = self.request.stats(flush)
         stats.tokens_prefilled = self.tokens_prefilled
         stats.tokens_generated = self.generated_tokens
         stats.decode_s = self.decode_s

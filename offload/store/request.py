@@ -89,8 +89,11 @@ class Request:
     def track_peak(self) -> None:
         self.device_peak_bytes = max(self.device_peak_bytes, self.device_used_bytes())
 
-    def stats(self) -> OffloadStats:
-        self.store.transfer.flush()  # (copies still running count their link time first)
+    def stats(self, flush: bool = True) -> OffloadStats:
+        """The request's counters. flush: wait for copies still running, so that their link time
+        counts (False: bytes are counted when a copy is submitted, its time when it ends)."""
+        if flush:
+            self.store.transfer.flush()
         now, start = self.store.transfer.counters, self._transfer_start
         stats = OffloadStats(
             device_peak_bytes=self.device_peak_bytes,
