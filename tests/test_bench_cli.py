@@ -193,3 +193,13 @@ def test_bench_device_cuda_without_a_gpu_is_refused(capsys, command):
     with pytest.raises(SystemExit) as exc:
         main(["--device", "cuda"])
     assert exc.value.code == 2 and "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err
+
+
+def test_benchmark_command_lines_name_the_offload_settings(monkeypatch):
+    from offload.benchmarks import command_line
+
+    monkeypatch.setenv("OFFLOAD_PREFILL_CHUNK", "2048")
+    monkeypatch.setenv("OFFLOAD_MODE", "sparse")
+    monkeypatch.setenv("UNRELATED", "1")
+    assert command_line("decode", ["--quick"]) == \
+        "OFFLOAD_MODE=sparse OFFLOAD_PREFILL_CHUNK=2048 offload bench decode --quick"

@@ -46,7 +46,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from offload import OffloadedModel
-from offload.benchmarks import projection
+from offload.benchmarks import command_line, projection
 from offload.store.transfer import TransferEngine
 
 PROJECTED = (32768, 131072)  # contexts the projection is printed for
@@ -147,7 +147,8 @@ def run_baseline(model, prompt, new_tokens, link_gbps):
         emu.remove()
     return {
         "tokens": [int(first)] + tokens[:-1], "prefill_s": prefill_s, "decode_s": seconds,
-        "tokens_per_s": new_tokens / seconds, "stall_share": emu.stall_s / seconds, "h2d_bytes_per_token": emu.h2d_bytes / new_tokens,
+        "tokens_per_s": new_tokens / seconds, "stall_share": emu.stall_s / seconds,
+        "h2d_bytes_per_token": emu.h2d_bytes / new_tokens,
         "prefetch_recall": None, "mass_coverage": None,
         # Every layer's KV crosses the link and is read on the device, each step.
         "device_read_bytes_per_token": emu.h2d_bytes / new_tokens, "host_read_bytes_per_token": 0.0,
@@ -174,8 +175,9 @@ def run_baseline_cuda(model, prompt, new_tokens):
     tokens, seconds = decode_loop(step, first, new_tokens)
     return {
         "tokens": [int(first)] + tokens[:-1], "prefill_s": prefill_s, "decode_s": seconds,
-        "tokens_per_s": new_tokens / seconds, "stall_share": None, "h2d_bytes_per_token": moved / new_tokens, "prefetch_recall": None,
-        "mass_coverage": None, "device_read_bytes_per_token": moved / new_tokens, "host_read_bytes_per_token": 0.0,
+        "tokens_per_s": new_tokens / seconds, "stall_share": None, "h2d_bytes_per_token": moved / new_tokens,
+        "prefetch_recall": None, "mass_coverage": None, "device_read_bytes_per_token": moved / new_tokens,
+        "host_read_bytes_per_token": 0.0,
     }
 
 
@@ -341,10 +343,8 @@ def main(argv=None) -> None:
             print(f"   {result['tokens_per_s']:.2f} tok/s, stall {_share(result['stall_share'])}, "
                   f"h2d/token {result['h2d_bytes_per_token'] / 2**20:.2f} MiB ({result['h2d_ratio_to_a']:.3f} of a), "
                   f"recall {result['prefetch_recall']}, coverage {result['mass_coverage']}", flush=True)
-    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OFFLOAD_"))
     meta = {
-        "command": (settings + " " if settings else "") + "offload bench decode "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("decode", argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (emulated device tier)",
         "link_gbps": link_gbps, "budget_fraction": budget_fraction, "layers": layers,
@@ -358,8 +358,9 @@ def main(argv=None) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"Decode benchmark (`{meta['command']}`): {meta['layout']}, {layers} layers, {meta['dtype']}, "
-        + (f"emulated {args.link_gbps:g} GB/s link" if link_gbps else f"on a {meta['device']} and its own PCIe link "
-           f"((a): transformers' DynamicCache(offloading=True))") + f", device budget {100 * budget_fraction:.0f}% of the KV cache, "
+        + (f"emulated {args.link_gbps:g} GB/s link" if link_gbps else f"on a {meta['device']} and its own PCIe "
+           "link ((a): transformers' DynamicCache(offloading=True))")
+        + f", device budget {100 * budget_fraction:.0f}% of the KV cache, "
         f"page size {args.page_size}; tokens/s the median of {args.repeats} run(s) on different prompts, "
         f"the rest their mean; load average {meta['load_avg'][0]:.1f} on {meta['cpu_threads']} threads.",
         "",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from offload import OffloadedModel
-from offload.benchmarks import machine
+from offload.benchmarks import command_line, machine
 from offload.models import embedded
 from offload.quality import kv_bytes
 
@@ -225,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{name} must be at least 1; got {value}")
     if any(tokens < 0 for tokens in prefill_tokens):
         parser.error(f"--prefill-tokens must be 0 or more; got {prefill_tokens}")
-    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OFFLOAD_")]
-    meta = {"command": " ".join([*settings, "offload bench step", *argv]), "machine": machine(),
+    meta = {"command": command_line("step", argv), "machine": machine(),
             "torch": torch.__version__}
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
