@@ -196,8 +196,12 @@ def test_bench_device_cuda_without_a_gpu_is_refused(capsys, command):
 
 
 def test_benchmark_command_lines_name_the_offload_settings(monkeypatch):
+    import os
+
     from offload.benchmarks import command_line
 
+    for name in [k for k in os.environ if k.startswith("OFFLOAD_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("OFFLOAD_PREFILL_CHUNK", "2048")
     monkeypatch.setenv("OFFLOAD_MODE", "sparse")
     monkeypatch.setenv("UNRELATED", "1")
