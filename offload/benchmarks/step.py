@@ -48,6 +48,12 @@ KERNELS = {
 LINEAR = "<built-in method torch._C._nn.linear>"
 
 
+def torch_calls(stats: pstats.Stats) -> int:
+    """Calls into torch's C++ (functions and tensor methods) in a cProfile run: the bookkeeping's
+    size in operations, which no machine's speed or load changes."""
+    return sum(v[0] for k, v in stats.stats.items() if k[0] == "~" and ("torch" in k[2] or "Tensor" in k[2]))
+
+
 def split_profile(stats: pstats.Stats) -> tuple[float, float, float]:
     """(profiled total, kernels, matmuls) in seconds from a cProfile run. A kernel's cumulative
     time is counted once even where kernels call kernels (the outermost call only)."""
@@ -104,7 +110,7 @@ def decode_step(model, mode: str, batch: int, context: int, steps: int, repeats:
     sample = embedded.task_samples("passkey", context, 1, seed=1)[0]
     prompt = torch.from_numpy(sample.input_ids[None, : sample.context_end].copy()).repeat(batch, 1).to(device)
     budget = int(0.25 * kv_bytes(model, prompt.shape[1] + steps * (repeats + 2) + 8, batch))
-    rows, top = [], []
+    rows, top, calls = [], [], 0.0
     link = 25.0 if device.type == "cpu" else 0.0  # a GPU has its own link
     with OffloadedModel(model, device_budget=budget, mode=mode, emulate_link_gbps=link) as om:
         cache = om.new_cache(batch, prompt.shape[1] + steps * (repeats + 2) + 8)
@@ -127,12 +133,14 @@ def decode_step(model, mode: str, batch: int, context: int, steps: int, repeats:
             kernels, matmuls = kernel_s / steps * scale, matmul_s / steps * scale
             rows.append((wall, kernels, matmuls, wall - kernels - matmuls))
             top = top_functions(stats, steps)
+            calls = torch_calls(stats) / steps
         syncs, sync_sites = None, []
         if device.type == "cuda":
             token, syncs, sync_sites = host_syncs(om, cache, token, steps)
     step, kernels, matmuls, rest = (statistics.median(r[i] for r in rows) * 1e3 for i in range(4))
     return {"mode": mode, "batch": batch, "context": context, "device": str(device), "step_ms": step,
-            "kernels_ms": kernels, "matmuls_ms": matmuls, "rest_ms": rest, "host_syncs_per_step": syncs,
+            "kernels_ms": kernels, "matmuls_ms": matmuls, "rest_ms": rest, "torch_calls_per_step": calls,
+            "host_syncs_per_step": syncs,
             "sync_sites": sync_sites, "top_functions": top}
 
 
@@ -178,11 +186,15 @@ def markdown(results: dict) -> str:
     lines = ["# One decode step and prefill against the unwrapped model (embedded)", "",
              f"Command: `{meta['command']}`; machine: {meta['machine']}; torch {meta['torch']}.", "",
              "Decode: medians of the repetitions; *rest* = step - attention kernels - model matmuls "
-             "(bookkeeping, the model's own Python, everything else).", "",
-             "| mode | batch | context | step | attention kernels | model matmuls | rest |", "|---|---|---|---|---|---|---|"]
+             "(bookkeeping, the model's own Python, everything else); *torch calls*: calls into torch per step "
+             "(operations, whatever the machine's speed).", "",
+             "| mode | batch | context | step | attention kernels | model matmuls | rest | torch calls |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results["decode"]:
+        calls = row.get("torch_calls_per_step")
         lines.append(f"| {row['mode']} | {row['batch']} | {row['context']} | {row['step_ms']:.2f} ms | "
-                     f"{row['kernels_ms']:.2f} ms | {row['matmuls_ms']:.2f} ms | {row['rest_ms']:.2f} ms |")
+                     f"{row['kernels_ms']:.2f} ms | {row['matmuls_ms']:.2f} ms | {row['rest_ms']:.2f} ms | "
+                     f"{'—' if calls is None else f'{calls:.0f}'} |")
     for row in results["decode"]:
         if row.get("host_syncs_per_step") is not None:
             sites = ", ".join(f"{site} ({n:g})" for site, n in row["sync_sites"][:8])
