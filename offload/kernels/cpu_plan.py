@@ -96,5 +96,12 @@ def check_cpu_buffers(
 
 def index_arrays(page_table: torch.Tensor, num_pages: torch.Tensor, last_page_len: torch.Tensor):
     """Page table and lengths as contiguous int64 numpy arrays (small: copied if needed)."""
-    conv = lambda t: t.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
-    return conv(page_table), conv(num_pages), conv(last_page_len)
+    return _int64_array(page_table), _int64_array(num_pages), _int64_array(last_page_len)
+
+
+def _int64_array(t: torch.Tensor) -> np.ndarray:
+    """t as a contiguous int64 numpy array, without a copy when it is one already (the common case:
+    these are asked for in every decode step's kernel calls)."""
+    if t.dtype != torch.int64 or t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+        t = t.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    return t.numpy()
