@@ -143,8 +143,11 @@ class Residency:
             table.slots[rows[i], p] = -1
         bring = wanted & ~resident & ~inflight
         for i, b in enumerate(seqs):  # pages at hand: one allocation and one write per sequence
-            at = torch.tensor([p for p in fresh[i] if p < num], dtype=torch.long)
-            keep = at[bring[i, at]] if at.numel() else at
+            at = [p for p in fresh[i] if p < num]
+            if not at:  # (a decode step's usual case)
+                continue
+            at = torch.tensor(at, dtype=torch.long)
+            keep = at[bring[i, at]]
             if keep.numel():
                 pages_kept = keep.tolist()
                 slots = torch.tensor(pool.allocate_many(len(pages_kept)), dtype=torch.long)
