@@ -3,6 +3,7 @@ attention the device part uses. Both return (out float32, lse float32)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -232,13 +233,41 @@ def _fused_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, c
     """(out, lse) float32 of query [B, H, Q, D] over keys/values [B, H, T, D] (as many heads), by
     the fused kernel of the query's device: torch's CPU flash attention, or on a GPU its
     memory-efficient attention (which returns the log-sum-exp too, padded to a multiple of 32
-    rows). causal: query i sees keys up to i (Q == T)."""
+    rows). causal: query i sees keys up to i (Q == T). A GPU whose kernel refuses the shape (a head
+    size or dtype it lacks) gets the plain matmul computation instead, once logged."""
     q, k, v = query.float().contiguous(), keys.float().contiguous(), values.float().contiguous()
     if query.device.type == "cpu":
         out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
         return out.float(), lse.float()
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                          scale=scale)[:2]
+    except RuntimeError as exc:
+        _log_fallback(exc)
+        return _rows_matmul(q, k, v, causal, scale)
     return out, lse[..., : q.shape[2]]
+
+
+def _rows_matmul(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool, scale: float):
+    """`_fused_rows` by plain matmuls (the [Q, T] scores are built): any device, any head size."""
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    if causal:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)
+        scores = scores.masked_fill_(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), values), lse
+
+
+_FALLBACK_LOGGED = False
+
+
+def _log_fallback(exc: BaseException) -> None:
+    global _FALLBACK_LOGGED
+    if not _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED = True
+        logging.getLogger("offload").warning(
+            "the GPU's fused attention kernel refused a prefill block (%s: %s); computing it with matmuls",
+            type(exc).__name__, exc)
 
 
 def _attend_seen(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, scale: float):

@@ -227,3 +227,20 @@ def test_prefill_attention_on_the_gpu_matches_the_masked_path(prefix, q_len, see
     torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=2e-4)
     torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=2e-4)
     torch.testing.assert_close(scores.cpu(), ref_scores, atol=2e-5, rtol=2e-4)
+
+
+def test_a_refused_fused_kernel_falls_back_to_matmuls(monkeypatch):
+    """Where the GPU's memory-efficient kernel refuses a block (a head size it lacks), the prefill
+    paths compute it with matmuls: the same result as the CPU."""
+    from offload.kernels import torch_ref
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no kernel for this shape")
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
+    ref = torch_ref._fused_rows(q, k, v, True, 0.25)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", refuse)
+    out, lse = torch_ref._fused_rows(q.to(CUDA), k.to(CUDA), v.to(CUDA), True, 0.25)
+    torch.testing.assert_close(out.cpu(), ref[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.cpu(), ref[1], rtol=0, atol=1e-5)

@@ -58,3 +58,20 @@ def test_attend_seen_equals_the_masked_fused_path(num_kv_heads):
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-5)
     assert bool((out[2] == 0).all()) and bool(torch.isneginf(lse[2]).all())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 256])
+def test_rows_matmul_equals_the_fused_kernel(causal, head_dim):
+    """The matmul fallback of the fused rows (a GPU kernel that refuses a shape) gives the CPU
+    flash kernel's out and lse, causal or not, for head sizes such kernels may lack."""
+    from offload.kernels.torch_ref import _fused_rows, _rows_matmul
+
+    gen = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(2, 3, 19, head_dim, generator=gen)
+    k = torch.randn(2, 3, 19, head_dim, generator=gen)
+    v = torch.randn(2, 3, 19, head_dim, generator=gen)
+    out, lse = _rows_matmul(q, k, v, causal, head_dim ** -0.5)
+    ref_out, ref_lse = _fused_rows(q, k, v, causal, head_dim ** -0.5)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-5)
