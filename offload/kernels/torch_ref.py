@@ -145,22 +145,16 @@ def _dense(query, keys, values, visible, scale, softcap):
     return out, lse.reshape(bsz, num_heads, q_len), scores.reshape(bsz, num_heads, q_len, kv_len)
 
 
-def gather_head_major(pages: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather_head_major(pages: torch.Tensor, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """Pages `ids` of a pool [P, H_kv, page_size, D] -> each KV head's tokens in order:
-    [H_kv, len(ids) * page_size, D]. (Whole pages first, then one transposing copy: an index_select
-    along the pages of the transposed pool is one copy, not two, but measured slower in a prefill.)"""
+    [H_kv, len(ids) * page_size, D], on `device` (default: the pool's). The pages are picked where
+    they live and cross as they are (one contiguous copy); the transposing copy runs on `device`.
+    (Whole pages first, then one transposing copy: an index_select along the pages of the
+    transposed pool is one copy, not two, but measured slower in a prefill.)"""
     _, num_kv_heads, page_size, head_dim = pages.shape
-    picked = pages.index_select(0, ids)
-    return picked.transpose(0, 1).reshape(num_kv_heads, ids.numel() * page_size, head_dim)
-
-
-def gather_to(pages: torch.Tensor, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`gather_head_major` onto `device`: the pages are picked where they live and cross as they
-    are (one contiguous copy), the transposing copy runs on `device`."""
-    if pages.device == device:
-        return gather_head_major(pages, ids)
-    _, num_kv_heads, page_size, head_dim = pages.shape
-    picked = pages.index_select(0, ids.to(pages.device)).to(device)
+    picked = pages.index_select(0, ids.to(pages.device))
+    if device is not None:
+        picked = picked.to(device)
     return picked.transpose(0, 1).reshape(num_kv_heads, ids.numel() * page_size, head_dim)
 
 
@@ -351,8 +345,8 @@ def paged_attention_blocked(
             count = block.numel() * page_size
             if first + block_pages >= n:  # the row's last page may be partial
                 count -= page_size - int(last_page_len[b])
-            k = gather_to(key_pages, block, query.device)[:, :count]
-            v = gather_to(value_pages, block, query.device)[:, :count]
+            k = gather_head_major(key_pages, block, query.device)[:, :count]
+            v = gather_head_major(value_pages, block, query.device)[:, :count]
             o, l = _attend_block(query[b : b + 1], k[None], v[None], scale, softcap)
             merged_out, merged_lse = merge_partials(out[b : b + 1], lse[b : b + 1], o, l)
             out[b], lse[b] = merged_out[0], merged_lse[0]

@@ -245,8 +245,7 @@ class SplitAttention:
         if key_lse.shape[-1] > 0:
             probs = torch.exp(key_lse - safe_lse[..., None]).masked_fill(~finite[..., None], 0.0)
             key_mass = per_kv_head(probs).cpu()  # [B, H_kv, T_dev]
-            pos = key_pos
-            page = torch.where(pos >= 0, pos // ps, torch.full_like(pos, sink)).clamp(max=sink)
+            page = torch.where(key_pos >= 0, key_pos // ps, torch.full_like(key_pos, sink)).clamp(max=sink)
             mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), key_mass)
         for page_lse, pages in pages_lse:
             if not pages.numel():

@@ -114,15 +114,8 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     compute-bound) runs blocked matmuls, the observed rows' page_lse from the same gathered blocks.
     `device` (a GPU) computes a prefill block there instead: its pages cross the link block by
     block, which costs less than the CPU's matmuls (out and lse then stay on `device`)."""
-    if device is not None and device.type != "cpu" and observe < query.shape[2]:
-        q = query.to(device).float()
-        bsz, num_heads, _, _ = q.shape
-        page_lse = torch.full((bsz, num_heads, observe, table.shape[1]), float("-inf"))
-        last = torch.full((bsz,), keys.shape[2], dtype=torch.long)
-        out, lse = paged_attention_blocked(q, keys, values, table, counts, last, scale, softcap=softcap,
-                                           page_lse_out=page_lse)
-        return Partial(out, lse, page_lse)
-    q = query.to(keys.device).float()
+    on_device = device is not None and device.type != "cpu" and observe < query.shape[2]
+    q = query.to(device if on_device else keys.device).float()
     bsz, num_heads, q_len, _ = q.shape
     last = torch.full((bsz,), keys.shape[2], dtype=torch.long)  # every page complete
     page_lse = torch.full((bsz, num_heads, observe, table.shape[1]), float("-inf"))
@@ -130,9 +123,9 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if observe == q_len:
         out, lse = paged_attention(q, keys, values, *args, kernel=kernel, page_lse_out=page_lse, validate=False,
                                    threads=threads, softcap=softcap)
-    else:
+    else:  # (the compiled page sums read CPU memory: on the device, the torch sums there)
         out, lse = paged_attention_blocked(q, keys, values, *args, softcap=softcap, page_lse_out=page_lse,
-                                           page_sums=page_exp_sums_kernel(kernel, threads))
+                                           page_sums=None if on_device else page_exp_sums_kernel(kernel, threads))
     return Partial(out, lse, page_lse)
 
 

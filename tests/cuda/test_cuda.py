@@ -10,6 +10,7 @@ import torch
 
 from offload import OffloadedModel
 from tests.conftest import FAMILIES, make_batch, tiny_model
+from tests.kernels.naive import PREFILL_CASES, PREFILL_SEEN, prefill_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -203,30 +204,18 @@ def test_prefill_block_over_host_pages_computed_on_the_gpu(softcap, num_kv_heads
     torch.testing.assert_close(got.page_lse, ref.page_lse, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("prefix,q_len", [(0, 2), (0, 37), (5, 16), (33, 40)])
-@pytest.mark.parametrize("seen", ["all", "some", "none"])
+@pytest.mark.parametrize("prefix,q_len", PREFILL_CASES)
+@pytest.mark.parametrize("seen", PREFILL_SEEN)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_prefill_attention_on_the_gpu_matches_the_masked_path(prefix, q_len, seen, batch):
     """A prefill chunk's device part on the GPU (causal fused kernel for its own keys, earlier keys
     merged by log-sum-exp) equals the masked computation on the CPU."""
-    from offload.kernels.torch_ref import dense_attention_scores, prefill_attention_scores
+    from offload.kernels.torch_ref import prefill_attention_scores
 
-    gen = torch.Generator().manual_seed(prefix + q_len)
-    h, hkv, d, rows = 8, 2, 16, 5
-    kv_len = prefix + q_len
-    query = torch.randn(batch, h, q_len, d, generator=gen)
-    keys = torch.randn(batch, hkv, kv_len, d, generator=gen)
-    values = torch.randn(batch, hkv, kv_len, d, generator=gen)
-    earlier = {"all": torch.ones(batch, prefix, dtype=torch.bool), "none": torch.zeros(batch, prefix, dtype=torch.bool),
-               "some": torch.rand(batch, prefix, generator=gen) < 0.5}[seen]
-    own = torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(batch, -1, -1)
-    visible = torch.cat([earlier[:, None, :].expand(-1, q_len, -1), own], dim=2)
-    out, lse, scores = prefill_attention_scores(query.to(CUDA), keys.to(CUDA), values.to(CUDA), earlier.to(CUDA),
-                                                0.3, rows)
-    ref_out, ref_lse, ref_scores = dense_attention_scores(query, keys, values, visible, 0.3, score_rows=rows)
-    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(scores.cpu(), ref_scores, atol=2e-5, rtol=2e-4)
+    query, keys, values, earlier, reference = prefill_case(prefix, q_len, seen, batch)
+    got = prefill_attention_scores(query.to(CUDA), keys.to(CUDA), values.to(CUDA), earlier.to(CUDA), 0.3, 5)
+    for value, ref in zip(got, reference):  # out, lse, scores
+        torch.testing.assert_close(value.cpu(), ref, atol=2e-5, rtol=2e-4)
 
 
 def test_a_refused_fused_kernel_falls_back_to_matmuls(monkeypatch):

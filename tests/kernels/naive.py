@@ -43,3 +43,27 @@ def naive_paged_attention(query, key_pages, value_pages, page_table, num_pages, 
                 lse[b, h, i] = torch.logsumexp(s, 0)
                 out[b, h, i] = torch.softmax(s, 0) @ v[:visible]
     return out, lse, page_lse
+
+
+PREFILL_CASES = [(0, 2), (0, 37), (5, 16), (33, 40)]  # (earlier keys, chunk length)
+PREFILL_SEEN = ["all", "some", "none"]
+
+
+def prefill_case(prefix: int, q_len: int, seen: str, batch: int, rows: int = 5):
+    """A prefill chunk for `prefill_attention_scores`: query, keys, values, which earlier keys every
+    row sees (`seen`: all, some or none of them), and the masked computation's (out, lse, scores of
+    the last `rows` rows) as the reference."""
+    from offload.kernels.torch_ref import dense_attention_scores
+
+    gen = torch.Generator().manual_seed(prefix + q_len)
+    h, hkv, d = 8, 2, 16
+    kv_len = prefix + q_len
+    query = torch.randn(batch, h, q_len, d, generator=gen)
+    keys = torch.randn(batch, hkv, kv_len, d, generator=gen)
+    values = torch.randn(batch, hkv, kv_len, d, generator=gen)
+    earlier = {"all": torch.ones(batch, prefix, dtype=torch.bool), "none": torch.zeros(batch, prefix, dtype=torch.bool),
+               "some": torch.rand(batch, prefix, generator=gen) < 0.5}[seen]
+    own = torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(batch, -1, -1)
+    visible = torch.cat([earlier[:, None, :].expand(-1, q_len, -1), own], dim=2)
+    reference = dense_attention_scores(query, keys, values, visible, 0.3, score_rows=rows)
+    return query, keys, values, earlier, reference

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from offload.kernels.torch_ref import (
-    dense_attention_scores,
     page_exp_sums_torch,
     paged_attention_blocked,
     prefill_attention_scores,
 )
-from tests.kernels.naive import naive_paged_attention
+from tests.kernels.naive import PREFILL_CASES, PREFILL_SEEN, naive_paged_attention, prefill_case
 
 # Every page-sums kernel: torch (the reference) and the C++ one at each instruction set this CPU
 # runs, with one and two threads.
@@ -78,27 +77,16 @@ def test_blocked_page_lse_stays_exact_for_pages_far_below_the_best(sums):
     torch.testing.assert_close(page_lse.double()[0, :, 0], ref_page[0, :, -1], atol=1e-3, rtol=2e-5)
 
 
-@pytest.mark.parametrize("prefix,q_len", [(0, 2), (0, 37), (5, 16), (33, 40)])
-@pytest.mark.parametrize("seen", ["all", "some", "none"])
+@pytest.mark.parametrize("prefix,q_len", PREFILL_CASES)
+@pytest.mark.parametrize("seen", PREFILL_SEEN)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_prefill_attention_matches_the_masked_path(prefix, q_len, seen, batch):
     """A chunk's own keys causal (flash in causal mode) and earlier keys seen by every row or by
     none: the same out, lse and observed-row scores as the masked computation."""
-    gen = torch.Generator().manual_seed(prefix + q_len)
-    h, hkv, d, rows = 8, 2, 16, 5
-    kv_len = prefix + q_len
-    query = torch.randn(batch, h, q_len, d, generator=gen)
-    keys = torch.randn(batch, hkv, kv_len, d, generator=gen)
-    values = torch.randn(batch, hkv, kv_len, d, generator=gen)
-    earlier = {"all": torch.ones(batch, prefix, dtype=torch.bool), "none": torch.zeros(batch, prefix, dtype=torch.bool),
-               "some": torch.rand(batch, prefix, generator=gen) < 0.5}[seen]
-    own = torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(batch, -1, -1)
-    visible = torch.cat([earlier[:, None, :].expand(-1, q_len, -1), own], dim=2)
-    out, lse, scores = prefill_attention_scores(query, keys, values, earlier, 0.3, rows)
-    ref_out, ref_lse, ref_scores = dense_attention_scores(query, keys, values, visible, 0.3, score_rows=rows)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(scores, ref_scores, atol=2e-5, rtol=2e-4)
+    query, keys, values, earlier, reference = prefill_case(prefix, q_len, seen, batch)
+    got = prefill_attention_scores(query, keys, values, earlier, 0.3, 5)
+    for value, ref in zip(got, reference):  # out, lse, scores
+        torch.testing.assert_close(value, ref, atol=2e-5, rtol=2e-4)
 
 
 @pytest.mark.parametrize("sums", sorted(PAGE_SUMS))
