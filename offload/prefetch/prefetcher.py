@@ -56,12 +56,14 @@ class Prefetcher:
         if not seqs:
             return
         room = self.residency.make_room(table, seqs, wanted[seqs], missing[seqs].sum(dim=1))
-        for b, free in zip(seqs, room):
-            pages = missing[b].nonzero().flatten().tolist()
+        requests = []
+        missing_rows, score_rows = missing[seqs].tolist(), table.scores[seqs].tolist()
+        for b, free, row, score in zip(seqs, room, missing_rows, score_rows):
+            pages = [p for p, m in enumerate(row) if m]
             # Most critical first when room is short, then the newer page.
-            score = table.scores[b].tolist()
             pages.sort(key=lambda p: (-score[p], -p))
             chosen = pages[: max(0, free)]
-            self.residency.issue(table, b, chosen)
+            requests.append((b, chosen))
             table.issued[b, chosen] = True
             table.counters.prefetch_issued_pages += len(chosen)
+        self.residency.issue_many(table, requests)  # one copy batch for the whole batch

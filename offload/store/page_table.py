@@ -81,6 +81,21 @@ class ResidencyRules:
 CROP_MARGIN = 64
 
 
+def mark_pages(mask: torch.Tensor, members: list) -> torch.Tensor:
+    """Set mask [rows, num] True at the pages (< num) each row's collection (`members[i]`, any
+    iterable of page numbers) holds, in one indexed write; returns mask."""
+    num = mask.shape[1]
+    rows, cols = [], []
+    for i, pages in enumerate(members):
+        for p in pages:
+            if p < num:
+                rows.append(i)
+                cols.append(p)
+    if rows:
+        mask[rows, cols] = True
+    return mask
+
+
 class PageTable:
     def __init__(self, layout: KVLayout, batch_size: int, max_pages: int, home: PageHome,
                  track_values: bool = False) -> None:
@@ -91,12 +106,14 @@ class PageTable:
         self.device_pool: PagePool | None = None  # set while the request holds device memory
         self.rules: ResidencyRules | None = None
         self.length = [0] * batch_size
+        self._lengths_key: tuple[int, ...] | None = None  # (lengths_of's tensor and what it was made from)
+        self._lengths: torch.Tensor | None = None
         self.page_ids = torch.full((batch_size, max_pages), -1, dtype=torch.long)
         self.slots = torch.full((batch_size, max_pages), -1, dtype=torch.long)
         self.tail_slot = [-1] * batch_size
         self.parked_tails: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size
         self.inflight: list[dict[int, int]] = [{} for _ in range(batch_size)]  # page -> slot
-        self.batches: list[tuple[int, list[int], CopyBatch]] = []  # (seq, pages, batch) submitted
+        self.batches: list[tuple[list[tuple[int, int]], CopyBatch]] = []  # ((seq, page) pairs, batch) submitted
         self.issued = torch.zeros(batch_size, max_pages, dtype=torch.bool)  # speculated, not yet judged
         self.last_needed = torch.zeros(batch_size, max_pages, dtype=torch.bool)  # the last decode query's pages
         # One extra column collects the mass of invalid keys, so scatter needs no masking.
@@ -173,17 +190,24 @@ class PageTable:
         n = self.num_complete(b)
         return (self.slots[b, :n] >= 0).nonzero().flatten().tolist()
 
+    def lengths_of(self, seqs: list[int] | None = None) -> torch.Tensor:
+        """[len(seqs)] long (every sequence when None): the stored tokens of each. Read-only: the
+        whole batch's tensor is made once per change of `length` (every layer step asks several times)."""
+        key = tuple(self.length)
+        if self._lengths_key != key:
+            self._lengths, self._lengths_key = torch.tensor(key, dtype=torch.long), key
+        if seqs is None or len(seqs) == self.batch_size and seqs == list(range(self.batch_size)):
+            return self._lengths
+        return self._lengths[seqs]
+
     def complete_mask(self, seqs: list[int], num: int) -> torch.Tensor:
         """[len(seqs), num] bool: pages 0..num-1 that are complete pages of each sequence in `seqs`."""
-        return torch.arange(num)[None, :] < torch.tensor([self.num_complete(b) for b in seqs])[:, None]
+        return torch.arange(num)[None, :] < (self.lengths_of(seqs) // self.layout.page_size)[:, None]
 
     def on_device_mask(self, num: int) -> torch.Tensor:
         """[B, num] bool: complete pages (of the first `num`) resident or being copied in."""
         on = self.slots[:, :num] >= 0
-        for b, inflight in enumerate(self.inflight):
-            if inflight:
-                on[b, [p for p in inflight if p < num]] = True
-        return on
+        return mark_pages(on, self.inflight)
 
     def slots_in_use(self, b: int) -> int:
         return len(self.resident_pages(b)) + len(self.inflight[b]) + (1 if self.tail_slot[b] >= 0 else 0)
@@ -215,7 +239,7 @@ class PageTable:
             return exists & (pages >= first[:, None])
         required = exists & (pages < self.rules.sink_pages)
         if self.rules.recent_tokens > 0:
-            lengths = torch.tensor([self.length[b] for b in seqs])
+            lengths = self.lengths_of(seqs)
             first = (lengths - self.rules.recent_tokens).clamp(min=0) // ps
             required |= exists & (pages >= first[:, None])
         if self.counters.dropped_pages:  # a dropped page cannot be required

@@ -70,7 +70,7 @@ def count_needed(table: PageTable, needed: torch.Tensor) -> None:
 
 def new_positions(table: PageTable, new_valid: torch.Tensor) -> torch.Tensor:
     """[B, T] stored position of each valid new token, -1 for padding."""
-    lengths = torch.tensor(table.length, dtype=torch.long)
+    lengths = table.lengths_of()
     counts = new_valid.long().cumsum(dim=1)
     return torch.where(new_valid, lengths[:, None] + counts - 1, torch.full_like(counts, -1))
 
@@ -91,7 +91,7 @@ def plan(table: PageTable, new_valid: torch.Tensor, attend: torch.Tensor | None,
     per_head = head_keep is not None and selected
     ps = table.layout.page_size
     bsz = table.batch_size
-    lengths = torch.tensor(table.length, dtype=torch.long)
+    lengths = table.lengths_of()
     counts = lengths // ps
     num = int(counts.max()) if bsz else 0
     pages = torch.arange(num)

@@ -17,7 +17,7 @@ import torch
 
 from offload.policies import EvictionCandidates, EvictionOrder
 from offload.store.append import Fresh
-from offload.store.page_table import PageTable
+from offload.store.page_table import PageTable, mark_pages
 from offload.store.transfer import TransferEngine
 
 logger = logging.getLogger("offload")
@@ -38,31 +38,38 @@ class Residency:
     # ------------------------------------------------------------------ copies in (two-phase)
     def issue(self, table: PageTable, b: int, pages: list[int]) -> None:
         """Prepare (allocate = pin destination slots) and submit copies of host pages into the device."""
-        if not pages:
+        self.issue_many(table, [(b, pages)])
+
+    def issue_many(self, table: PageTable, requests: list[tuple[int, list[int]]]) -> None:
+        """`issue` for several sequences' pages ((sequence, pages) each) as one copy batch: one job
+        for the copy engine, and pages of different sequences coalesce where their slots are consecutive."""
+        pairs = [(b, p) for b, pages in requests for p in pages]
+        if not pairs:
             return
-        ids = [int(table.page_ids[b, p]) for p in pages]
+        seqs, pages = zip(*pairs)
+        ids = table.page_ids[list(seqs), list(pages)].tolist()
         # In host-slot order onto ascending device slots: consecutive pages copy as one transfer.
         host = table.home.host_slots(ids)
-        order = sorted(range(len(pages)), key=lambda i: (host[i] < 0, host[i]))
-        pages, ids = [pages[i] for i in order], [ids[i] for i in order]
-        slots = table.device_pool.allocate_many(len(pages))
+        order = sorted(range(len(pairs)), key=lambda i: (host[i] < 0, host[i]))
+        pairs, ids = [pairs[i] for i in order], [ids[i] for i in order]
+        slots = table.device_pool.allocate_many(len(pairs))
         batch = self.transfer.submit_h2d(table.home, ids, table.device_pool, slots)
-        for p, slot in zip(pages, slots):
+        for (b, p), slot in zip(pairs, slots):
             table.inflight[b][p] = slot
-        table.batches.append((b, list(pages), batch))
+        table.batches.append((pairs, batch))
 
     def complete_copies(self, table: PageTable) -> None:
         """Complete every copy into this table: flip arrived pages resident, drop failed ones."""
-        for b, pages, batch in table.batches:
+        for pairs, batch in table.batches:
             table.counters.stall_s += self.transfer.wait(batch)
-            for p in pages:
+            for b, p in pairs:
                 slot = table.inflight[b].pop(p)
                 if batch.error is None:
                     table.slots[b, p] = slot
                 else:
                     table.device_pool.decref(slot)  # the page stays on the host: still correct
             if batch.error is not None:
-                table.counters.failed_copies += len(pages)
+                table.counters.failed_copies += len(pairs)
                 log_once("copy", "a host-to-device page copy failed; those pages are read from the host", batch.error)
         table.batches.clear()
 
@@ -115,7 +122,7 @@ class Residency:
         slots = table.slots[rows, :num]
         resident = (slots >= 0) & exists
         required = table.required_mask(seqs, num)
-        inflight = _mask(len(seqs), num, [table.inflight[b] for b in seqs])
+        inflight = mark_pages(torch.zeros(len(seqs), num, dtype=torch.bool), [table.inflight[b] for b in seqs])
         num_required = required.sum(dim=1)
         assert bool((num_required <= rules.slots_per_seq - 1).all()), \
             "budget.device_rules guarantees sinks + recent window + tail fit"
@@ -124,7 +131,7 @@ class Residency:
         room = rules.slots_per_seq - 1 - num_required - inflight.sum(dim=1)
         if rules.local:
             room.zero_()
-        at_hand = _mask(len(seqs), num, fresh)
+        at_hand = mark_pages(torch.zeros(len(seqs), num, dtype=torch.bool), fresh)
         others = alive & ~required & ~inflight
         candidates = EvictionCandidates(
             score=table.scores[rows, :num].double(),
@@ -139,8 +146,7 @@ class Residency:
         if bool(evict.any()):
             for slot in slots[evict].tolist():
                 pool.decref(slot)
-            i, p = evict.nonzero(as_tuple=True)
-            table.slots[rows[i], p] = -1
+            table.slots[rows, :num] = slots.masked_fill(evict, -1)
         bring = wanted & ~resident & ~inflight
         for i, b in enumerate(seqs):  # pages at hand: one allocation and one write per sequence
             at = [p for p in fresh[i] if p < num]
@@ -161,10 +167,9 @@ class Residency:
         score = table.scores[rows, :num].double()
         optional = bring & ~required
         chosen = (bring & required) | (optional & (keep_ranks(score, optional) < rules.promote_pages))
-        for i in chosen.any(dim=1).nonzero().flatten().tolist():
-            row = chosen[i].nonzero().flatten().tolist()
-            row.sort(key=lambda p: (not bool(required[i, p]), -float(score[i, p]), -p))
-            self.issue(table, seqs[i], row)
+        # Every sequence's promotions go as one copy batch (read as lists once: a per-row nonzero
+        # costs more than the whole batch's tolist).
+        self.issue_many(table, [(b, [p for p, c in enumerate(row) if c]) for b, row in zip(seqs, chosen.tolist())])
 
 
 def keep_ranks(priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -177,12 +182,3 @@ def keep_ranks(priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
     is_candidate = candidates.flip(1).gather(1, order)
     place = torch.where(is_candidate, is_candidate.long().cumsum(dim=1) - 1, num)
     return torch.empty_like(place).scatter_(1, num - 1 - order, place)
-
-
-def _mask(rows: int, num: int, members: list) -> torch.Tensor:
-    """[rows, num] bool: True at the pages (< num) each row's collection holds."""
-    mask = torch.zeros(rows, num, dtype=torch.bool)
-    for i, pages in enumerate(members):
-        if pages:
-            mask[i, [p for p in pages if p < num]] = True
-    return mask

@@ -90,7 +90,7 @@ def keep_batched(table: PageTable, policy: KVPolicy, query: torch.Tensor, scale:
     resident = table.on_device_mask(width) & real
     summaries = table.float_summaries() if table.key_min is not None else None
     view = BatchView(
-        num_pages=num_pages, length=torch.tensor(table.length, dtype=torch.long), page_size=table.layout.page_size,
+        num_pages=num_pages, length=table.lengths_of(), page_size=table.layout.page_size,
         budget=table.rules.token_budget, sink_pages=table.rules.sink_pages, recent_tokens=table.rules.recent_tokens,
         alive=alive, query=query, key_min=summaries[0][:, :width] if summaries else None,
         key_max=summaries[1][:, :width] if summaries else None, resident=resident, scale=scale)

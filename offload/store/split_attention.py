@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.kernels import merge_partials
+from offload.kernels.merge import merge_parts
 from offload.kernels.torch_ref import dense_attention_scores, prefill_attention_scores
 from offload.store.page_table import PageTable
 from offload.store.planner import LayerPlan
@@ -79,14 +79,18 @@ class SplitAttention:
         else:
             out_d, lse_d, key_lse = self._masked_device_part(plan, table, query, keys, values, key_pos, new_pos, scale,
                                                              softcap, observe)
-        if paged is not None:
-            out_d, lse_d = merge_partials(paged.out.to(out_d.device), paged.lse.to(lse_d.device), out_d, lse_d)
         # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
         table.counters.device_attn_s += time.perf_counter() - start
         layout = table.layout
         table.counters.device_read_bytes += int((host_key_pos >= 0).sum()) * layout.page_bytes // layout.page_size
         table.counters.host_read_bytes += int(plan.host_counts.sum()) * layout.page_bytes
 
+        parts = [(out_d, lse_d)]  # the device part first, merged with the others once, by LSE
+        pages_lse = []  # (page_lse, logical pages) of each part the paged kernel ran
+        if paged is not None:
+            parts.append((paged.out.to(out_d.device), paged.lse.to(lse_d.device)))
+            pages_lse.append((paged.page_lse, paged_pages))
+        num_device = len(parts)
         if has_host:
             if future is not None:
                 host = future.result()
@@ -99,21 +103,18 @@ class SplitAttention:
                 if host.error is not None:
                     raise host.error
             table.counters.host_attn_s += host.seconds
-            out, lse = merge_partials(out_d, lse_d, host.out.to(query.device), host.lse.to(query.device))
-        else:
-            out, lse = out_d, lse_d
+            parts.append((host.out.to(query.device), host.lse.to(query.device)))
+            pages_lse.append((host.page_lse, plan.host_pages))
+        out, lse, weights = merge_parts(parts)
         if plan.decode:
-            share = torch.exp(lse_d - lse).nan_to_num(0.0)  # [B, H, Q]
+            share = weights[:num_device].sum(dim=0)  # [B, H, Q], the device part's share of each row
             real = plan.new_pos >= 0
             mass = (share * real.to(share.device, non_blocking=True)[:, None, :]).sum()
             # (on a GPU the sum stays there until stats are read: no wait for its queue here)
             table.counters.mass_device += mass if mass.device.type != "cpu" else float(mass)
             table.counters.mass_rows += int(real.sum()) * share.shape[1]
-        # Padding rows see no key: zeros (their lse is -inf in both parts, so the merge gave zeros too).
+        # Padding rows see no key: zeros (their lse is -inf in every part, so the merge gave zeros too).
         out = out.masked_fill((plan.new_pos < 0).to(out.device, non_blocking=True)[:, None, :, None], 0.0)
-        pages_lse = [] if host is None else [(host.page_lse, plan.host_pages)]
-        if paged is not None:
-            pages_lse.append((paged.page_lse, paged_pages))
         mass = self._page_mass(table, lse[:, :, lse.shape[2] - observe :], key_lse, host_key_pos, pages_lse)
         return RunResult(out, lse, mass)
 
@@ -235,25 +236,30 @@ class SplitAttention:
         ps = table.layout.page_size
         sink = table.max_pages  # the extra column collects keys of no page
         bsz, num_kv = table.batch_size, table.layout.num_kv_heads
-        mass = torch.zeros(bsz, num_kv, table.max_pages + 1, dtype=torch.float32)
-        finite = torch.isfinite(lse)
-        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
-
-        def per_kv_head(probs: torch.Tensor) -> torch.Tensor:  # [B, H, O, n] -> [B, H_kv, n]
-            return probs.sum(dim=2).reshape(bsz, num_kv, -1, probs.shape[-1]).sum(dim=2)
-
+        # Every column a part scored (the device part's keys, the paged parts' pages) with its
+        # logical page (sink: none), grouped by device: one exp per device turns them into mass.
+        groups: dict[torch.device, tuple[list, list]] = {}
         if key_lse.shape[-1] > 0:
-            probs = torch.exp(key_lse - safe_lse[..., None]).masked_fill(~finite[..., None], 0.0)
-            key_mass = per_kv_head(probs).cpu()  # [B, H_kv, T_dev]
-            page = torch.where(key_pos >= 0, key_pos // ps, torch.full_like(key_pos, sink)).clamp(max=sink)
-            mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), key_mass)
-        for page_lse, pages in pages_lse:
-            if not pages.numel():
-                continue
-            part_lse = safe_lse.to(page_lse.device)[..., None]
-            part_mass = torch.exp(page_lse - part_lse).masked_fill(~finite.to(page_lse.device)[..., None], 0.0)
-            page = torch.where(pages >= 0, pages, torch.full_like(pages, sink))
-            mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), per_kv_head(part_mass).cpu())
+            page = key_pos.div(ps, rounding_mode="floor").clamp(max=sink)  # (-1: no key)
+            pages_lse = [(key_lse, page), *pages_lse]
+        for scores, pages in pages_lse:
+            if pages.numel():
+                lses, columns = groups.setdefault(scores.device, ([], []))
+                lses.append(scores)
+                columns.append(torch.where(pages >= 0, pages, sink))
+        mass = torch.zeros(bsz, num_kv, table.max_pages + 1, dtype=torch.float32)
+        if not groups:
+            return mass
+        masses, columns = [], []
+        for device, (lses, pages) in groups.items():
+            scores = torch.cat(lses, dim=-1) if len(lses) > 1 else lses[0]  # [B, H, O, n]
+            # A column's share of its row: exp(its lse - the row's); rows with no key (lse -inf) give 0.
+            probs = torch.exp(scores - lse.to(device)[..., None]).nan_to_num_(0.0)
+            masses.append(probs.sum(dim=2).reshape(bsz, num_kv, -1, probs.shape[-1]).sum(dim=2).cpu())
+            columns.extend(pages)
+        page = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
+        values = torch.cat(masses, dim=2) if len(masses) > 1 else masses[0]
+        mass.scatter_add_(2, page[:, None, :].expand(-1, num_kv, -1), values)
         mass[:, :, sink] = 0.0
         return mass
 

@@ -14,6 +14,7 @@ import torch
 
 from tests.kernels.naive import naive_paged_attention
 from offload.kernels import available_kernels, merge_partials, paged_attention, resolve_kernel
+from offload.kernels.merge import merge_parts
 from offload.kernels.cpu_plan import plan_split
 
 # The kernels read 16-bit pages exactly and accumulate in float32; the reference is float64 over
@@ -170,6 +171,31 @@ def test_parts_merge_to_the_whole(variant):
     torch.testing.assert_close(merged, full)
     both_empty = merge_partials(*empty, *empty)
     assert not bool(both_empty[0].isnan().any())
+
+
+def test_three_parts_merge_at_once():
+    """merge_parts over pages [0, 1), [1, 3), an empty part and [3, n) equals attending all n
+    pages; each part's weight is its share of the row (summing to 1, 0 for the empty part)."""
+    query, kp, vp, table, counts, last = make_case(16, 8, 2, 1, 32, [70, 40], torch.float32)  # 5 and 3 pages
+    full = run("torch", query, kp, vp, table, counts, last, 0.3)
+    zero = torch.zeros_like(counts)
+
+    def part(lo, hi):
+        num = (counts.clamp(max=hi) - lo).clamp(min=0)
+        tail = torch.where(counts <= hi, last, torch.full_like(last, 16))
+        return run("torch", query, kp, vp, table[:, lo:], num, torch.where(num > 0, tail, zero), 0.3)
+
+    parts = [part(0, 1), part(1, 3), run("torch", query, kp, vp, table, zero, zero, 0.3), part(3, 5)]
+    out, lse, weights = merge_parts(parts)
+    torch.testing.assert_close((out, lse), full, atol=1e-5, rtol=1e-5)
+    assert weights.shape == (4, *lse.shape)
+    torch.testing.assert_close(weights.sum(dim=0), torch.ones_like(lse))
+    assert bool((weights[2] == 0).all()) and bool((weights[3][1] == 0).all())  # (row 1 has no page 3)
+    torch.testing.assert_close(weights[0], torch.exp(parts[0][1] - lse))
+    alone = merge_parts(parts[2:3])  # one empty part: zeros and -inf, no NaN
+    assert bool((alone[0] == 0).all()) and bool(torch.isneginf(alone[1]).all()) and bool((alone[2] == 0).all())
+    with pytest.raises(ValueError, match="at least one"):
+        merge_parts([])
 
 
 def test_auto_prefers_compiled_kernels():

@@ -252,3 +252,31 @@ def test_batched_make_room_evicts_what_the_per_sequence_rule_names(seed, batch, 
     for b in range(batch):
         assert set(table.resident_pages(b)) == expected[b]
         assert room[b] == table.rules.slots_per_seq - table.slots_in_use(b)
+
+
+def test_batch_lengths_follow_appends_crops_and_reorders():
+    """`lengths_of` (made once per change of the lengths, read by every layer step) and the masks
+    built on it follow each change: appends, a crop, a beam reorder; `mark_pages` marks in-flight pages."""
+    from offload.store.page_table import mark_pages
+
+    gen = torch.Generator().manual_seed(3)
+    store, request, table = make_store(3, 120, page_size=4, slack_slots=2)
+    ref = Reference(3)
+    step(store, request, ref, gen, 3, 37, pad=[0, 5, 2])
+
+    def check():
+        assert table.lengths_of().tolist() == table.length
+        assert table.lengths_of([2, 0]).tolist() == [table.length[2], table.length[0]]
+        complete = table.complete_mask([0, 1, 2], table.max_pages)
+        assert complete.sum(dim=1).tolist() == [n // 4 for n in table.length]
+
+    check()
+    step(store, request, ref, gen, 3, 1)
+    check()
+    store.residency.complete_copies(table)
+    table.crop(1, 21)
+    check()
+    table.select(torch.tensor([1, 1, 0]))
+    check()
+    marked = mark_pages(torch.zeros(3, 5, dtype=torch.bool), [{0: 7, 6: 1}, set(), [4, 2]])
+    assert marked.nonzero().tolist() == [[0, 0], [2, 2], [2, 4]]  # (page 6 is past the 5 asked for)

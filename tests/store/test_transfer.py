@@ -136,6 +136,40 @@ def test_residency_issues_consecutive_pages_as_one_transfer():
     store.close()
 
 
+def test_promotions_of_several_sequences_go_as_one_batch():
+    """issue_many: every sequence's pages in one copy batch (one job for the copy engine), each
+    page in its own sequence's slot once complete; a failed batch leaves all of them on the host."""
+    store, request, table = make_store(3, 200, page_size=4, slack_slots=8, sink_tokens=4, recent_tokens=4)
+    ref = Reference(3)
+    step(store, request, ref, torch.Generator().manual_seed(0), 3, 160)
+    seqs = [0, 1, 2]
+    store.residency.make_room(table, seqs, torch.zeros(3, table.max_pages, dtype=torch.bool), torch.tensor([100] * 3))
+    wanted = {b: [p for p in range(table.num_complete(b)) if p not in table.required_pages(b)
+                  and table.slots[b, p] < 0][:3] for b in seqs}
+    store.residency.issue_many(table, [(b, wanted[b]) for b in seqs])
+    assert len(table.batches) == 1 and len(table.batches[0][0]) == 9
+    assert all(set(wanted[b]) == set(table.inflight[b]) for b in seqs)
+    store.residency.complete_copies(table)
+    for b in seqs:
+        assert set(wanted[b]) <= set(table.resident_pages(b)) and not table.inflight[b]
+        keys, _ = table.home.read(table.page_ids[b, wanted[b]].tolist())
+        torch.testing.assert_close(table.device_pool.keys[table.slots[b, wanted[b]]], keys, atol=0, rtol=0)
+
+    def broken(batch):
+        raise OSError("link down")
+
+    store.transfer.fault_hook = broken
+    more = {b: [p for p in range(table.num_complete(b)) if p not in table.required_pages(b)
+                and table.slots[b, p] < 0][:2] for b in seqs}
+    store.residency.make_room(table, seqs, torch.zeros(3, table.max_pages, dtype=torch.bool), torch.tensor([2] * 3))
+    used = table.device_pool.num_used
+    store.residency.issue_many(table, [(b, more[b]) for b in seqs])
+    store.residency.complete_copies(table)
+    assert all(int(table.slots[b, p]) < 0 for b in seqs for p in more[b])  # still on the host, still correct
+    assert table.device_pool.num_used == used and table.counters.failed_copies == 6
+    store.close()
+
+
 def test_link_emulation_charges_each_transfer():
     engine = TransferEngine(emulate_link_gbps=10.0, emulate_link_latency_us=5.0)
     one = engine.link_seconds(1_000_000, 1)
