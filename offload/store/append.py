@@ -37,7 +37,7 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
     ps = table.layout.page_size
     pool = table.device_pool
     appended = [Appended() for _ in range(table.batch_size)]
-    if _append_to_tails(table, new_keys, new_values, new_valid):
+    if _append_to_tails(table, transfer, new_keys, new_values, new_valid):
         return appended
     for b in range(table.batch_size):
         fresh = appended[b].fresh
@@ -61,7 +61,7 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
         if offset + take == ps:
             page = table.length[b] // ps - 1
             # (copies of the slot: its home copy lands asynchronously, and the slot may be reused before)
-            complete_pages(table, transfer, b, page, pool.keys[tail][None].clone(), pool.values[tail][None].clone())
+            complete_pages(table, transfer, [b], [page], pool.keys[tail][None].clone(), pool.values[tail][None].clone())
             table.slots[b, page] = tail
             table.tail_slot[b] = -1
         # 2. Whole pages of new tokens: home copy on the host, kept on the device if chosen later.
@@ -71,7 +71,7 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
             first = table.length[b] // ps
             page_k = table.layout.to_pages(rest_k[: num_full * ps])
             page_v = table.layout.to_pages(rest_v[: num_full * ps])
-            complete_pages(table, transfer, b, first, page_k, page_v)
+            complete_pages(table, transfer, [b] * num_full, list(range(first, first + num_full)), page_k, page_v)
             for i in range(num_full):
                 fresh[first + i] = (page_k[i], page_v[i])
             table.length[b] += num_full * ps
@@ -81,22 +81,33 @@ def append(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, n
     return appended
 
 
-def _append_to_tails(table: PageTable, new_keys: torch.Tensor, new_values: torch.Tensor,
+def _append_to_tails(table: PageTable, transfer: TransferEngine, new_keys: torch.Tensor, new_values: torch.Tensor,
                      new_valid: torch.Tensor) -> bool:
-    """A decode step's common case in one write for the whole batch: one new token per sequence,
-    none completing its tail page (and none padding). Returns False, writing nothing, otherwise."""
+    """A decode step's common case in one write for the whole batch: one new token per sequence
+    (none padding). Tails it completes become complete pages together (one home copy for all, their
+    tail slots their resident slots, as in `append`). Returns False, writing nothing, otherwise."""
     ps = table.layout.page_size
     if new_valid.shape[1] != 1 or not bool(new_valid.all()):
         return False
     offsets = [length % ps for length in table.length]
-    if max(offsets) + 1 >= ps or max(table.length) + 1 > table.max_pages * ps:
-        return False  # a tail completes (or a sequence is full: the per-sequence path says so)
+    if max(table.length) + 1 > table.max_pages * ps:
+        return False  # a sequence is full: the per-sequence path says so
     pool = table.device_pool
     # (built on the CPU and copied without waiting for a GPU's queue)
     tails = torch.tensor(table.tail_slot, dtype=torch.long).to(pool.keys.device, non_blocking=True)
     at = torch.tensor(offsets, dtype=torch.long).to(pool.keys.device, non_blocking=True)
     pool.keys[tails, :, at] = new_keys[:, :, 0].to(pool.keys.dtype)  # [B, H_kv, D]
     pool.values[tails, :, at] = new_values[:, :, 0].to(pool.values.dtype)
+    done = [b for b, offset in enumerate(offsets) if offset == ps - 1]
+    if done:
+        pages = [table.length[b] // ps for b in done]
+        slots = [table.tail_slot[b] for b in done]
+        full = torch.tensor(slots, dtype=torch.long).to(pool.keys.device, non_blocking=True)
+        # (gathered copies of the slots: their home copy lands asynchronously, and a slot may be reused before)
+        complete_pages(table, transfer, done, pages, pool.keys[full], pool.values[full])
+        table.slots[done, pages] = torch.tensor(slots, dtype=torch.long)
+        for b in done:
+            table.tail_slot[b] = -1
     table.length = [length + 1 for length in table.length]
     return True
 
@@ -114,27 +125,28 @@ def finish_tail(table: PageTable, b: int, appended: Appended) -> None:
         table.length[b] += n
 
 
-def complete_pages(table: PageTable, transfer: TransferEngine, b: int, first: int, keys: torch.Tensor,
+def complete_pages(table: PageTable, transfer: TransferEngine, seqs: list[int], pages: list[int], keys: torch.Tensor,
                    values: torch.Tensor) -> None:
-    """Home copies (new pages of the layer's home) and summaries of pages first.. (keys/values: [n, H_kv, page_size, D],
-    on the device, not written again: they are the source of the asynchronous home copies)."""
+    """Home copies (new pages of the layer's home) and summaries of complete pages: page pages[i] of
+    sequence seqs[i] (keys/values: [n, H_kv, page_size, D], on the device, not written again: they
+    are the source of the asynchronous home copies). One home copy for all of them."""
     n = keys.shape[0]
     home = table.home
-    pages: list[int] = []
-    while len(pages) < n:  # as many at a time as the host has room for (a full host spills between)
-        i = len(pages)
+    ids: list[int] = []
+    while len(ids) < n:  # as many at a time as the host has room for (a full host spills between)
+        i = len(ids)
         new = home.add(min(n - i, max(1, home.host.num_free)))
         try:  # asynchronous: the pages are landing in their home until a reader settles the copy
             transfer.to_host(home, new, keys[i : i + len(new)], values[i : i + len(new)])
         finally:
             home.unpin(new)
-        pages += new
+        ids += new
     key_min, key_max = keys.amin(dim=2), keys.amax(dim=2)  # over each page's tokens: [n, H_kv, D]
-    table.page_ids[b, first : first + n] = torch.tensor(pages, dtype=torch.long)
+    table.page_ids[seqs, pages] = torch.tensor(ids, dtype=torch.long)
     if table.key_min is not None:  # (sliding layers keep no device summaries)
-        table.key_min[b, first : first + n] = key_min
-        table.key_max[b, first : first + n] = key_max
+        table.key_min[seqs, pages] = key_min
+        table.key_max[seqs, pages] = key_max
         table.summaries_changed()
-    ids = torch.tensor(pages, dtype=torch.long)
-    home.key_min[ids] = key_min.to(home.key_min.device)
-    home.key_max[ids] = key_max.to(home.key_max.device)
+    at = torch.tensor(ids, dtype=torch.long)
+    home.key_min[at] = key_min.to(home.key_min.device)
+    home.key_max[at] = key_max.to(home.key_max.device)
