@@ -92,8 +92,8 @@ def plan(table: PageTable, new_valid: torch.Tensor, attend: torch.Tensor | None,
     ps = table.layout.page_size
     bsz = table.batch_size
     lengths = table.lengths_of()
-    counts = lengths // ps
-    num = int(counts.max()) if bsz else 0
+    counts = lengths.div(ps, rounding_mode="floor")
+    num = max(table.length) // ps if bsz else 0
     pages = torch.arange(num)
     exists = pages[None, :] < counts[:, None]
     resident = (table.slots[:, :num] >= 0) & exists
@@ -126,12 +126,13 @@ def plan(table: PageTable, new_valid: torch.Tensor, attend: torch.Tensor | None,
     if per_head:
         table.counters.gathered_bytes += int(gather.sum()) * table.layout.page_bytes
     page_idx = _compact(device)
-    slots = torch.where(page_idx >= 0, table.slots.gather(1, page_idx.clamp(min=0)), torch.zeros_like(page_idx))
+    slots = table.slots.gather(1, page_idx.clamp(min=0)).masked_fill(page_idx < 0, 0)
     offsets = torch.arange(ps)
-    tail_pos = torch.where(offsets[None, :] < (lengths % ps)[:, None], (counts * ps)[:, None] + offsets, -1)
+    tail_pos = (counts * ps)[:, None] + offsets
+    tail_pos = tail_pos.masked_fill(tail_pos >= lengths[:, None], -1)
     tails = torch.tensor(table.tail_slot, dtype=torch.long)
     logical = _compact(host)
-    host_table = torch.where(logical >= 0, table.page_ids.gather(1, logical.clamp(min=0)), torch.zeros_like(logical))
+    host_table = table.page_ids.gather(1, logical.clamp(min=0)).masked_fill(logical < 0, 0)
     return LayerPlan(
         decode=decode,
         new_pos=new_positions(table, new_valid) if new_pos is None else new_pos,

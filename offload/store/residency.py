@@ -96,8 +96,7 @@ class Residency:
             if bool(evict.any()):
                 for slot in slots[evict].tolist():
                     table.device_pool.decref(slot)
-                i, p = evict.nonzero(as_tuple=True)
-                table.slots[rows[i], p] = -1
+                table.slots[rows, :num] = slots.masked_fill(evict, -1)
         return (rules.slots_per_seq - table.slots_in_use_of(seqs)).tolist()
 
     def rebalance(self, table: PageTable, seqs: list[int], fresh: list[Fresh] | None = None) -> None:
@@ -112,10 +111,11 @@ class Residency:
             return
         fresh = fresh if fresh is not None else [{} for _ in seqs]
         rules, pool = table.rules, table.device_pool
-        rows = torch.tensor(seqs, dtype=torch.long)
         num = max(table.num_complete(b) for b in seqs)
         if num == 0:
             return
+        # The whole batch (a decode step's usual case) is read through views, not gathered rows.
+        rows = slice(None) if seqs == list(range(table.batch_size)) else torch.tensor(seqs, dtype=torch.long)
         pages = torch.arange(num)
         exists = table.complete_mask(seqs, num)
         alive = (table.page_ids[rows, :num] >= 0) & exists
@@ -133,8 +133,9 @@ class Residency:
             room.zero_()
         at_hand = mark_pages(torch.zeros(len(seqs), num, dtype=torch.bool), fresh)
         others = alive & ~required & ~inflight
+        score = table.scores[rows, :num].double()
         candidates = EvictionCandidates(
-            score=table.scores[rows, :num].double(),
+            score=score,
             last_access=table.last_used[rows, :num].double(),
             resident=resident | at_hand,
             recently_needed=table.last_needed[rows, :num],
@@ -164,7 +165,6 @@ class Residency:
         if not bool(bring.any()):
             return
         # Required pages all come; of the rest the highest scores (then the newest) first.
-        score = table.scores[rows, :num].double()
         optional = bring & ~required
         chosen = (bring & required) | (optional & (keep_ranks(score, optional) < rules.promote_pages))
         # Every sequence's promotions go as one copy batch (read as lists once: a per-row nonzero

@@ -24,9 +24,19 @@ from offload.store.page_table import PageTable
 class Selection:
     attend: torch.Tensor  # [B, max_pages] bool: the complete pages attended (sparse mode)
     needed: torch.Tensor  # [B, max_pages] bool: ... of which beyond the required ones (prefetch recall counts these)
-    keep: list[torch.Tensor]  # per sequence: [H_kv, num_complete] bool, the policy's answer
+    per_sequence: list[torch.Tensor] | None  # per sequence: [H_kv, num_complete] bool, the policy's answer
     head_keep: torch.Tensor | None  # [B, H_kv, max_pages] bool when KV heads chose differently
     interpolation: list[Interpolation | None]
+    counts: list[int] | None = None  # a batched policy's answer is attend[:, :counts[b]], made per sequence on demand
+    num_kv_heads: int = 1
+
+    @property
+    def keep(self) -> list[torch.Tensor]:
+        """Per sequence: [H_kv, num_complete] bool, the policy's answer (merging and drops read it)."""
+        if self.per_sequence is None:
+            self.per_sequence = [self.attend[b, :n][None, :].expand(self.num_kv_heads, -1)
+                                 for b, n in enumerate(self.counts)]
+        return self.per_sequence
 
 
 def _open_prompt(table: PageTable) -> None:
@@ -115,7 +125,7 @@ def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, 
     batched = keep_batched(table, policy, query, scale) if not measure else None
     if batched is not None:  # (one selection for every KV head: checked by keep_batched)
         attend[:, : batched.shape[1]] = batched
-        keeps = [batched[b, : table.num_complete(b)][None, :].expand(num_kv, -1) for b in range(bsz)]
+        keeps = None  # (made from attend where asked for)
         interps = [None] * bsz
     else:
         for b in range(bsz):
@@ -141,7 +151,8 @@ def select(table: PageTable, policy: KVPolicy, query: torch.Tensor, layer: int, 
         head_keep = torch.zeros(bsz, num_kv, table.max_pages, dtype=torch.bool)
         for b, keep in enumerate(keeps):
             head_keep[b, :, : keep.shape[1]] = keep
-    return Selection(attend, needed, keeps, head_keep, interps)
+    return Selection(attend, needed, keeps, head_keep, interps,
+                     counts=[table.num_complete(b) for b in range(bsz)], num_kv_heads=num_kv)
 
 
 def drop_unkept(table: PageTable, selection: Selection) -> None:
