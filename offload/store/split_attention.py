@@ -67,29 +67,32 @@ class SplitAttention:
             host = self._host_part(*args) if future is None else None
 
         start = time.perf_counter()
-        paged, paged_pages, device_slots, device_pos = self._paged_device_part(plan, table, query, scale, softcap,
-                                                                                has_host)
-        keys, values, key_pos, host_key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots,
-                                                                  device_pos)
-        # (plan tensors live on the CPU: copies to a GPU are issued without waiting for its queue)
-        new_pos = plan.new_pos.to(key_pos.device, non_blocking=True)
-        if _plain_prefill(plan, key_pos, new_pos, query, softcap):
-            prefix = key_pos.shape[1] - new_pos.shape[1]
-            out_d, lse_d, key_lse = prefill_attention_scores(query, keys, values, key_pos[:, :prefix] >= 0, scale, observe)
-        else:
-            out_d, lse_d, key_lse = self._masked_device_part(plan, table, query, keys, values, key_pos, new_pos, scale,
-                                                             softcap, observe)
-        # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
-        table.counters.device_attn_s += time.perf_counter() - start
+        paged, paged_pages, device_slots, device_pos, folded = self._paged_device_part(
+            plan, table, query, new_keys, new_values, scale, softcap, has_host)
         layout = table.layout
-        table.counters.device_read_bytes += int((host_key_pos >= 0).sum()) * layout.page_bytes // layout.page_size
-        table.counters.host_read_bytes += int(plan.host_counts.sum()) * layout.page_bytes
-
-        parts = [(out_d, lse_d)]  # the device part first, merged with the others once, by LSE
+        parts = []  # the device part's first, merged with the others once, by LSE
         pages_lse = []  # (page_lse, logical pages) of each part the paged kernel ran
+        key_lse = host_key_pos = None
+        if not folded:  # the tail, the new tokens and any gathered pages, attended through a mask
+            keys, values, key_pos, host_key_pos = self._gather_device(plan, table, new_keys, new_values, device_slots,
+                                                                      device_pos)
+            # (plan tensors live on the CPU: copies to a GPU are issued without waiting for its queue)
+            new_pos = plan.new_pos.to(key_pos.device, non_blocking=True)
+            if _plain_prefill(plan, key_pos, new_pos, query, softcap):
+                prefix = key_pos.shape[1] - new_pos.shape[1]
+                out_d, lse_d, key_lse = prefill_attention_scores(query, keys, values, key_pos[:, :prefix] >= 0, scale,
+                                                                 observe)
+            else:
+                out_d, lse_d, key_lse = self._masked_device_part(plan, table, query, keys, values, key_pos, new_pos,
+                                                                 scale, softcap, observe)
+            # (key_lse: the observed rows' scores; a key's score is its own log-sum-exp)
+            parts.append((out_d, lse_d))
+            table.counters.device_read_bytes += int((host_key_pos >= 0).sum()) * layout.page_bytes // layout.page_size
         if paged is not None:
-            parts.append((paged.out.to(out_d.device), paged.lse.to(lse_d.device)))
+            parts.append((paged.out.to(query.device), paged.lse.to(query.device)))
             pages_lse.append((paged.page_lse, paged_pages))
+        table.counters.device_attn_s += time.perf_counter() - start
+        table.counters.host_read_bytes += int(plan.host_counts.sum()) * layout.page_bytes
         num_device = len(parts)
         if has_host:
             if future is not None:
@@ -137,41 +140,67 @@ class SplitAttention:
         return dense_attention_scores(query, keys, values, visible, scale, softcap, score_rows=observe)
 
     # ------------------------------------------------------------------ parts
-    def _paged_device_part(self, plan: LayerPlan, table: PageTable, query, scale, softcap, has_host: bool):
+    def _paged_device_part(self, plan: LayerPlan, table: PageTable, query, new_keys, new_values, scale, softcap,
+                           has_host: bool):
         """On the CPU the device pool is host memory: its complete pages (every query sees all their
         keys) go through the paged kernel in place rather than gathered into a contiguous copy.
-        Returns (the paged part's Partial or None, its logical pages [B, n] (-1: none), and the device
-        slots and key positions left for the gathered path)."""
+
+        A decode step of one real token per sequence folds the rest of the device part in: each
+        tail joins as its sequence's last page, the new token written into the tail slot first
+        (past the stored length, so nothing counts as stored: `append` writes the same token there
+        again, and a step run again writes it again), and one paged call is the whole device part.
+        Returns (the paged part's Partial or None, its logical pages [B, n] (-1: none), the device
+        slots and key positions left for the gathered path, whether the tails and new tokens are in)."""
         slots, positions = plan.device_slots, plan.device_pos
-        if (table.device_pool.device.type != "cpu" or plan.head_keep is not None or plan.window is not None
-                or plan.chunk is not None or slots.shape[1] <= 1):
-            return None, None, slots, positions
+        pool = table.device_pool
+        if (pool.device.type != "cpu" or plan.head_keep is not None or plan.window is not None
+                or plan.chunk is not None):
+            return None, None, slots, positions, False
         ps = table.layout.page_size
         num_dev = slots.shape[1] - 1  # (the last column is the tail)
         page_pos = positions[:, : num_dev * ps : ps]
         counts = (page_pos >= 0).sum(dim=1)
-        # A layer reading another's KV may find pages reaching its queries' own positions: those
-        # need the causal mask, so such a step gathers as before.
-        earliest = torch.where(plan.new_pos >= 0, plan.new_pos, torch.iinfo(torch.long).max).amin(dim=1)
-        before = bool(((page_pos < 0) | (page_pos + ps <= earliest[:, None])).all())
-        if not before or not bool(counts.any()):
-            return None, None, slots, positions
+        tails = slots[:, num_dev]
+        fold = (plan.decode and new_keys.shape[2] == 1 and plan.gather_ids is None
+                and bool((plan.new_pos >= 0).all()) and bool((tails >= 0).all()))
+        if not fold:
+            if num_dev == 0:
+                return None, None, slots, positions, False
+            # A layer reading another's KV may find pages reaching its queries' own positions: those
+            # need the causal mask, so such a step gathers as before.
+            earliest = torch.where(plan.new_pos >= 0, plan.new_pos, torch.iinfo(torch.long).max).amin(dim=1)
+            before = bool(((page_pos < 0) | (page_pos + ps <= earliest[:, None])).all())
+            if not before or not bool(counts.any()):
+                return None, None, slots, positions, False
         # The kernel's helper threads serve one call at a time: beside a host part running at the
         # same time (on the worker) that reads at least as many pages, the device part takes one
         # thread and leaves them.
         smaller = (has_host and self.executor is not None
                    and int(counts.sum()) <= int(plan.host_counts.sum()))
-        pool = table.device_pool
+        listed, num, last = slots[:, :num_dev], counts, None
+        if fold:
+            lengths = table.lengths_of()  # (before this step's token)
+            offset = lengths.remainder(ps)
+            pool.keys[tails, :, offset] = new_keys[:, :, 0].to(pool.keys.dtype)
+            pool.values[tails, :, offset] = new_values[:, :, 0].to(pool.values.dtype)
+            listed = torch.cat([listed, tails[:, None]], dim=1).scatter_(1, counts[:, None], tails[:, None])
+            num, last = counts + 1, offset + 1
         try:
-            paged = attend_pages(query, pool.keys, pool.values, slots[:, :num_dev], counts, scale, plan.observe,
-                                 softcap, self.cpu_kernel, 1 if smaller else self.cpu_threads)
+            paged = attend_pages(query, pool.keys, pool.values, listed, num, scale, plan.observe, softcap,
+                                 self.cpu_kernel, 1 if smaller else self.cpu_threads, last=last)
         except Exception as exc:  # the gathered torch path is always there
             table.counters.failed_kernels += 1
             log_once("kernel", f"the {self.cpu_kernel} kernel failed (on the device pool)", exc)
-            return None, None, slots, positions
-        table.counters.device_read_bytes += int(counts.sum()) * table.layout.page_bytes
+            return None, None, slots, positions, False
+        read = int(counts.sum()) * table.layout.page_bytes
         pages = torch.where(page_pos >= 0, page_pos.div(ps, rounding_mode="floor"), -1)
-        return paged, pages, slots[:, num_dev:], positions[:, num_dev * ps :]
+        if not fold:
+            table.counters.device_read_bytes += read
+            return paged, pages, slots[:, num_dev:], positions[:, num_dev * ps :], False
+        table.counters.device_read_bytes += read + int(last.sum()) * table.layout.page_bytes // ps
+        tail_pages = lengths.div(ps, rounding_mode="floor")[:, None]
+        pages = torch.cat([pages, tail_pages], dim=1).scatter_(1, counts[:, None], tail_pages)
+        return paged, pages, slots[:, :0], positions[:, :0], True
 
     def _gather_device(self, plan: LayerPlan, table: PageTable, new_keys, new_values, device_slots, device_pos):
         """Contiguous K/V of the device part's `device_slots` [B, n] (key positions `device_pos`
@@ -239,7 +268,7 @@ class SplitAttention:
         # Every column a part scored (the device part's keys, the paged parts' pages) with its
         # logical page (sink: none), grouped by device: one exp per device turns them into mass.
         groups: dict[torch.device, tuple[list, list]] = {}
-        if key_lse.shape[-1] > 0:
+        if key_lse is not None and key_lse.shape[-1] > 0:
             page = key_pos.div(ps, rounding_mode="floor").clamp(max=sink)  # (-1: no key)
             pages_lse = [(key_lse, page), *pages_lse]
         for scores, pages in pages_lse:

@@ -105,7 +105,8 @@ class Tier(Protocol):
 
 def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
                  counts: torch.Tensor, scale: float, observe: int, softcap: float | None = None,
-                 kernel: str = "auto", threads: int | None = None, device: torch.device | None = None) -> Partial:
+                 kernel: str = "auto", threads: int | None = None, device: torch.device | None = None,
+                 last: torch.Tensor | None = None) -> Partial:
     """Partial attention of `query` [B, H, Q, D] over complete pages of pools `keys`/`values`
     [slots, H_kv, page_size, D] listed in `table` [B, n] (counts[b] used per sequence): the one
     host-part computation, for the host pool, a disk map or a lender's pool.
@@ -113,11 +114,13 @@ def attend_pages(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     Decode blocks run the paged kernel; a prefill block (observe < Q: many rows per KV byte,
     compute-bound) runs blocked matmuls, the observed rows' page_lse from the same gathered blocks.
     `device` (a GPU) computes a prefill block there instead: its pages cross the link block by
-    block, which costs less than the CPU's matmuls (out and lse then stay on `device`)."""
+    block, which costs less than the CPU's matmuls (out and lse then stay on `device`).
+    `last` [B]: tokens in each sequence's last listed page (default: every page complete)."""
     on_device = device is not None and device.type != "cpu" and observe < query.shape[2]
     q = query.to(device if on_device else keys.device).float()
     bsz, num_heads, q_len, _ = q.shape
-    last = torch.full((bsz,), keys.shape[2], dtype=torch.long)  # every page complete
+    if last is None:
+        last = torch.full((bsz,), keys.shape[2], dtype=torch.long)  # every page complete
     page_lse = torch.full((bsz, num_heads, observe, table.shape[1]), float("-inf"))
     args = (table, counts, last, scale)
     if observe == q_len:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from offload.store import split_attention
-from offload.store.planner import OBSERVATION_WINDOW, plan
+from offload.store.planner import MAX_DECODE_QUERY, OBSERVATION_WINDOW, plan
 from tests.reference import naive_attention
 from tests.store.conftest import HKV, SCALE, D, H, Reference, make_store, step
 
@@ -53,9 +53,18 @@ def test_run_gives_exact_output_and_page_mass(new_tokens, page_size, device_path
     keys = torch.randn(2, HKV, new_tokens, D, generator=gen)
     values = torch.randn(2, HKV, new_tokens, D, generator=gen)
     valid = torch.ones(2, new_tokens, dtype=torch.bool)
-    layer_plan = plan(table, valid, None)
+    layer_plan = plan(table, valid, None, decode=new_tokens <= MAX_DECODE_QUERY)
     assert int(layer_plan.host_counts.sum()) > 0, "the host part must be exercised"
+    lengths, read_before = list(table.length), table.counters.device_read_bytes
     result = store.runner.run(layer_plan, table, query, keys, values, SCALE)
+    if new_tokens == 1 and device_path == "paged":  # decode: the tails and new tokens joined the paged call
+        pool, ps = table.device_pool, table.layout.page_size
+        assert table.length == lengths  # written past the stored length: nothing stored yet
+        for b in range(2):
+            torch.testing.assert_close(pool.keys[table.tail_slot[b], :, lengths[b] % ps], keys[b, :, 0], atol=0, rtol=0)
+        resident = sum(len(table.resident_pages(b)) for b in range(2))
+        tokens = resident * ps + sum(n % ps + 1 for n in lengths)
+        assert table.counters.device_read_bytes - read_before == tokens * table.layout.page_bytes // ps
     observe = min(new_tokens, OBSERVATION_WINDOW)
     expected_mass = _naive_page_mass(ref, query, keys, page_size, table.max_pages, observe)
     expected = ref.attend(query, keys, values, valid, SCALE)
