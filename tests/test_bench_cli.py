@@ -41,6 +41,8 @@ def test_speed_benchmarks_run_outside_the_source_tree(tmp_path, command):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data and out.with_suffix(".md").exists()
     assert "source tree" not in run.stdout + run.stderr
+    if command == "step":  # the plain model's step beside offload's, and the calls into torch
+        assert all(row["unwrapped_step_ms"] > 0 and row["torch_calls_per_step"] > 0 for row in data["decode"])
 
 
 def test_crosslayer_study_runs_on_trained_model_folders(tmp_path):

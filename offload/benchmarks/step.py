@@ -43,6 +43,7 @@ KERNELS = {
     ("offload/kernels/torch_ref.py", "prefill_attention_scores"),
     ("offload/kernels/torch_ref.py", "paged_attention_blocked"),
     ("offload/kernels/merge.py", "merge_partials"),
+    ("offload/kernels/merge.py", "merge_parts"),
     ("concurrent/futures/_base.py", "result"),  # waiting for the host part on a worker thread
 }
 LINEAR = "<built-in method torch._C._nn.linear>"
@@ -139,9 +140,27 @@ def decode_step(model, mode: str, batch: int, context: int, steps: int, repeats:
             token, syncs, sync_sites = host_syncs(om, cache, token, steps)
     step, kernels, matmuls, rest = (statistics.median(r[i] for r in rows) * 1e3 for i in range(4))
     return {"mode": mode, "batch": batch, "context": context, "device": str(device), "step_ms": step,
+            "unwrapped_step_ms": unwrapped_step(model, prompt, steps, repeats) * 1e3,
             "kernels_ms": kernels, "matmuls_ms": matmuls, "rest_ms": rest, "torch_calls_per_step": calls,
             "host_syncs_per_step": syncs,
             "sync_sites": sync_sites, "top_functions": top}
+
+
+@torch.inference_mode()
+def unwrapped_step(model, prompt: torch.Tensor, steps: int, repeats: int) -> float:
+    """Seconds per greedy decode step of the unwrapped model (a DynamicCache) after the same prompt:
+    the median of `repeats` runs of `steps` steps."""
+    cache = DynamicCache()
+    token = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(repeats):
+        _sync(model.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        _sync(model.device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
 
 
 def prefill(model, tokens: int, repeats: int) -> dict:
@@ -187,14 +206,15 @@ def markdown(results: dict) -> str:
              f"Command: `{meta['command']}`; machine: {meta['machine']}; torch {meta['torch']}.", "",
              "Decode: medians of the repetitions; *rest* = step - attention kernels - model matmuls "
              "(bookkeeping, the model's own Python, everything else); *torch calls*: calls into torch per step "
-             "(operations, whatever the machine's speed).", "",
-             "| mode | batch | context | step | attention kernels | model matmuls | rest | torch calls |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(operations, whatever the machine's speed); *unwrapped*: the plain model's step after the same "
+             "prompt (a DynamicCache, every key on the device).", "",
+             "| mode | batch | context | step | attention kernels | model matmuls | rest | torch calls | unwrapped |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in results["decode"]:
-        calls = row.get("torch_calls_per_step")
+        calls, plain = row.get("torch_calls_per_step"), row.get("unwrapped_step_ms")
         lines.append(f"| {row['mode']} | {row['batch']} | {row['context']} | {row['step_ms']:.2f} ms | "
                      f"{row['kernels_ms']:.2f} ms | {row['matmuls_ms']:.2f} ms | {row['rest_ms']:.2f} ms | "
-                     f"{'—' if calls is None else f'{calls:.0f}'} |")
+                     f"{'—' if calls is None else f'{calls:.0f}'} | {'—' if plain is None else f'{plain:.2f} ms'} |")
     for row in results["decode"]:
         if row.get("host_syncs_per_step") is not None:
             sites = ", ".join(f"{site} ({n:g})" for site, n in row["sync_sites"][:8])
