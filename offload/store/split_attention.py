@@ -70,7 +70,7 @@ class SplitAttention:
         paged, paged_pages, device_slots, device_pos, folded = self._paged_device_part(
             plan, table, query, new_keys, new_values, scale, softcap, has_host)
         layout = table.layout
-        parts = []  # the device part's first, merged with the others once, by LSE
+        parts = []  # the device part's pieces, then the host part's: merged once, by LSE
         pages_lse = []  # (page_lse, logical pages) of each part the paged kernel ran
         key_lse = host_key_pos = None
         if not folded:  # the tail, the new tokens and any gathered pages, attended through a mask
