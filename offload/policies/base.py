@@ -211,7 +211,9 @@ class BatchView:
     @property
     def budget_pages(self) -> torch.Tensor:
         """[B] long: complete pages that fit the budget beside each tail's tokens."""
-        return ((self.budget - self.length % self.page_size) // self.page_size).clamp(min=0)
+        # (torch's functions rather than `-` / `//` on an int and a tensor: those go through Python wrappers)
+        room = torch.rsub(self.length.remainder(self.page_size), self.budget)
+        return room.div(self.page_size, rounding_mode="floor").clamp(min=0)
 
 
 @dataclass(slots=True)
@@ -306,12 +308,12 @@ def sinks_and_recent(view: "BatchView") -> torch.Tensor:
     half of each sequence's page budget (the rest is the policy's to choose). Quest's fixed part,
     and the oracle's."""
     num_pages = view.alive.shape[1]
-    fixed = view.budget_pages // 2
+    fixed = view.budget_pages.div(2, rounding_mode="floor")
     position = torch.arange(num_pages)
     sink_pages = torch.clamp(fixed, max=view.sink_pages)
     required = (position[None, :] < sink_pages[:, None]) & view.alive
     if view.recent_tokens > 0:
-        first = (view.length - view.recent_tokens).clamp(min=0) // view.page_size
+        first = (view.length - view.recent_tokens).clamp(min=0).div(view.page_size, rounding_mode="floor")
         window = view.alive & (position[None, :] >= first[:, None]) & ~required
         # The newest `fixed - sinks` window pages: those with at most that many window pages at or after them.
         from_end = window.flip(1).cumsum(dim=1).flip(1)

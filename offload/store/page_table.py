@@ -202,7 +202,8 @@ class PageTable:
 
     def complete_mask(self, seqs: list[int], num: int) -> torch.Tensor:
         """[len(seqs), num] bool: pages 0..num-1 that are complete pages of each sequence in `seqs`."""
-        return torch.arange(num)[None, :] < (self.lengths_of(seqs) // self.layout.page_size)[:, None]
+        complete = self.lengths_of(seqs).div(self.layout.page_size, rounding_mode="floor")
+        return torch.arange(num)[None, :] < complete[:, None]
 
     def on_device_mask(self, num: int) -> torch.Tensor:
         """[B, num] bool: complete pages (of the first `num`) resident or being copied in."""
@@ -240,7 +241,7 @@ class PageTable:
         required = exists & (pages < self.rules.sink_pages)
         if self.rules.recent_tokens > 0:
             lengths = self.lengths_of(seqs)
-            first = (lengths - self.rules.recent_tokens).clamp(min=0) // ps
+            first = (lengths - self.rules.recent_tokens).clamp(min=0).div(ps, rounding_mode="floor")
             required |= exists & (pages >= first[:, None])
         if self.counters.dropped_pages:  # a dropped page cannot be required
             required &= self.page_ids[torch.tensor(seqs, dtype=torch.long), :num] >= 0

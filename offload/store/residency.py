@@ -181,4 +181,4 @@ def keep_ranks(priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
     order = torch.sort(key, dim=1, descending=True, stable=True).indices  # ties: newer first (flipped)
     is_candidate = candidates.flip(1).gather(1, order)
     place = torch.where(is_candidate, is_candidate.long().cumsum(dim=1) - 1, num)
-    return torch.empty_like(place).scatter_(1, num - 1 - order, place)
+    return torch.empty_like(place).scatter_(1, torch.rsub(order, num - 1), place)
