@@ -89,16 +89,11 @@ def _append_to_tails(table: PageTable, transfer: TransferEngine, new_keys: torch
     ps = table.layout.page_size
     if new_valid.shape[1] != 1 or not bool(new_valid.all()):
         return False
-    offsets = [length % ps for length in table.length]
     if max(table.length) + 1 > table.max_pages * ps:
         return False  # a sequence is full: the per-sequence path says so
     pool = table.device_pool
-    # (built on the CPU and copied without waiting for a GPU's queue)
-    tails = torch.tensor(table.tail_slot, dtype=torch.long).to(pool.keys.device, non_blocking=True)
-    at = torch.tensor(offsets, dtype=torch.long).to(pool.keys.device, non_blocking=True)
-    pool.keys[tails, :, at] = new_keys[:, :, 0].to(pool.keys.dtype)  # [B, H_kv, D]
-    pool.values[tails, :, at] = new_values[:, :, 0].to(pool.values.dtype)
-    done = [b for b, offset in enumerate(offsets) if offset == ps - 1]
+    write_tails(table, new_keys, new_values)
+    done = [b for b, length in enumerate(table.length) if length % ps == ps - 1]
     if done:
         pages = [table.length[b] // ps for b in done]
         slots = [table.tail_slot[b] for b in done]
@@ -110,6 +105,20 @@ def _append_to_tails(table: PageTable, transfer: TransferEngine, new_keys: torch
             table.tail_slot[b] = -1
     table.length = [length + 1 for length in table.length]
     return True
+
+
+def write_tails(table: PageTable, new_keys: torch.Tensor, new_values: torch.Tensor) -> None:
+    """Write each sequence's one new token (new_keys/new_values [B, H_kv, 1, D]) into its tail slot
+    at its next position, in one indexed write for the whole batch. `length` is the caller's to
+    advance: until then the token lies past the stored length, and writing it again is harmless."""
+    pool = table.device_pool
+    ps = table.layout.page_size
+    # (built on the CPU and copied without waiting for a GPU's queue)
+    tails = torch.tensor(table.tail_slot, dtype=torch.long).to(pool.keys.device, non_blocking=True)
+    at = torch.tensor([length % ps for length in table.length], dtype=torch.long).to(pool.keys.device,
+                                                                                    non_blocking=True)
+    pool.keys[tails, :, at] = new_keys[:, :, 0].to(pool.keys.dtype)  # [B, H_kv, D]
+    pool.values[tails, :, at] = new_values[:, :, 0].to(pool.values.dtype)
 
 
 def finish_tail(table: PageTable, b: int, appended: Appended) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from offload.kernels.merge import merge_parts
 from offload.kernels.torch_ref import dense_attention_scores, prefill_attention_scores
+from offload.store.append import write_tails
 from offload.store.page_table import PageTable
 from offload.store.planner import LayerPlan
 from offload.store.residency import log_once
@@ -179,10 +180,9 @@ class SplitAttention:
                    and int(counts.sum()) <= int(plan.host_counts.sum()))
         listed, num, last = slots[:, :num_dev], counts, None
         if fold:
+            write_tails(table, new_keys, new_values)
             lengths = table.lengths_of()  # (before this step's token)
             offset = lengths.remainder(ps)
-            pool.keys[tails, :, offset] = new_keys[:, :, 0].to(pool.keys.dtype)
-            pool.values[tails, :, offset] = new_values[:, :, 0].to(pool.values.dtype)
             listed = torch.cat([listed, tails[:, None]], dim=1).scatter_(1, counts[:, None], tails[:, None])
             num, last = counts + 1, offset + 1
         try:
