@@ -110,11 +110,12 @@ def decode_step(model, mode: str, batch: int, context: int, steps: int, repeats:
     device = model.device
     sample = embedded.task_samples("passkey", context, 1, seed=1)[0]
     prompt = torch.from_numpy(sample.input_ids[None, : sample.context_end].copy()).repeat(batch, 1).to(device)
-    budget = int(0.25 * kv_bytes(model, prompt.shape[1] + steps * (repeats + 2) + 8, batch))
+    max_tokens = prompt.shape[1] + steps * (repeats + 2) + 8  # (warm-up, the repetitions, the sync count)
+    budget = int(0.25 * kv_bytes(model, max_tokens, batch))
     rows, top, calls = [], [], 0.0
     link = 25.0 if device.type == "cpu" else 0.0  # a GPU has its own link
     with OffloadedModel(model, device_budget=budget, mode=mode, emulate_link_gbps=link) as om:
-        cache = om.new_cache(batch, prompt.shape[1] + steps * (repeats + 2) + 8)
+        cache = om.new_cache(batch, max_tokens)
         token = om(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
         for _ in range(min(4, steps)):  # warm up
             token = om(token, past_key_values=cache).logits[:, -1:].argmax(-1)
